@@ -1,0 +1,195 @@
+"""Training configuration: one frozen dataclass, set from `key=value` pairs.
+
+Every field has a docstring (the README's key table is generated from the same text by
+`describe()`), cross-field rules live in `__post_init__`, and fields left at `None` take the
+architecture's recommended default so a user never has to tune to get a useful SAE.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import math
+import types
+import typing
+from typing import Any
+
+from sae_jax.errors import UserError
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run (data-derived values live in the run dir)."""
+
+    arch: str = "topk"
+    """SAE architecture: relu, jumprelu, topk or batchtopk."""
+    width: int = 4096
+    """Number of dictionary features F (the SAE's hidden width)."""
+    k: int = 32
+    """Active features per row for topk, and per row on average for batchtopk."""
+    penalty: str | None = None
+    """Sparsity penalty: l1, tanh, l0 or none (default: the architecture's own)."""
+    sparsity_coeff: float | None = None
+    """Weight of the sparsity penalty (default: per architecture)."""
+    sparsity_warmup: float = 0.05
+    """Fraction of steps over which the penalty weight ramps linearly from 0."""
+    bandwidth: float = 0.2
+    """JumpReLU straight-through-estimator kernel width (in scaled-input units)."""
+    threshold_init: float = 0.5
+    """JumpReLU initial threshold (in scaled-input units)."""
+    aux_k: int | None = None
+    """Dead latents used by the AuxK loss (topk/batchtopk; default d_in // 2)."""
+    aux_coeff: float = 1 / 32
+    """Weight of the AuxK dead-latent loss (topk/batchtopk; 0 turns it off)."""
+    dead_tokens: int = 1_000_000
+    """A feature that has not fired for this many training tokens counts as dead."""
+    init_norm: float = 0.1
+    """Initial L2 norm of decoder rows for relu (others start at unit norm)."""
+    lr: float | None = None
+    """Peak Adam learning rate (default 2e-4 / sqrt(width / 16384), sparsify's rule)."""
+    lr_warmup: float = 0.01
+    """Fraction of steps of linear learning-rate warm-up from 0."""
+    lr_decay: float = 0.2
+    """Fraction of final steps over which the learning rate decays linearly to 0."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.999
+    """Adam beta2."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 turns it off)."""
+    steps: int = 10_000
+    """Number of optimizer steps."""
+    batch_size: int = 4096
+    """Rows (tokens) per global batch."""
+    seed: int = 0
+    """Seed for initialisation and data order."""
+    compute_dtype: str = "float32"
+    """Matmul input dtype: float32 or bfloat16 (weights and losses stay float32)."""
+    mesh: str = ""
+    """Device mesh, e.g. data:2,model:4 (default: every device on the data axis)."""
+    holdout: float = 0.05
+    """Fraction of the store's rows (its tail) held out of training for eval."""
+    log_every: int = 100
+    """Steps between metrics.jsonl records and progress-bar updates."""
+    ckpt_every: int = 1000
+    """Steps between checkpoints (the final step is always saved)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+
+    def __post_init__(self):
+        from sae_jax import penalties, saes  # late: both modules are pure and import-light
+
+        _check_choice("arch", self.arch, saes.ARCHITECTURES)
+        arch = saes.ARCHITECTURES[self.arch]
+        for key, value in arch.defaults.items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+        if self.lr is None:
+            object.__setattr__(self, "lr", 2e-4 / math.sqrt(self.width / 16384))
+        _check_choice("penalty", self.penalty, penalties.PENALTIES)
+        _check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        for key in ("width", "k", "steps", "batch_size", "log_every", "ckpt_every",
+                    "keep_checkpoints", "dead_tokens"):
+            _check(getattr(self, key) > 0, f"{key} must be > 0, got {getattr(self, key)}")
+        for key in ("sparsity_coeff", "aux_coeff", "grad_clip", "bandwidth", "threshold_init",
+                    "init_norm", "lr"):
+            _check(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("sparsity_warmup", "lr_warmup", "lr_decay", "beta1", "beta2"):
+            _check(0 <= getattr(self, key) <= 1, f"{key} must be in [0, 1]")
+        _check(0 < self.holdout < 1, f"holdout must be in (0, 1), got {self.holdout}")
+        _check(self.lr_warmup + self.lr_decay <= 1, "lr_warmup + lr_decay must be <= 1")
+        _check(self.k <= self.width or self.arch not in ("topk", "batchtopk"),
+               f"k={self.k} must be <= width={self.width}")
+        _check(self.aux_k is None or self.aux_k > 0, "aux_k must be > 0")
+        _check(self.penalty != "l0" or self.arch == "jumprelu",
+               "penalty=l0 needs the learned thresholds of arch=jumprelu")
+        from sae_jax.mesh import parse_mesh  # validates the syntax; sizes are checked later
+
+        parse_mesh(self.mesh, n_devices=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def _check_choice(key: str, value: Any, choices) -> None:
+    _check(value in choices, f"bad value for {key}: {value!r}; choose one of: {', '.join(choices)}")
+
+
+def field_docs() -> dict[str, str]:
+    """Field name -> its docstring, read from this module's source (one place for docs)."""
+    source = inspect.getsource(TrainConfig)
+    body = ast.parse(source).body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
+            docs[node.target.id] = nxt.value.value
+    return docs
+
+
+def describe() -> str:
+    """A Markdown table of every config key, its default and meaning (used in the README)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for name, doc in field_docs().items():
+        default = "derived" if defaults[name] is None else f"`{defaults[name]!r}`"
+        rows.append(f"| `{name}` | {default} | {doc} |")
+    return "\n".join(rows)
+
+
+def _parse_value(key: str, raw: str, annotation: Any) -> Any:
+    """Converts the text of one `key=value` to the field's type, or raises a one-line error."""
+    hints = typing.get_type_hints(TrainConfig)[key]
+    options = typing.get_args(hints) if isinstance(hints, types.UnionType) else (hints,)
+    if type(None) in options and raw.lower() in ("none", "null", ""):
+        return None
+    base = next(t for t in options if t is not type(None))
+    try:
+        if base is int:
+            value = float(raw)
+            if not value.is_integer():
+                raise ValueError
+            return int(value)
+        if base is float:
+            return float(raw)
+        return raw
+    except ValueError:
+        raise UserError(f"bad value for {key}: {raw!r} (expected {base.__name__})") from None
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Parses `key=value` strings into typed overrides, rejecting unknown keys."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    overrides = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep:
+            raise UserError(f"expected key=value, got {pair!r}")
+        if key not in fields:
+            raise UserError(f"unknown config key {key!r}; valid keys: {', '.join(fields)}")
+        overrides[key] = _parse_value(key, raw.strip(), fields[key].type)
+    return overrides
+
+
+def make_config(pairs: list[str] | None = None, **overrides: Any) -> TrainConfig:
+    """Builds a validated config from `key=value` strings and/or keyword overrides."""
+    values = parse_overrides(pairs or [])
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Rebuilds a saved config (as written by `to_dict`), rejecting unknown keys."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"unknown config keys in saved config: {', '.join(unknown)}")
+    return TrainConfig(**values)

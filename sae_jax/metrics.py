@@ -1,0 +1,49 @@
+"""Training metrics: `metrics.jsonl` in the run dir and a progress bar.
+
+Only process 0 writes. Throughput is measured between records, so it reflects the
+steady-state step time rather than the first step's compilation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+from tqdm import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLog:
+    """Appends one JSON record per log step and drives the progress bar."""
+
+    def __init__(self, run_dir: str | Path, cfg, start_step: int, progress: bool = True):
+        self.cfg = cfg
+        self.writer = jax.process_index() == 0
+        self.file = open(Path(run_dir) / METRICS_FILE, "a") if self.writer else None
+        self.bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True,
+                        disable=not (progress and self.writer))
+        self.last_step, self.last_time = start_step, time.perf_counter()
+
+    def record(self, step: int, metrics: dict) -> dict:
+        """Logs the metrics of `step` (arrays -> floats) and returns them with tokens/s."""
+        now = time.perf_counter()
+        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        record["tokens_per_s"] = (step - self.last_step) * self.cfg.batch_size / max(
+            now - self.last_time, 1e-9)
+        self.last_step, self.last_time = step, now
+        if self.writer:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{record['loss']:.4g}", l0=f"{record['l0']:.1f}",
+                                 fvu=f"{record['fvu']:.3f}",
+                                 tok_s=f"{record['tokens_per_s']:.3g}")
+        return record
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.file:
+            self.file.close()

@@ -1,0 +1,77 @@
+"""The run directory's record of what was trained on what: `config.json`.
+
+It holds the training config plus what was derived from the data (`d_in`, the input
+scale that makes E‖x‖² = d_in). Re-running `train` on the same directory resumes, so a
+changed config is checked here: keys that change the math must match the saved run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import jax
+
+from sae_jax.config import TrainConfig, config_from_dict
+from sae_jax.errors import UserError
+
+CONFIG_FILE = "config.json"
+RESUMABLE_KEYS = ("steps", "log_every", "ckpt_every", "keep_checkpoints", "mesh")
+"""Keys that may differ when a run is resumed: they change bookkeeping, not the math."""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    config: TrainConfig
+    d_in: int
+    input_scale: float
+    data_dir: str
+
+    def to_dict(self) -> dict:
+        return {"config": self.config.to_dict(), "d_in": self.d_in,
+                "input_scale": self.input_scale, "data_dir": self.data_dir}
+
+
+def read_run(run_dir: str | Path) -> RunInfo:
+    """Reads `run_dir/config.json`, with one-line errors for a missing or damaged file."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"no run at {run_dir} (missing {CONFIG_FILE}); train one with "
+                        "`sae-jax train DATA_DIR RUN_DIR`")
+    try:
+        raw = json.loads(path.read_text())
+        return RunInfo(config_from_dict(raw["config"]), int(raw["d_in"]),
+                       float(raw["input_scale"]), str(raw["data_dir"]))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path} is damaged: {type(e).__name__}: {e}") from None
+
+
+def prepare_run(run_dir: str | Path, cfg: TrainConfig, store,
+                estimate_scale: Callable[[], float]) -> RunInfo:
+    """Creates the run record, or checks a resumed run against it.
+
+    Args:
+      estimate_scale: computes the input scale; only called for a new run, so a resumed
+        run keeps exactly the scale it was trained with.
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / CONFIG_FILE).exists():
+        saved = read_run(run_dir)
+        if store.d_in != saved.d_in:
+            raise UserError(f"store {store.path} has d_in={store.d_in}, but run {run_dir} "
+                            f"was trained on d_in={saved.d_in}")
+        old, new = saved.config.to_dict(), cfg.to_dict()
+        changed = [k for k in old if k not in RESUMABLE_KEYS and old[k] != new[k]]
+        if changed:
+            details = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
+            raise UserError(f"{run_dir} holds a run with a different config ({details}); "
+                            "use a new RUN_DIR or the saved values")
+        info = RunInfo(cfg, saved.d_in, saved.input_scale, saved.data_dir)
+    else:
+        info = RunInfo(cfg, store.d_in, estimate_scale(), str(Path(store.path).absolute()))
+    if jax.process_index() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / CONFIG_FILE).write_text(json.dumps(info.to_dict(), indent=2) + "\n")
+    return info

@@ -1,0 +1,56 @@
+"""BatchTopK SAE (Bussmann et al. 2024): keep the k·batch largest activations of the whole
+batch, so busy rows may use more than k features and easy rows fewer.
+
+That rule needs a batch, so for inference the SAE becomes a JumpReLU with one global
+threshold: the `threshold` buffer is an exponential moving average of the smallest
+activation kept in each training batch (SAELens's estimator).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from sae_jax.saes.common import Architecture, Code, init_dictionary, pre_activations
+from sae_jax.saes.select import kth_largest
+from sae_jax.saes.topk import auxk_loss
+
+THRESHOLD_EMA = 0.01  # weight of each new batch in the threshold estimate
+
+
+def init(key, cfg, d_in: int, data_mean=None):
+    params = init_dictionary(key, d_in, cfg.width, 1.0, data_mean)
+    params["threshold"] = jnp.full((), -1.0, jnp.float32)  # < 0: not estimated yet
+    return params
+
+
+def train_encode(params, x, cfg, mesh=None) -> Code:
+    pre = pre_activations(params, x, cfg, mesh)
+    acts = jax.nn.relu(pre)
+    kth = kth_largest(acts, cfg.k * x.shape[0], mesh)
+    f = jnp.where((acts >= kth) & (acts > 0), acts, 0.0)
+    return Code(pre, f, {"batch_threshold": kth})
+
+
+def encode(params, x, cfg, mesh=None) -> Code:
+    pre = pre_activations(params, x, cfg, mesh)
+    return Code(pre, jnp.where(pre > params["threshold"], jax.nn.relu(pre), 0.0), {})
+
+
+def update_threshold(params, stats, cfg):
+    old, new = params["threshold"], stats["batch_threshold"]
+    estimate = jnp.where(old < 0, new, old + THRESHOLD_EMA * (new - old))
+    return {**params, "threshold": estimate}
+
+
+ARCH = Architecture(
+    name="batchtopk",
+    init=init,
+    encode=encode,
+    train_encode=train_encode,
+    aux_loss=auxk_loss,
+    post_update=update_threshold,
+    defaults={"penalty": "none", "sparsity_coeff": 0.0},
+    extra_axes={"threshold": ()},
+    unit_norm_decoder=True,
+)

@@ -1,0 +1,140 @@
+"""What every SAE architecture shares: the params layout, encoder/decoder matmuls, and the
+decoder-norm helpers.
+
+Params are a plain dict (SAELens names and layouts, so export is a rename):
+`W_enc (d_in, F)`, `b_enc (F,)`, `W_dec (F, d_in)`, `b_dec (d_in,)`, plus whatever an
+architecture adds. Inputs here are already scaled (E‖x‖² = d_in); see `sae_jax.run`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jaxtyping import Array, Float
+
+from sae_jax.mesh import logical_to_spec
+
+Params = dict[str, Array]
+
+BASE_AXES: dict[str, tuple[str, ...]] = {
+    "W_enc": ("embed", "latent"),
+    "b_enc": ("latent",),
+    "W_dec": ("latent", "embed"),
+    "b_dec": ("embed",),
+}
+
+
+class Code(NamedTuple):
+    """An encoder's output: pre-activations, sparse activations, and scalar statistics."""
+
+    pre: Float[Array, "batch F"]
+    f: Float[Array, "batch F"]
+    stats: dict[str, Array]
+
+
+class LossContext(NamedTuple):
+    """Step-dependent inputs of the loss: the penalty weight now, and which latents are dead."""
+
+    sparsity_coeff: Float[Array, ""]
+    dead: Array  # bool (F,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """One SAE architecture: how to initialise, encode and (optionally) regularise it.
+
+    Attributes:
+      name: registry key (`arch=` in the config).
+      init: `(key, cfg, d_in, data_mean) -> Params`.
+      encode: `(params, x, cfg, mesh) -> Code`, the inference encoder.
+      train_encode: encoder used in the training loss (default: `encode`).
+      aux_loss: `(params, x, x_hat, code, ctx, cfg, mesh) -> scalar` extra loss (e.g. AuxK).
+      post_update: `(params, code_stats, cfg) -> params`, applied after each optimizer update.
+      extra_axes: logical axes of params beyond the four base ones. A param the training
+        loss does not use (an estimated buffer) gets zero gradients, so Adam leaves it to
+        `post_update`.
+      unit_norm_decoder: keep decoder rows at unit norm (and drop the parallel gradient).
+      defaults: config values this architecture recommends for keys left at None.
+    """
+
+    name: str
+    init: Callable
+    encode: Callable
+    defaults: dict[str, Any]
+    train_encode: Callable | None = None
+    aux_loss: Callable | None = None
+    post_update: Callable | None = None
+    extra_axes: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    unit_norm_decoder: bool = False
+
+    def param_axes(self) -> dict[str, tuple[str, ...]]:
+        return {**BASE_AXES, **self.extra_axes}
+
+
+def constrain(x: Array, mesh: Mesh | None, axes: tuple[str | None, ...]) -> Array:
+    """Pins `x` to the sharding of its logical axes on `mesh` (no-op without a mesh)."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes)))
+
+
+def matmul(a: Array, b: Array, compute_dtype: str) -> Float[Array, "..."]:
+    """`a @ b` with inputs cast to `compute_dtype` and float32 accumulation/output."""
+    dtype = jnp.dtype(compute_dtype)
+    return jnp.matmul(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def init_dictionary(key, d_in: int, width: int, row_norm: float, data_mean=None) -> Params:
+    """Random decoder directions of norm `row_norm`, `W_enc = W_decᵀ`, `b_dec` = data mean.
+
+    Tied initialisation (Anthropic, April 2024; OpenAI TopK) starts every feature as a
+    matched encoder/decoder pair, which cuts dead features early in training.
+    """
+    W_dec = jax.random.normal(key, (width, d_in), jnp.float32)
+    W_dec = row_norm * W_dec / jnp.linalg.norm(W_dec, axis=1, keepdims=True)
+    b_dec = jnp.zeros((d_in,), jnp.float32) if data_mean is None else jnp.asarray(
+        data_mean, jnp.float32)
+    return {"W_enc": W_dec.T, "b_enc": jnp.zeros((width,), jnp.float32), "W_dec": W_dec,
+            "b_dec": b_dec}
+
+
+def pre_activations(params: Params, x, cfg, mesh: Mesh | None) -> Float[Array, "batch F"]:
+    """`(x - b_dec) @ W_enc + b_enc`, sharded (batch over data, features over model)."""
+    pre = matmul(x - params["b_dec"], params["W_enc"], cfg.compute_dtype) + params["b_enc"]
+    return constrain(pre, mesh, ("batch", "latent"))
+
+
+def decode(params: Params, f, compute_dtype: str = "float32", mesh: Mesh | None = None):
+    """`f @ W_dec + b_dec`: the reconstruction in scaled-input units."""
+    x_hat = matmul(f, params["W_dec"], compute_dtype) + params["b_dec"]
+    return constrain(x_hat, mesh, ("batch", "embed"))
+
+
+def decoder_norms(params: Params) -> Float[Array, " F"]:
+    return jnp.linalg.norm(params["W_dec"], axis=1)
+
+
+def normalize_decoder(params: Params) -> Params:
+    """Rescales decoder rows to unit norm."""
+    W_dec = params["W_dec"] / jnp.maximum(decoder_norms(params), 1e-8)[:, None]
+    return {**params, "W_dec": W_dec}
+
+
+def remove_parallel_grad(grads: Params, params: Params) -> Params:
+    """Drops the part of each decoder row's gradient that would only change its norm.
+
+    With unit-norm rows re-imposed after every step, that component is wasted and fights
+    Adam's moment estimates (OpenAI TopK SAEs, sparsify).
+    """
+    W = params["W_dec"] / jnp.maximum(decoder_norms(params), 1e-8)[:, None]
+    g = grads["W_dec"]
+    return {**grads, "W_dec": g - jnp.sum(g * W, axis=1, keepdims=True) * W}
+
+
+def squared_error(x, x_hat) -> Float[Array, " batch"]:
+    """Per-row ‖x - x̂‖² in float32."""
+    return jnp.sum(jnp.square(x.astype(jnp.float32) - x_hat), axis=-1)

@@ -1,0 +1,55 @@
+"""TopK SAE with the AuxK dead-latent loss (Gao et al. 2024, "Scaling and evaluating
+sparse autoencoders"; sparsify).
+
+Each row keeps exactly its k largest pre-activations (after ReLU), so sparsity is set
+directly instead of through a penalty. Dead latents are revived by AuxK: the top `aux_k`
+dead latents must reconstruct the residual error the live ones leave.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from sae_jax.saes.common import Architecture, Code, init_dictionary, matmul, pre_activations
+from sae_jax.saes.select import topk_mask
+
+
+def init(key, cfg, d_in: int, data_mean=None):
+    return init_dictionary(key, d_in, cfg.width, 1.0, data_mean)
+
+
+def encode(params, x, cfg, mesh=None) -> Code:
+    pre = pre_activations(params, x, cfg, mesh)
+    return Code(pre, jnp.where(topk_mask(pre, cfg.k, mesh), jax.nn.relu(pre), 0.0), {})
+
+
+def auxk_loss(params, x, x_hat, code: Code, ctx, cfg, mesh=None):
+    """‖e − ê‖² / ‖e − ē‖² where e = x − x̂ and ê decodes the top-`aux_k` dead latents.
+
+    Normalising by the residual's variance makes the coefficient scale-free. Skipped (0)
+    by a `cond` when nothing is dead, which is most steps: its top-k is not free.
+    """
+    aux_k = min(cfg.aux_k or x.shape[-1] // 2, code.pre.shape[-1])
+
+    def compute():
+        dead_scores = jnp.where(ctx.dead, code.pre, -jnp.inf)
+        keep = topk_mask(dead_scores, aux_k, mesh) & ctx.dead
+        f_aux = jnp.where(keep, jax.nn.relu(code.pre), 0.0)
+        residual = jax.lax.stop_gradient(x - x_hat)
+        residual_hat = matmul(f_aux, params["W_dec"], cfg.compute_dtype)
+        error = jnp.sum(jnp.square(residual_hat - residual))
+        variance = jnp.sum(jnp.square(residual - residual.mean(0)))
+        return error / jnp.maximum(variance, 1e-12)
+
+    return jax.lax.cond(ctx.dead.any(), compute, lambda: jnp.float32(0.0))
+
+
+ARCH = Architecture(
+    name="topk",
+    init=init,
+    encode=encode,
+    aux_loss=auxk_loss,
+    defaults={"penalty": "none", "sparsity_coeff": 0.0},
+    unit_norm_decoder=True,
+)

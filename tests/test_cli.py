@@ -1,0 +1,105 @@
+"""The `sae-jax` command line: the documented pipeline end to end, and one clear line of
+error (exit status 2) for every kind of bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sae_jax.cli import main
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "sae_jax", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, env=os.environ.copy(), timeout=300)
+
+
+@pytest.mark.entry
+def test_import_train_eval_pipeline(tmp_path, synthetic):
+    np.save(tmp_path / "x.npy", synthetic[0][:20_000].astype(np.float64))
+    out = _cli("import", tmp_path / "x.npy", tmp_path / "D")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.splitlines()[-1])["n_rows"] == 20_000
+    out = _cli("train", tmp_path / "D", tmp_path / "R", "arch=topk", "width=64", "k=4",
+               "steps=200", "--quiet", "batch_size=256")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.splitlines()[-1])["step"] == 200
+    out = _cli("eval", tmp_path / "R", tmp_path / "D")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result["n_rows"] == 1000 and result["l0"] == pytest.approx(4, abs=0.01)
+    assert 0 < result["fvu"] < 0.5 and result["explained_variance"] == pytest.approx(
+        1 - result["fvu"])
+    assert {"mse", "l0_p50", "dead_frac", "dense_frac"} <= set(result)
+
+
+@pytest.mark.entry
+def test_unknown_key_from_the_shell(tmp_path):
+    out = _cli("train", tmp_path / "D", tmp_path / "R", "widht=64")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        out.stderr.strip()] and "unknown config key 'widht'; valid keys:" in out.stderr
+
+
+def _error(capsys, *argv) -> str:
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sae-jax: error: ") and "\n" not in err, err
+    return err
+
+
+def test_import_rejects_bad_arrays(tmp_path, capsys):
+    cases = {
+        "vector.npy": (np.zeros(10, np.float32), "expected a 2-D (rows, d_in) array"),
+        "ints.npy": (np.zeros((4, 3), np.int32), "must be floating point, got dtype int32"),
+        "empty.npy": (np.zeros((0, 3), np.float32), "array is empty"),
+    }
+    nan = np.ones((5, 3), np.float32)
+    nan[1, 0], nan[3, 2] = np.nan, np.inf
+    cases["nan.npy"] = (nan, "2 of 5 rows contain NaN or Inf")
+    for name, (array, message) in cases.items():
+        np.save(tmp_path / name, array)
+        assert message in _error(capsys, "import", tmp_path / name, tmp_path / name[:-4])
+        assert not (tmp_path / name[:-4]).exists()  # nothing half-written
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    (tmp_path / "junk.npy").write_bytes(b"not numpy")
+    assert "cannot read" in _error(capsys, "import", tmp_path / "junk.npy", tmp_path / "J")
+    assert "no such file" in _error(capsys, "import", tmp_path / "nope.npy", tmp_path / "N")
+
+
+def test_import_refuses_to_overwrite_a_store(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.ones((8, 3), np.float32))
+    assert main(["import", str(tmp_path / "x.npy"), str(tmp_path / "D")]) == 0
+    assert "already holds a store" in _error(capsys, "import", tmp_path / "x.npy", tmp_path / "D")
+
+
+def test_train_and_eval_errors(tmp_path, capsys, synthetic_store):
+    assert "no activation store at" in _error(capsys, "train", tmp_path / "none", tmp_path / "R")
+    assert "no run at" in _error(capsys, "eval", tmp_path / "none", synthetic_store)
+    assert "bad value for arch: 'gated'" in _error(
+        capsys, "train", synthetic_store, tmp_path / "R", "arch=gated")
+    assert "batch_size=100 must be divisible by the data axis (8 devices)" in _error(
+        capsys, "train", synthetic_store, tmp_path / "R", "batch_size=100", "steps=1")
+    assert "width=102 must be divisible by the model axis (4 devices)" in _error(
+        capsys, "train", synthetic_store, tmp_path / "R2", "width=102", "mesh=model:4", "steps=1")
+
+
+def test_eval_on_data_of_another_width(tmp_path, capsys, synthetic_store):
+    assert main(["train", str(synthetic_store), str(tmp_path / "R"), "width=64", "k=4",
+                 "steps=2", "batch_size=64", "--quiet"]) == 0
+    capsys.readouterr()
+    np.save(tmp_path / "y.npy", np.ones((100, 16), np.float32))
+    assert main(["import", str(tmp_path / "y.npy"), str(tmp_path / "D16")]) == 0
+    assert "has d_in=16, but the SAE" in _error(capsys, "eval", tmp_path / "R", tmp_path / "D16")
+    assert "has d_in=16, but run" in _error(capsys, "train", tmp_path / "D16", tmp_path / "R",
+                                            "width=64", "k=4", "steps=2", "batch_size=64")
+
+
+def test_corrupt_store_metadata(tmp_path, capsys, synthetic_store):
+    np.save(tmp_path / "x.npy", np.ones((8, 3), np.float32))
+    main(["import", str(tmp_path / "x.npy"), str(tmp_path / "D")])
+    (tmp_path / "D/meta.json").write_text("{broken")
+    assert "meta.json is not valid JSON" in _error(capsys, "train", tmp_path / "D", tmp_path / "R")
