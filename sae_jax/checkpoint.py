@@ -7,10 +7,14 @@ continues on another.
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+
+from sae_jax.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -44,3 +48,32 @@ def abstract_with_shardings(shapes, shardings):
     """Pairs `jax.eval_shape` output with a matching pytree of shardings."""
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         shapes, shardings)
+
+
+def restore_latest_good(mngr: ocp.CheckpointManager, abstract_state):
+    """Restores the newest checkpoint that reads back, or returns None if there is none.
+
+    An unreadable checkpoint (truncated or corrupted files) gets a warning and is moved
+    aside to `corrupt_checkpoints/` in the run dir, not deleted, before the next older one is
+    tried; a run whose checkpoints are all unreadable is an error.
+    """
+    steps = sorted(mngr.all_steps(), reverse=True)
+    for step in steps:
+        try:
+            return restore(mngr, abstract_state, step)
+        except Exception as e:  # orbax/tensorstore raise many types for damaged files
+            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            print(f"sae-jax: warning: checkpoint {step} is unreadable ({reason}); "
+                  "falling back to the previous one", file=sys.stderr)
+            _move_aside(mngr, step)
+    if steps:
+        raise UserError(f"no readable checkpoint in {mngr.directory}")
+    return None
+
+
+def _move_aside(mngr: ocp.CheckpointManager, step: int) -> None:
+    src = Path(str(mngr.directory)) / str(step)
+    dst = src.parent.parent / "corrupt_checkpoints" / str(step)
+    dst.parent.mkdir(exist_ok=True)
+    os.replace(src, dst)
+    mngr.reload()

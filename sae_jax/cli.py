@@ -10,14 +10,16 @@ import argparse
 import json
 import sys
 
-from sae_jax.errors import UserError
+from sae_jax.errors import Preempted, UserError
+
+PREEMPTED_EXIT = 143  # 128 + SIGTERM: the run stopped early but resumably
 
 
 def _cmd_import(args) -> dict:
-    from sae_jax.data import import_npy
+    from sae_jax.importers import import_activations
 
-    store = import_npy(args.src, args.data_dir)
-    return {"data_dir": str(store.path), **store.meta}
+    store = import_activations(args.src, args.data_dir, args.tensor)
+    return {"data_dir": store.path, **store.meta}
 
 
 def _cmd_train(args) -> dict:
@@ -29,16 +31,16 @@ def _cmd_train(args) -> dict:
 
 
 def _cmd_eval(args) -> dict:
-    from sae_jax.data import open_store
     from sae_jax.evaluate import evaluate
     from sae_jax.sae import load
+    from sae_jax.store import open_store
 
     sae = load(args.run_dir)
     store = open_store(args.data_dir)
     if store.d_in != sae.d_in:
         raise UserError(f"store {args.data_dir} has d_in={store.d_in}, but the SAE in "
                         f"{args.run_dir} was trained on d_in={sae.d_in}")
-    rows = store.rows if args.split == "all" else store.split(sae.config.holdout)[1]
+    rows = store.span() if args.split == "all" else store.split(sae.config.holdout)[1]
     return {"step": sae.step, "split": args.split, **evaluate(sae, rows)}
 
 
@@ -48,9 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sae-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("import", help="copy an (N, d) float .npy into an activation store")
-    p.add_argument("src", help="a .npy file of shape (N, d), float16/32/64 or bfloat16")
-    p.add_argument("data_dir", help="new store directory")
+    p = sub.add_parser("import", help="copy (N, d) float activations into a new store")
+    p.add_argument("src", help="a .npy or .safetensors file of shape (N, d), or a folder of them")
+    p.add_argument("data_dir", help="new store (a local path or gs://bucket/path)")
+    p.add_argument("--tensor", help="which tensor of a .safetensors file (default: the only one)")
     p.set_defaults(fn=_cmd_import)
 
     p = sub.add_parser("train", help="train (or resume) an SAE",
@@ -83,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"sae-jax: error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"sae-jax: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT
     except KeyboardInterrupt:
         print("sae-jax: interrupted", file=sys.stderr)
         return 130

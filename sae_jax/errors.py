@@ -8,3 +8,7 @@ tracebacks.
 
 class UserError(Exception):
     """Bad input from the user: printed as one line by the CLI, exit status 2."""
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM after saving a checkpoint; rerunning resumes it."""

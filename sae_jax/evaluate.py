@@ -35,21 +35,24 @@ def _batch_sums(sae: SAE):
     return jax.jit(sums)
 
 
-def evaluate(sae: SAE, rows: np.ndarray, batch_size: int = 4096) -> dict:
-    """Evaluates `sae` on raw activation rows (N, d_in), reading `batch_size` rows at a time.
+def evaluate(sae: SAE, rows, batch_size: int = 4096) -> dict:
+    """Evaluates `sae` on raw activation rows, reading `batch_size` rows at a time.
+
+    Args:
+      rows: a `store.RowSpan` or `loader.ArraySpan` (anything with `len`, `d_in`, `read`).
 
     Returns:
       A dict of floats: `mse` (mean per element, raw units), `fvu`, `explained_variance`,
       `l0`, `l0_p10/p50/p90`, `dead_frac`, `dense_frac`, `n_rows`.
     """
-    if rows.ndim != 2 or rows.shape[1] != sae.d_in:
-        raise UserError(f"eval data has shape {rows.shape}, but the SAE expects d_in={sae.d_in}")
+    if rows.d_in != sae.d_in:
+        raise UserError(f"eval data has d_in={rows.d_in}, but the SAE expects d_in={sae.d_in}")
     stats = _batch_sums(sae)
-    n, d = rows.shape
+    n, d = len(rows), rows.d_in
     sq_err, sum_x, sum_x2 = 0.0, np.zeros(d), np.zeros(d)
     fires, l0s = np.zeros(sae.width, np.int64), []
     for start in range(0, n, batch_size):
-        x = jnp.asarray(np.asarray(rows[start:start + batch_size], np.float32))
+        x = jnp.asarray(rows.read(start, start + batch_size).astype(np.float32))
         out = jax.device_get(stats(sae.params, x))
         sq_err += float(out["sq_err"])
         sum_x += out["sum_x"]

@@ -1,4 +1,5 @@
-"""Training metrics: `metrics.jsonl` in the run dir and a progress bar.
+"""Training metrics: `metrics.jsonl` and TensorBoard events in the run dir, and a progress
+bar.
 
 Only process 0 writes. Throughput is measured between records, so it reflects the
 steady-state step time rather than the first step's compilation.
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import jax
+from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 METRICS_FILE = "metrics.jsonl"
@@ -23,6 +25,7 @@ class MetricsLog:
         self.cfg = cfg
         self.writer = jax.process_index() == 0
         self.file = open(Path(run_dir) / METRICS_FILE, "a") if self.writer else None
+        self.events = SummaryWriter(str(run_dir)) if self.writer else None
         self.bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True,
                         disable=not (progress and self.writer))
         self.last_step, self.last_time = start_step, time.perf_counter()
@@ -37,6 +40,9 @@ class MetricsLog:
         if self.writer:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+            for key, value in record.items():
+                if key != "step":
+                    self.events.add_scalar(f"train/{key}", value, step)
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(loss=f"{record['loss']:.4g}", l0=f"{record['l0']:.1f}",
                                  fvu=f"{record['fvu']:.3f}",
@@ -47,3 +53,4 @@ class MetricsLog:
         self.bar.close()
         if self.file:
             self.file.close()
+            self.events.close()

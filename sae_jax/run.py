@@ -70,7 +70,8 @@ def prepare_run(run_dir: str | Path, cfg: TrainConfig, store,
                             "use a new RUN_DIR or the saved values")
         info = RunInfo(cfg, saved.d_in, saved.input_scale, saved.data_dir)
     else:
-        info = RunInfo(cfg, store.d_in, estimate_scale(), str(Path(store.path).absolute()))
+        data_dir = store.path if "://" in store.path else str(Path(store.path).absolute())
+        info = RunInfo(cfg, store.d_in, estimate_scale(), data_dir)
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / CONFIG_FILE).write_text(json.dumps(info.to_dict(), indent=2) + "\n")

@@ -7,7 +7,10 @@ The loop around it only feeds batches, logs and checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 from functools import partial
 from pathlib import Path
 
@@ -20,12 +23,13 @@ from jax.sharding import Mesh
 
 from sae_jax import checkpoint, saes
 from sae_jax.config import TrainConfig
-from sae_jax.data import batch_indices, estimate_stats, open_store
-from sae_jax.errors import UserError
+from sae_jax.errors import Preempted, UserError
+from sae_jax.loader import BatchSource, batches, estimate_stats
 from sae_jax.mesh import batch_sharding, logical_to_sharding, make_mesh, replicated
 from sae_jax.metrics import MetricsLog
 from sae_jax.run import RunInfo, prepare_run
 from sae_jax.saes.common import LossContext, normalize_decoder, remove_parallel_grad
+from sae_jax.store import open_store
 
 
 @flax.struct.dataclass
@@ -143,23 +147,30 @@ def check_mesh_fits(cfg: TrainConfig, mesh: Mesh) -> None:
                         f"({model} devices)")
 
 
-def local_batch(rows: np.ndarray, cfg: TrainConfig, step: int) -> np.ndarray:
-    """This process's share of step `step`'s global batch, as float32 or the store dtype."""
-    idx = batch_indices(cfg.seed, step, cfg.batch_size, len(rows))
-    share = len(idx) // jax.process_count()
-    idx = idx[jax.process_index() * share:(jax.process_index() + 1) * share]
-    return np.asarray(rows[idx])
-
-
 def init_or_restore(cfg: TrainConfig, run: RunInfo, mesh: Mesh, tx, mngr, train_rows):
-    """The latest checkpoint if the run has one, else a fresh sharded state."""
+    """The latest readable checkpoint if the run has one, else a fresh sharded state."""
     shapes, state_sh = state_shardings(cfg, run.d_in, tx, mesh)
-    if mngr.latest_step() is not None:
-        state = checkpoint.restore(mngr, checkpoint.abstract_with_shardings(shapes, state_sh))
+    state = checkpoint.restore_latest_good(
+        mngr, checkpoint.abstract_with_shardings(shapes, state_sh))
+    if state is not None:
         return state, state_sh
     _, scaled_mean = estimate_stats(train_rows)
     init = jax.jit(partial(init_state, cfg=cfg, d_in=run.d_in, tx=tx), out_shardings=state_sh)
     return init(jax.random.key(cfg.seed), data_mean=scaled_mean), state_sh
+
+
+@contextlib.contextmanager
+def sigterm_flag():
+    """A flag set by SIGTERM (how Cloud TPU preemption arrives) while the block runs."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag  # signal handlers can only be installed from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: flag.set())
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def train(cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path,
@@ -171,6 +182,10 @@ def train(cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path,
 
     Returns:
       The metrics of the final logged step, as Python floats.
+
+    Raises:
+      UserError: bad input, or a NaN/Inf loss (nothing non-finite is checkpointed).
+      Preempted: SIGTERM arrived; a checkpoint of the current step was saved first.
     """
     store = open_store(data_dir)
     train_rows, _ = store.split(cfg.holdout)
@@ -182,38 +197,30 @@ def train(cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path,
     state, state_sh = init_or_restore(cfg, run, mesh, tx, mngr, train_rows)
     step_fn = compile_train_step(cfg, tx, mesh, state_sh, run.input_scale)
     start = int(state.step)
+    source = BatchSource(train_rows, cfg.batch_size, cfg.seed, cfg.steps, jax.process_index(),
+                         jax.process_count(), block_rows=store.meta.get("chunk_rows", 4096))
     log = MetricsLog(run_dir, cfg, start, progress=progress)
     to_global = partial(jax.make_array_from_process_local_data, batch_sharding(mesh))
     last = {}
     try:
-        for step, x in _prefetch(lambda s: local_batch(train_rows, cfg, s), start, cfg.steps):
-            state, metrics = step_fn(state, to_global(x))
-            done = step + 1
-            saving = done % cfg.ckpt_every == 0 or done == cfg.steps
-            if done % cfg.log_every == 0 or saving:
-                last = log.record(done, jax.device_get(metrics))
-                if not np.isfinite(last["loss"]):
-                    raise UserError(
-                        f"loss is {last['loss']} at step {done}; stopping. The last good "
-                        f"checkpoint (step {mngr.latest_step()}) is kept in {run_dir}")
-            if saving:
-                checkpoint.save(mngr, done, state)
+        with sigterm_flag() as preempted:
+            for done, x in enumerate(batches(source, start), start + 1):
+                state, metrics = step_fn(state, to_global(x))
+                saving = done % cfg.ckpt_every == 0 or done == cfg.steps or preempted.is_set()
+                if done % cfg.log_every == 0 or saving:
+                    last = log.record(done, jax.device_get(metrics))
+                    if not np.isfinite(last["loss"]):
+                        raise UserError(
+                            f"loss is {last['loss']} at step {done}; stopping. The last good "
+                            f"checkpoint (step {mngr.latest_step()}) is kept in {run_dir}")
+                if saving:
+                    checkpoint.save(mngr, done, state)
+                if preempted.is_set():
+                    mngr.wait_until_finished()
+                    raise Preempted(f"SIGTERM at step {done}: checkpoint saved in {run_dir}; "
+                                    "rerun the same command to resume")
     finally:
         mngr.wait_until_finished()
         mngr.close()
         log.close()
     return last
-
-
-def _prefetch(make, start: int, stop: int, depth: int = 2):
-    """Yields `(step, make(step))` for start..stop-1, preparing batches in a thread."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = [pool.submit(make, s) for s in range(start, min(stop, start + depth))]
-        for step in range(start, stop):
-            batch = pending.pop(0).result()
-            if step + depth < stop:
-                pending.append(pool.submit(make, step + depth))
-            yield step, batch
-

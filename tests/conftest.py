@@ -33,8 +33,15 @@ def synthetic():
 @pytest.fixture(scope="session")
 def synthetic_store(tmp_path_factory, synthetic):
     """A store directory holding the `synthetic` rows."""
-    from sae_jax.data import import_npy
+    from sae_jax.importers import import_activations
 
     tmp = tmp_path_factory.mktemp("synthetic")
     np.save(tmp / "x.npy", synthetic[0])
-    return import_npy(tmp / "x.npy", tmp / "store").path
+    return import_activations(tmp / "x.npy", tmp / "store").path
+
+
+def batch_at(rows: np.ndarray, cfg, step: int) -> np.ndarray:
+    """The training batch of `step` for in-memory rows, exactly as `train` would load it."""
+    from sae_jax.loader import ArraySpan, BatchSource
+
+    return BatchSource(ArraySpan(rows), cfg.batch_size, cfg.seed, cfg.steps)[step]

@@ -102,4 +102,5 @@ def test_corrupt_store_metadata(tmp_path, capsys, synthetic_store):
     np.save(tmp_path / "x.npy", np.ones((8, 3), np.float32))
     main(["import", str(tmp_path / "x.npy"), str(tmp_path / "D")])
     (tmp_path / "D/meta.json").write_text("{broken")
-    assert "meta.json is not valid JSON" in _error(capsys, "train", tmp_path / "D", tmp_path / "R")
+    assert "meta.json is damaged: JSONDecodeError" in _error(
+        capsys, "train", tmp_path / "D", tmp_path / "R")

@@ -25,10 +25,11 @@ def test_encode_decode_take_raw_activations(trained, synthetic):
     f = trained.encode(x)
     expected = saes.encode(trained.params, jnp.asarray(x) * trained.input_scale,
                            trained.config).f
-    np.testing.assert_allclose(f, expected, rtol=1e-6)
+    np.testing.assert_allclose(f, expected, rtol=1e-6, atol=1e-6)
     x_hat = trained.decode(f)
     np.testing.assert_allclose(
-        x_hat, saes.decode(trained.params, expected) / trained.input_scale, rtol=1e-5)
+        x_hat, saes.decode(trained.params, expected) / trained.input_scale, rtol=1e-5,
+        atol=1e-6)
     assert np.mean((np.asarray(x_hat) - x) ** 2) < np.var(x)  # it reconstructs something
     np.testing.assert_allclose(trained(x), x_hat)
 

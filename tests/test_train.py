@@ -6,6 +6,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from conftest import batch_at
 
 import sae_jax
 from sae_jax.config import make_config
@@ -15,7 +16,6 @@ from sae_jax.synthetic import atoms_recovered
 from sae_jax.train import (
     compile_train_step,
     init_state,
-    local_batch,
     make_optimizer,
     state_shardings,
     train,
@@ -54,7 +54,7 @@ def test_bf16_really_runs_bf16_matmuls(synthetic):
     state = jax.jit(lambda k: init_state(k, cfg, 32, None, tx), out_shardings=sh)(
         jax.random.key(0))
     step = compile_train_step(cfg, tx, mesh, sh, 1.0)
-    x = jax.device_put(local_batch(synthetic[0], cfg, 0), batch_sharding(mesh))
+    x = jax.device_put(batch_at(synthetic[0], cfg, 0), batch_sharding(mesh))
     hlo = step.lower(state, x).as_text()
     assert "bf16" in hlo and "dot_general" in hlo
 
@@ -68,7 +68,7 @@ def test_step_compiles_once(synthetic):
         jax.random.key(0))
     step = compile_train_step(cfg, tx, mesh, sh, 1.0)
     for s in range(4):
-        state, _ = step(state, jax.device_put(local_batch(synthetic[0], cfg, s),
+        state, _ = step(state, jax.device_put(batch_at(synthetic[0], cfg, s),
                                               batch_sharding(mesh)))
     assert step._cache_size() == 1
 
