@@ -44,6 +44,12 @@ def _cmd_eval(args) -> dict:
     return {"step": sae.step, "split": args.split, **evaluate(sae, rows)}
 
 
+def _cmd_bench(args) -> dict:
+    from sae_jax.bench import run_bench
+
+    return run_bench(args.overrides)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sae_jax.config import describe
 
@@ -71,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("heldout", "all"), default="heldout",
                    help="rows to evaluate on (default: the held-out tail of the store)")
     p.set_defaults(fn=_cmd_eval)
+    p = sub.add_parser("bench", help="measure loader and train-step throughput; last line JSON")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config keys, plus d_in, bench_steps, store_rows")
+    p.set_defaults(fn=_cmd_bench)
     return parser
 
 

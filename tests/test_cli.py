@@ -104,3 +104,15 @@ def test_corrupt_store_metadata(tmp_path, capsys, synthetic_store):
     (tmp_path / "D/meta.json").write_text("{broken")
     assert "meta.json is damaged: JSONDecodeError" in _error(
         capsys, "train", tmp_path / "D", tmp_path / "R")
+
+
+@pytest.mark.entry
+def test_bench_prints_ratios_as_json():
+    out = _cli("bench", "d_in=16", "width=64", "k=4", "batch_size=64", "bench_steps=1",
+               "store_rows=4096")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result["loader_over_step"] == pytest.approx(
+        result["loader_rows_per_s"] / result["tokens_per_s"])
+    assert result["peak_bytes_per_device"] > 0 and result["store_read_gib_per_s"] > 0
+    assert "loader" in out.stdout and "x the step's consumption" in out.stdout
