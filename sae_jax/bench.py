@@ -95,7 +95,7 @@ def run_bench(pairs: list[str]) -> dict:
                 raise UserError(f"bad value for {key}: {value!r} (expected int)") from None
         else:
             rest.append(pair)
-    cfg = make_config(TRAIN_DEFAULTS + rest)
+    cfg = make_config(TRAIN_DEFAULTS + rest).for_devices(jax.devices(), extra["d_in"])
     step = bench_train_step(cfg, extra["d_in"], extra["bench_steps"])
     data = bench_store(extra["d_in"], extra["store_rows"], cfg.batch_size,
                        n_batches=max(8, extra["store_rows"] // cfg.batch_size), seed=cfg.seed)

@@ -24,9 +24,11 @@ def _cmd_import(args) -> dict:
 
 def _cmd_train(args) -> dict:
     from sae_jax.config import make_config
+    from sae_jax.distributed import initialize
     from sae_jax.train import train
 
     cfg = make_config(args.overrides)
+    initialize(args.coordinator_address, args.num_processes, args.process_id)
     return train(cfg, args.data_dir, args.run_dir, progress=not args.quiet)
 
 
@@ -69,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="run directory; an existing run is resumed")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    group = p.add_argument_group(
+        "multi-process", "for clusters without auto-detection; on Cloud TPU set "
+        "SAE_JAX_DISTRIBUTED=1 instead and every worker runs the same command")
+    group.add_argument("--coordinator-address", help="host:port of process 0")
+    group.add_argument("--num-processes", type=int)
+    group.add_argument("--process-id", type=int)
     p.set_defaults(fn=_cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a trained SAE; last line is JSON")

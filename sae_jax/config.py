@@ -17,7 +17,7 @@ from typing import Any
 
 from sae_jax.errors import UserError
 
-COMPUTE_DTYPES = ("float32", "bfloat16")
+COMPUTE_DTYPES = ("float32", "bfloat16", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,10 +66,10 @@ class TrainConfig:
     """Rows (tokens) per global batch."""
     seed: int = 0
     """Seed for initialisation and data order."""
-    compute_dtype: str = "float32"
-    """Matmul input dtype: float32 or bfloat16 (weights and losses stay float32)."""
+    compute_dtype: str = "auto"
+    """Matmul input dtype: float32, bfloat16, or auto (bfloat16 on TPU, else float32)."""
     mesh: str = ""
-    """Device mesh, e.g. data:2,model:4 (default: every device on the data axis)."""
+    """Device mesh, e.g. data:2,model:4 (default: data parallel, plus a model axis if needed)."""
     holdout: float = 0.05
     """Fraction of the store's rows (its tail) held out of training for eval."""
     log_every: int = 100
@@ -112,6 +112,22 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def for_devices(self, devices: list, d_in: int) -> TrainConfig:
+        """Resolves the device-dependent defaults (`compute_dtype=auto`, an empty `mesh`).
+
+        Done at train time, not at parse time, because asking JAX about devices starts its
+        backend, which must wait for `jax.distributed.initialize` on multi-host runs.
+        """
+        from sae_jax.mesh import auto_mesh_spec, device_memory_bytes
+
+        updates = {}
+        if self.compute_dtype == "auto":
+            updates["compute_dtype"] = "bfloat16" if devices[0].platform == "tpu" else "float32"
+        if not self.mesh:
+            updates["mesh"] = auto_mesh_spec(len(devices), d_in, self.width,
+                                             device_memory_bytes(devices[0]))
+        return dataclasses.replace(self, **updates)
 
 
 def _check(ok: bool, message: str) -> None:

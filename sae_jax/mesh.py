@@ -56,6 +56,39 @@ def parse_mesh(spec: str, n_devices: int | None) -> dict[str, int]:
     return {a: sizes[a] for a in AXES}
 
 
+STATE_BYTES_PER_WEIGHT = 12  # float32 param + Adam mu + nu
+STATE_MEMORY_FRACTION = 0.3  # leave the rest for activations, gradients and compilation
+
+
+def auto_mesh_spec(n_devices: int, d_in: int, width: int,
+                   device_bytes: int | None) -> str:
+    """The default mesh: pure data parallelism unless the SAE state does not fit.
+
+    As Gemma Scope did, the dictionary is split over a "model" axis only when params + Adam
+    state (12 bytes per weight, 2·d_in·F weights) would take more than 30% of one device's
+    memory; then the smallest power-of-two model axis that fits is used.
+
+    Args:
+      device_bytes: memory of one device, or None when unknown (CPU): data parallel.
+    """
+    state = STATE_BYTES_PER_WEIGHT * 2 * d_in * width
+    model = 1
+    while device_bytes and state / model > STATE_MEMORY_FRACTION * device_bytes:
+        if model * 2 > n_devices or n_devices % (model * 2) or width % (model * 2):
+            raise UserError(
+                f"an SAE of width {width} on d_in={d_in} needs {state / model / 2**30:.1f} GiB "
+                f"of params and Adam state per device even split {model} ways; use more "
+                "devices or a smaller width")
+        model *= 2
+    return f"data:{n_devices // model},model:{model}"
+
+
+def device_memory_bytes(device) -> int | None:
+    """Bytes of memory of an accelerator, None where the runtime does not say (CPU)."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return (stats or {}).get("bytes_limit")
+
+
 def make_mesh(spec: str = "", devices: list | None = None) -> Mesh:
     """Builds the ("data", "model") mesh described by `spec` over `devices` (default: all)."""
     devices = list(jax.devices()) if devices is None else list(devices)

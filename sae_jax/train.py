@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 
 from sae_jax import checkpoint, saes
 from sae_jax.config import TrainConfig
+from sae_jax.distributed import batch_share, host_value
 from sae_jax.errors import Preempted, UserError
 from sae_jax.loader import BatchSource, batches, estimate_stats
 from sae_jax.mesh import batch_sharding, logical_to_sharding, make_mesh, replicated
@@ -188,6 +189,8 @@ def train(cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path,
       Preempted: SIGTERM arrived; a checkpoint of the current step was saved first.
     """
     store = open_store(data_dir)
+    devices = list(jax.devices()) if devices is None else list(devices)
+    cfg = cfg.for_devices(devices, store.d_in)
     train_rows, _ = store.split(cfg.holdout)
     run = prepare_run(run_dir, cfg, store, lambda: estimate_stats(train_rows)[0])
     mesh = make_mesh(cfg.mesh, devices)
@@ -196,11 +199,17 @@ def train(cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path,
     mngr = checkpoint.manager(run_dir, cfg)
     state, state_sh = init_or_restore(cfg, run, mesh, tx, mngr, train_rows)
     step_fn = compile_train_step(cfg, tx, mesh, state_sh, run.input_scale)
-    start = int(state.step)
-    source = BatchSource(train_rows, cfg.batch_size, cfg.seed, cfg.steps, jax.process_index(),
-                         jax.process_count(), block_rows=store.meta.get("chunk_rows", 4096))
+    start = int(host_value(state.step))
+    x_sharding = batch_sharding(mesh)
+    share_index, share_count = batch_share(x_sharding, cfg.batch_size, run.d_in)
+    source = BatchSource(train_rows, cfg.batch_size, cfg.seed, cfg.steps, share_index,
+                         share_count, block_rows=store.meta.get("chunk_rows", 4096))
     log = MetricsLog(run_dir, cfg, start, progress=progress)
-    to_global = partial(jax.make_array_from_process_local_data, batch_sharding(mesh))
+
+    def to_global(local_rows):
+        return jax.make_array_from_process_local_data(
+            x_sharding, local_rows, (cfg.batch_size, run.d_in))
+
     last = {}
     try:
         with sigterm_flag() as preempted:
@@ -208,7 +217,7 @@ def train(cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path,
                 state, metrics = step_fn(state, to_global(x))
                 saving = done % cfg.ckpt_every == 0 or done == cfg.steps or preempted.is_set()
                 if done % cfg.log_every == 0 or saving:
-                    last = log.record(done, jax.device_get(metrics))
+                    last = log.record(done, host_value(metrics))
                     if not np.isfinite(last["loss"]):
                         raise UserError(
                             f"loss is {last['loss']} at step {done}; stopping. The last good "

@@ -66,3 +66,25 @@ def test_every_key_is_documented():
     table = describe()
     for name in TrainConfig.__dataclass_fields__:
         assert f"| `{name}` |" in table
+
+
+def test_auto_mesh_is_data_parallel_until_the_state_does_not_fit():
+    from sae_jax.mesh import auto_mesh_spec
+
+    assert auto_mesh_spec(8, 384, 24576, None) == "data:8,model:1"  # CPU: memory unknown
+    assert auto_mesh_spec(8, 384, 24576, 16 * 2**30) == "data:8,model:1"  # 0.2 GiB fits
+    # 1M features at d=4096 is 100 GiB of state: split until 30% of a 95 GiB chip holds it
+    assert auto_mesh_spec(256, 4096, 2**20, 95 * 2**30) == "data:64,model:4"
+    with pytest.raises(UserError, match="even split 8 ways; use more devices"):
+        auto_mesh_spec(8, 4096, 2**25, 95 * 2**30)
+
+
+def test_device_defaults_resolve_at_train_time():
+    import jax
+
+    cfg = make_config(width=64, k=4)
+    assert (cfg.compute_dtype, cfg.mesh) == ("auto", "")
+    resolved = cfg.for_devices(jax.devices()[:4], d_in=16)
+    assert (resolved.compute_dtype, resolved.mesh) == ("float32", "data:4,model:1")
+    explicit = make_config(width=64, k=4, compute_dtype="bfloat16", mesh="model:2")
+    assert explicit.for_devices(jax.devices(), 16) == explicit

@@ -83,8 +83,11 @@ def constrain(x: Array, mesh: Mesh | None, axes: tuple[str | None, ...]) -> Arra
 
 
 def matmul(a: Array, b: Array, compute_dtype: str) -> Float[Array, "..."]:
-    """`a @ b` with inputs cast to `compute_dtype` and float32 accumulation/output."""
-    dtype = jnp.dtype(compute_dtype)
+    """`a @ b` with inputs cast to `compute_dtype` and float32 accumulation/output.
+
+    The trainer resolves `auto` per backend; unresolved, it means float32 here.
+    """
+    dtype = jnp.dtype("float32" if compute_dtype == "auto" else compute_dtype)
     return jnp.matmul(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
