@@ -46,6 +46,18 @@ def _cmd_eval(args) -> dict:
     return {"step": sae.step, "split": args.split, **evaluate(sae, rows)}
 
 
+def _cmd_export(args) -> dict:
+    from sae_jax.export import export_saelens
+
+    return export_saelens(args.run_dir, args.out_dir, args.step)
+
+
+def _cmd_import_sae(args) -> dict:
+    from sae_jax.export import import_saelens
+
+    return import_saelens(args.sae_dir, args.run_dir)
+
+
 def _cmd_bench(args) -> dict:
     from sae_jax.bench import run_bench
 
@@ -85,6 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("heldout", "all"), default="heldout",
                    help="rows to evaluate on (default: the held-out tail of the store)")
     p.set_defaults(fn=_cmd_eval)
+    p = sub.add_parser("export", help="write a run as a SAELens SAE (cfg.json + safetensors)")
+    p.add_argument("run_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--format", choices=("saelens",), default="saelens")
+    p.add_argument("--step", type=int, help="checkpoint to export (default: the latest)")
+    p.set_defaults(fn=_cmd_export)
+
+    p = sub.add_parser("import-sae", help="load a SAELens-format SAE into a new run directory")
+    p.add_argument("sae_dir", help="folder with cfg.json and sae_weights.safetensors")
+    p.add_argument("run_dir", help="new run directory (for eval, load, ...)")
+    p.set_defaults(fn=_cmd_import_sae)
+
     p = sub.add_parser("bench", help="measure loader and train-step throughput; last line JSON")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config keys, plus d_in, bench_steps, store_rows")

@@ -7,23 +7,18 @@ never loaded whole; bad input is rejected with one line and leaves no store behi
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
+from sae_jax import safetensors_io
 from sae_jax.errors import UserError
 from sae_jax.store import StoreWriter
 
 SUFFIXES = (".npy", ".safetensors")
 CHUNK_ROWS = 65536
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-                       "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
-                       "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-
 
 def _open_npy(path: Path) -> np.ndarray:
     try:
@@ -36,15 +31,9 @@ def _open_npy(path: Path) -> np.ndarray:
 
 
 def _open_safetensors(path: Path, tensor: str | None) -> np.ndarray:
-    """Memory-maps one tensor of a safetensors file (the format is a JSON header + raw
-    little-endian bytes, so no framework and no full read is needed)."""
-    try:
-        with open(path, "rb") as fh:
-            (header_len,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(header_len))
-    except (struct.error, json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-        raise UserError(f"cannot read {path} as .safetensors: {e}") from None
-    names = sorted(k for k in header if k != "__metadata__")
+    """Memory-maps one tensor (by default the only one) of a safetensors file."""
+    header, offset = safetensors_io.read_header(path)
+    names = sorted(header)
     if tensor is None:
         if len(names) != 1:
             raise UserError(f"{path} holds {len(names)} tensors ({', '.join(names)}); "
@@ -52,17 +41,7 @@ def _open_safetensors(path: Path, tensor: str | None) -> np.ndarray:
         tensor = names[0]
     if tensor not in header:
         raise UserError(f"{path} has no tensor {tensor!r}; it has: {', '.join(names)}")
-    info = header[tensor]
-    dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-    if dtype is None:
-        raise UserError(f"{path}: tensor {tensor!r} has unsupported dtype {info['dtype']}")
-    begin, end = info["data_offsets"]
-    shape = tuple(info["shape"])
-    if end - begin != int(np.prod(shape)) * np.dtype(dtype).itemsize:
-        raise UserError(f"{path}: tensor {tensor!r} is truncated or damaged")
-    if not shape or 0 in shape:
-        return np.zeros(shape, dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=8 + header_len + begin, shape=shape)
+    return safetensors_io.read_tensor(path, tensor, header, offset)
 
 
 def open_source(path: Path, tensor: str | None = None) -> np.ndarray:

@@ -18,13 +18,13 @@ TANH_SCALE = 4.0  # saturation point of the tanh penalty, in units of f_i·‖W_
 
 def l1(params: Params, code: Code, cfg) -> Float[Array, " batch"]:
     """Σ_i f_i·‖W_dec,i‖: L1 that cannot be dodged by growing decoder rows (Anthropic 2024)."""
-    return code.f @ decoder_norms(params)
+    return (code.f * code.per_feature(decoder_norms(params))).sum(-1)
 
 
 def tanh(params: Params, code: Code, cfg) -> Float[Array, " batch"]:
     """Σ_i tanh(s·f_i·‖W_dec,i‖): like L1 for small activations, flat for large ones, so big
     activations are not shrunk (Anthropic, "Circuits Updates", Feb. 2025)."""
-    return jnp.tanh(TANH_SCALE * code.f * decoder_norms(params)).sum(-1)
+    return jnp.tanh(TANH_SCALE * code.f * code.per_feature(decoder_norms(params))).sum(-1)
 
 
 def l0(params: Params, code: Code, cfg) -> Float[Array, " batch"]:
@@ -35,7 +35,7 @@ def l0(params: Params, code: Code, cfg) -> Float[Array, " batch"]:
 
 def none(params: Params, code: Code, cfg) -> Float[Array, " batch"]:
     """No penalty: for architectures whose sparsity is structural (TopK, BatchTopK)."""
-    return jnp.zeros(code.f.shape[:-1], jnp.float32)
+    return jnp.zeros(code.pre.shape[:-1], jnp.float32)
 
 
 PENALTIES = {"l1": l1, "tanh": tanh, "l0": l0, "none": none}

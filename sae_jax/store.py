@@ -96,6 +96,10 @@ class StoreWriter:
         self.chunk_rows, self.n_rows = chunk_rows, 0
         if _is_remote(self.final):
             self.path = self.final  # no rename on object stores: meta.json marks completion
+        elif Path(self.final).exists() and (not Path(self.final).is_dir()
+                                            or any(Path(self.final).iterdir())):
+            raise UserError(f"{self.final} exists and is not an empty directory; choose a new "
+                            "one for the store")
         else:
             Path(self.final).parent.mkdir(parents=True, exist_ok=True)
             self.path = tempfile.mkdtemp(prefix=f".{Path(self.final).name}.",
@@ -152,9 +156,13 @@ class StoreWriter:
                 "positions": POSITIONS if self.with_tokens else None, **self.meta}
         _write_text(f"{self.path}/{META_FILE}", json.dumps(meta, indent=2) + "\n")
         if self.path != self.final:
-            if Path(self.final).exists() and not any(Path(self.final).iterdir()):
-                Path(self.final).rmdir()  # an empty directory made for us is fine to replace
-            os.replace(self.path, self.final)
+            try:
+                if Path(self.final).exists():
+                    Path(self.final).rmdir()  # empty (checked at start): fine to replace
+                os.replace(self.path, self.final)
+            except OSError as e:
+                self.abort()
+                raise UserError(f"cannot move the finished store into {self.final}: {e}") from None
         return open_store(self.final)
 
     def abort(self) -> None:
@@ -184,7 +192,8 @@ class RowSpan:
 
     def read(self, i: int, j: int) -> np.ndarray:
         """Rows [i, j) of this span as a numpy array in the store's dtype."""
-        i, j = max(0, i), min(len(self), j)
+        i = min(max(0, i), len(self))
+        j = max(i, min(len(self), j))
         return self.store.rows[self.start + i:self.start + j].read().result()
 
 

@@ -498,3 +498,40 @@ def test_sharded_loss_and_grads_match_unsharded(arch):
     expected = {"W_enc", "b_enc", "W_dec", "b_dec"} | ({"log_threshold"} if arch == "jumprelu"
                                                        else set())
     assert set(nonzero) == expected
+
+
+# ---------------------------------------------------------------------------------------
+# 6. the sparse TopK training path against the dense reference
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_sparse_topk_path_equals_dense_reference(compute_dtype):
+    """Sparse codes (gathers + hand-written VJP) give the dense path's loss and gradients,
+    including AuxK over dead latents."""
+    from sae_jax.saes import sparse, topk
+
+    cfg = make_config(arch="topk", width=48, k=5, aux_k=7, compute_dtype=compute_dtype)
+    params = _params(3, 12, 48)
+    x = jax.random.normal(jax.random.key(9), (32, 12)) * 2 + 0.3
+    dead = jnp.arange(48) % 3 == 0
+    ctx = LossContext(jnp.float32(0.0), dead)
+
+    def dense_loss(p):
+        code = topk.encode(p, x, cfg)
+        x_hat = code.f @ p["W_dec"] + p["b_dec"] if compute_dtype == "float32" else \
+            saes.decode(p, code.f, compute_dtype)
+        mse = jnp.sum((x - x_hat) ** 2, -1).mean()
+        return mse + cfg.aux_coeff * topk.auxk_loss(p, x, x_hat, code, ctx, cfg)
+
+    def sparse_loss(p):
+        assert sparse.usable(None)
+        return saes.loss(p, x, cfg, ctx)[0]
+
+    tol = 1e-5 if compute_dtype == "float32" else 2e-2  # bf16: different summation orders
+    assert float(sparse_loss(params)) == pytest.approx(float(dense_loss(params)), rel=tol)
+    g_dense, g_sparse = jax.grad(dense_loss)(params), jax.grad(sparse_loss)(params)
+    for name in g_dense:
+        scale = float(jnp.abs(g_dense[name]).max())
+        np.testing.assert_allclose(g_sparse[name], g_dense[name], rtol=0, atol=tol * scale,
+                                   err_msg=name)
+    assert float(jnp.abs(g_sparse["W_enc"][:, dead]).max()) > 0  # AuxK reached dead columns

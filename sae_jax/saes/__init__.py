@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from sae_jax.saes import batchtopk, jumprelu, relu, topk
+from sae_jax.saes import batchtopk, jumprelu, relu, sparse, topk
 from sae_jax.saes.common import Architecture, Code, LossContext, Params, decode, squared_error
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -48,8 +48,12 @@ def loss(params: Params, x, cfg, ctx: LossContext | None = None, mesh=None):
     if ctx is None:
         ctx = LossContext(jnp.float32(cfg.sparsity_coeff), jnp.zeros((cfg.width,), bool))
     code = (arch.train_encode or arch.encode)(params, x, cfg, mesh)
-    x_hat = decode(params, code.f, cfg.compute_dtype, mesh)
     x = x.astype(jnp.float32)
+    if code.idx is None:
+        x_hat = decode(params, code.f, cfg.compute_dtype, mesh)
+    else:
+        x_hat = sparse.decode(params["W_dec"], code.f, code.idx, cfg.compute_dtype)
+        x_hat = x_hat + params["b_dec"]
     err = squared_error(x, x_hat)
     mse = err.mean()
     penalty = PENALTIES[cfg.penalty](params, code, cfg).mean()
@@ -64,7 +68,8 @@ def loss(params: Params, x, cfg, ctx: LossContext | None = None, mesh=None):
         "aux_loss": jnp.asarray(aux, jnp.float32),
         "l0": active.sum(-1).astype(jnp.float32).mean(),
         "fvu": err.sum() / jnp.maximum(variance, 1e-12),
-        "fired": active.any(0),
+        "fired": active.any(0) if code.idx is None else sparse.fired(code.f, code.idx,
+                                                                      cfg.width),
         **code.stats,
     }
     return total, metrics

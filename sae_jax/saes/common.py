@@ -29,11 +29,20 @@ BASE_AXES: dict[str, tuple[str, ...]] = {
 
 
 class Code(NamedTuple):
-    """An encoder's output: pre-activations, sparse activations, and scalar statistics."""
+    """An encoder's output: pre-activations, activations, and scalar statistics.
+
+    Dense codes have `f` of shape (batch, F) and `idx=None`. Sparse codes (TopK training,
+    `saes.sparse`) have `f` of shape (batch, k): the values of features `idx` (batch, k).
+    """
 
     pre: Float[Array, "batch F"]
-    f: Float[Array, "batch F"]
+    f: Float[Array, "batch _"]
     stats: dict[str, Array]
+    idx: Array | None = None
+
+    def per_feature(self, weights: Float[Array, " F"]) -> Float[Array, "batch _"]:
+        """`weights` (one per feature) aligned with `f`, dense or sparse."""
+        return weights if self.idx is None else weights[self.idx]
 
 
 class LossContext(NamedTuple):

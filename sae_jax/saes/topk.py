@@ -4,6 +4,9 @@ sparse autoencoders"; sparsify).
 Each row keeps exactly its k largest pre-activations (after ReLU), so sparsity is set
 directly instead of through a penalty. Dead latents are revived by AuxK: the top `aux_k`
 dead latents must reconstruct the residual error the live ones leave.
+
+Training uses sparse codes (`saes.sparse`: only the encoder forward is a dense matmul)
+unless the dictionary is sharded over a "model" axis; `encode` (inference) is dense.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sae_jax.saes import sparse
 from sae_jax.saes.common import Architecture, Code, init_dictionary, matmul, pre_activations
 from sae_jax.saes.select import topk_mask
 
@@ -24,6 +28,15 @@ def encode(params, x, cfg, mesh=None) -> Code:
     return Code(pre, jnp.where(topk_mask(pre, cfg.k, mesh), jax.nn.relu(pre), 0.0), {})
 
 
+def train_encode(params, x, cfg, mesh=None) -> Code:
+    if not sparse.usable(mesh):
+        return encode(params, x, cfg, mesh)
+    pre = jax.lax.stop_gradient(pre_activations(params, x, cfg, mesh))
+    idx = sparse.topk_indices(pre, cfg.k, mesh)
+    values = sparse.selected_pre(pre, x, params["b_dec"], params["W_enc"], params["b_enc"], idx)
+    return Code(pre, jax.nn.relu(values), {}, idx)
+
+
 def auxk_loss(params, x, x_hat, code: Code, ctx, cfg, mesh=None):
     """‖e − ê‖² / ‖e − ē‖² where e = x − x̂ and ê decodes the top-`aux_k` dead latents.
 
@@ -32,12 +45,21 @@ def auxk_loss(params, x, x_hat, code: Code, ctx, cfg, mesh=None):
     """
     aux_k = min(cfg.aux_k or x.shape[-1] // 2, code.pre.shape[-1])
 
+    def dense_residual_hat():
+        keep = topk_mask(jnp.where(ctx.dead, code.pre, -jnp.inf), aux_k, mesh) & ctx.dead
+        return matmul(jnp.where(keep, jax.nn.relu(code.pre), 0.0), params["W_dec"],
+                      cfg.compute_dtype)
+
+    def sparse_residual_hat():
+        idx = sparse.topk_indices(jnp.where(ctx.dead, code.pre, -jnp.inf), aux_k, mesh)
+        values = sparse.selected_pre(code.pre, x, params["b_dec"], params["W_enc"],
+                                     params["b_enc"], idx)
+        values = jnp.where(ctx.dead[idx], jax.nn.relu(values), 0.0)
+        return sparse.decode(params["W_dec"], values, idx, cfg.compute_dtype)
+
     def compute():
-        dead_scores = jnp.where(ctx.dead, code.pre, -jnp.inf)
-        keep = topk_mask(dead_scores, aux_k, mesh) & ctx.dead
-        f_aux = jnp.where(keep, jax.nn.relu(code.pre), 0.0)
         residual = jax.lax.stop_gradient(x - x_hat)
-        residual_hat = matmul(f_aux, params["W_dec"], cfg.compute_dtype)
+        residual_hat = dense_residual_hat() if code.idx is None else sparse_residual_hat()
         error = jnp.sum(jnp.square(residual_hat - residual))
         variance = jnp.sum(jnp.square(residual - residual.mean(0)))
         return error / jnp.maximum(variance, 1e-12)
@@ -49,6 +71,7 @@ ARCH = Architecture(
     name="topk",
     init=init,
     encode=encode,
+    train_encode=train_encode,
     aux_loss=auxk_loss,
     defaults={"penalty": "none", "sparsity_coeff": 0.0},
     unit_norm_decoder=True,
