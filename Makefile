@@ -22,14 +22,13 @@ test: $(STAMP)
 
 DEMO := demo_out
 
-# Activations with a known sparse dictionary -> store -> TopK SAE -> eval -> atoms recovered.
+# Real data end to end: 1M tokens of MiniLM layer-3 residual stream from the Python
+# standard library's sources -> TopK SAE (8x expansion) -> eval on held-out documents.
 demo: $(STAMP)
 	rm -rf $(DEMO)
-	$(BIN)/python -m sae_jax.synthetic make $(DEMO)/synthetic
-	$(BIN)/sae-jax import $(DEMO)/synthetic/rows.npy $(DEMO)/data
-	$(BIN)/sae-jax train $(DEMO)/data $(DEMO)/run arch=topk width=512 k=4 steps=3000 batch_size=1024
-	$(BIN)/sae-jax eval $(DEMO)/run $(DEMO)/data
-	$(BIN)/python -m sae_jax.synthetic check $(DEMO)/run $(DEMO)/synthetic/atoms.npy
+	$(BIN)/sae-jax harvest $(DEMO)/minilm_l3 --layer 3 --max-tokens 1000000
+	$(BIN)/sae-jax train $(DEMO)/minilm_l3 $(DEMO)/topk arch=topk width=3072 k=32 steps=2000 batch_size=1024
+	$(BIN)/sae-jax eval $(DEMO)/topk $(DEMO)/minilm_l3
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from sae_jax import files
 from sae_jax.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -26,7 +27,9 @@ def manager(run_dir: str | Path, cfg=None) -> ocp.CheckpointManager:
         max_to_keep=cfg.keep_checkpoints if cfg else None,
         create=cfg is not None,
     )
-    return ocp.CheckpointManager(Path(run_dir).absolute() / CHECKPOINT_DIR, options=options)
+    directory = (files.join(run_dir, CHECKPOINT_DIR) if files.is_remote(run_dir)
+                 else Path(run_dir).absolute() / CHECKPOINT_DIR)
+    return ocp.CheckpointManager(directory, options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
@@ -54,8 +57,9 @@ def restore_latest_good(mngr: ocp.CheckpointManager, abstract_state):
     """Restores the newest checkpoint that reads back, or returns None if there is none.
 
     An unreadable checkpoint (truncated or corrupted files) gets a warning and is moved
-    aside to `corrupt_checkpoints/` in the run dir, not deleted, before the next older one is
-    tried; a run whose checkpoints are all unreadable is an error.
+    aside to `corrupt_checkpoints/` in a local run dir (deleted on object stores, which
+    cannot rename) before the next older one is tried; a run whose checkpoints are all
+    unreadable is an error.
     """
     steps = sorted(mngr.all_steps(), reverse=True)
     for step in steps:
@@ -72,6 +76,9 @@ def restore_latest_good(mngr: ocp.CheckpointManager, abstract_state):
 
 
 def _move_aside(mngr: ocp.CheckpointManager, step: int) -> None:
+    if files.is_remote(mngr.directory):
+        mngr.delete(step)
+        return
     src = Path(str(mngr.directory)) / str(step)
     dst = src.parent.parent / "corrupt_checkpoints" / str(step)
     dst.parent.mkdir(exist_ok=True)

@@ -22,6 +22,12 @@ def _cmd_import(args) -> dict:
     return {"data_dir": store.path, **store.meta}
 
 
+def _cmd_harvest(args) -> dict:
+    from sae_jax import harvest
+
+    return harvest.run_harvest(**harvest.harvest_kwargs(args))
+
+
 def _cmd_train(args) -> dict:
     from sae_jax.config import make_config
     from sae_jax.distributed import initialize
@@ -75,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data_dir", help="new store (a local path or gs://bucket/path)")
     p.add_argument("--tensor", help="which tensor of a .safetensors file (default: the only one)")
     p.set_defaults(fn=_cmd_import)
+
+    p = sub.add_parser("harvest", help="harvest model activations into a new store")
+    from sae_jax.harvest import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(fn=_cmd_harvest)
 
     p = sub.add_parser("train", help="train (or resume) an SAE",
                        formatter_class=argparse.RawDescriptionHelpFormatter,

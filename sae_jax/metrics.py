@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import jax
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
+
+from sae_jax import files
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -21,10 +22,13 @@ METRICS_FILE = "metrics.jsonl"
 class MetricsLog:
     """Appends one JSON record per log step and drives the progress bar."""
 
-    def __init__(self, run_dir: str | Path, cfg, start_step: int, progress: bool = True):
+    def __init__(self, run_dir, cfg, start_step: int, progress: bool = True):
         self.cfg = cfg
         self.writer = jax.process_index() == 0
-        self.file = open(Path(run_dir) / METRICS_FILE, "a") if self.writer else None
+        self.path = files.join(run_dir, METRICS_FILE)
+        # Object stores cannot append: keep the text and rewrite it (it stays small).
+        self.text = (files.read_text(self.path) or "") if files.is_remote(run_dir) else None
+        self.file = open(self.path, "a") if self.writer and self.text is None else None
         self.events = SummaryWriter(str(run_dir)) if self.writer else None
         self.bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True,
                         disable=not (progress and self.writer))
@@ -38,8 +42,12 @@ class MetricsLog:
             now - self.last_time, 1e-9)
         self.last_step, self.last_time = step, now
         if self.writer:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            if self.file:
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
+            else:
+                self.text += json.dumps(record) + "\n"
+                files.write_text(self.path, self.text)
             for key, value in record.items():
                 if key != "step":
                     self.events.add_scalar(f"train/{key}", value, step)
@@ -53,4 +61,5 @@ class MetricsLog:
         self.bar.close()
         if self.file:
             self.file.close()
+        if self.events:
             self.events.close()

@@ -14,6 +14,7 @@ from typing import Callable
 
 import jax
 
+from sae_jax import files
 from sae_jax.config import TrainConfig, config_from_dict
 from sae_jax.errors import UserError
 
@@ -36,12 +37,13 @@ class RunInfo:
 
 def read_run(run_dir: str | Path) -> RunInfo:
     """Reads `run_dir/config.json`, with one-line errors for a missing or damaged file."""
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
+    path = files.join(run_dir, CONFIG_FILE)
+    text = files.read_text(path)
+    if text is None:
         raise UserError(f"no run at {run_dir} (missing {CONFIG_FILE}); train one with "
                         "`sae-jax train DATA_DIR RUN_DIR`")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(text)
         return RunInfo(config_from_dict(raw["config"]), int(raw["d_in"]),
                        float(raw["input_scale"]), str(raw["data_dir"]))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
@@ -56,8 +58,7 @@ def prepare_run(run_dir: str | Path, cfg: TrainConfig, store,
       estimate_scale: computes the input scale; only called for a new run, so a resumed
         run keeps exactly the scale it was trained with.
     """
-    run_dir = Path(run_dir)
-    if (run_dir / CONFIG_FILE).exists():
+    if files.exists(files.join(run_dir, CONFIG_FILE)):
         saved = read_run(run_dir)
         if store.d_in != saved.d_in:
             raise UserError(f"store {store.path} has d_in={store.d_in}, but run {run_dir} "
@@ -70,9 +71,11 @@ def prepare_run(run_dir: str | Path, cfg: TrainConfig, store,
                             "use a new RUN_DIR or the saved values")
         info = RunInfo(cfg, saved.d_in, saved.input_scale, saved.data_dir)
     else:
-        data_dir = store.path if "://" in store.path else str(Path(store.path).absolute())
+        data_dir = store.path
+        if not files.is_remote(data_dir):
+            data_dir = str(Path(data_dir).absolute())
         info = RunInfo(cfg, store.d_in, estimate_scale(), data_dir)
     if jax.process_index() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG_FILE).write_text(json.dumps(info.to_dict(), indent=2) + "\n")
+        files.write_text(files.join(run_dir, CONFIG_FILE),
+                         json.dumps(info.to_dict(), indent=2) + "\n")
     return info

@@ -26,6 +26,7 @@ import numpy as np
 import tensorstore as ts
 
 from sae_jax.errors import UserError
+from sae_jax.files import CONTEXT, is_remote, kvstore_url, read_text, write_text
 
 META_FILE = "meta.json"
 ROWS, TOKEN_IDS, POSITIONS = "rows", "token_ids", "positions"
@@ -33,35 +34,9 @@ CHUNK_ROWS = 4096
 STORE_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in str(path)
-
-
-def _kvstore(path: str) -> str:
-    """A tensorstore kvstore URL: `gs://...` as is, local paths as `file://`."""
-    path = str(path).rstrip("/")
-    return f"{path}/" if _is_remote(path) else f"file://{Path(path).absolute()}/"
-
-
-def _read_text(path: str) -> str | None:
-    """Reads a small file from a local path or any tensorstore kvstore (None if absent)."""
-    if not _is_remote(path):
-        return Path(path).read_text() if Path(path).is_file() else None
-    parent, name = str(path).rsplit("/", 1)
-    value = ts.KvStore.open(_kvstore(parent)).result().read(name).result()
-    return value.value.decode() if value.state == "value" else None
-
-
-def _write_text(path: str, text: str) -> None:
-    if not _is_remote(path):
-        Path(path).write_text(text)
-        return
-    parent, name = str(path).rsplit("/", 1)
-    ts.KvStore.open(_kvstore(parent)).result().write(name, text.encode()).result()
-
-
 def _create_array(path: str, dtype, width: tuple[int, ...], chunk_rows: int):
-    return ts.open({"driver": "zarr3", "kvstore": _kvstore(path)}, create=True,
+    return ts.open({"driver": "zarr3", "kvstore": kvstore_url(path)}, create=True,
+                   context=CONTEXT,
                    dtype=ts.dtype(np.dtype(dtype).name), shape=[0, *width],
                    chunk_layout=ts.ChunkLayout(chunk_shape=[chunk_rows, *width])).result()
 
@@ -89,12 +64,12 @@ class StoreWriter:
         if dtype not in STORE_DTYPES:
             raise UserError(f"store dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype}")
         self.final = str(data_dir).rstrip("/")
-        if _read_text(f"{self.final}/{META_FILE}") is not None:
+        if read_text(f"{self.final}/{META_FILE}") is not None:
             raise UserError(f"{self.final} already holds a store; choose a new directory")
         self.d_in, self.dtype, self.with_tokens = d_in, dtype, with_tokens
         self.meta = dict(meta or {})
         self.chunk_rows, self.n_rows = chunk_rows, 0
-        if _is_remote(self.final):
+        if is_remote(self.final):
             self.path = self.final  # no rename on object stores: meta.json marks completion
         elif Path(self.final).exists() and (not Path(self.final).is_dir()
                                             or any(Path(self.final).iterdir())):
@@ -154,7 +129,7 @@ class StoreWriter:
         meta = {"d_in": self.d_in, "n_rows": self.n_rows, "dtype": self.dtype,
                 "chunk_rows": self.chunk_rows, "token_ids": TOKEN_IDS if self.with_tokens else None,
                 "positions": POSITIONS if self.with_tokens else None, **self.meta}
-        _write_text(f"{self.path}/{META_FILE}", json.dumps(meta, indent=2) + "\n")
+        write_text(f"{self.path}/{META_FILE}", json.dumps(meta, indent=2) + "\n")
         if self.path != self.final:
             try:
                 if Path(self.final).exists():
@@ -171,7 +146,8 @@ class StoreWriter:
             shutil.rmtree(self.path, ignore_errors=True)
         else:
             for name in (ROWS, TOKEN_IDS, POSITIONS):
-                ts.KvStore.open(_kvstore(f"{self.path}/{name}")).result().delete_range(
+                ts.KvStore.open(kvstore_url(f"{self.path}/{name}"), context=CONTEXT).result(
+                ).delete_range(
                     ts.KvStore.KeyRange()).result()
 
 
@@ -233,8 +209,8 @@ class Store:
 
 def _open_array(path: str, what: str) -> ts.TensorStore:
     try:
-        return ts.open({"driver": "zarr3", "kvstore": _kvstore(path)}, open=True,
-                       read=True).result()
+        return ts.open({"driver": "zarr3", "kvstore": kvstore_url(path)}, open=True,
+                       read=True, context=CONTEXT).result()
     except ValueError as e:
         raise UserError(f"cannot open the {what} array of {path.rsplit('/', 1)[0]}: "
                         f"{str(e).splitlines()[0]}") from None
@@ -243,7 +219,7 @@ def _open_array(path: str, what: str) -> ts.TensorStore:
 def open_store(data_dir: str | os.PathLike) -> Store:
     """Opens a committed store, checking `meta.json` against the arrays."""
     path = str(data_dir).rstrip("/")
-    text = _read_text(f"{path}/{META_FILE}")
+    text = read_text(f"{path}/{META_FILE}")
     if text is None:
         raise UserError(f"no activation store at {path} (missing {META_FILE}); "
                         "create one with `sae-jax import` or `sae-jax harvest`")

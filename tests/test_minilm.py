@@ -109,3 +109,16 @@ def test_replace_index_out_of_range_is_rejected(params, golden):
     _, g = golden
     with pytest.raises(minilm.UserError):
         minilm.forward(params, g["input_ids"], g["attention_mask"], replace=(7, lambda h: h))
+
+
+def test_forward_can_stop_early(params, hidden, golden):
+    _, g = golden
+    part = np.asarray(jax.jit(minilm.forward, static_argnames="n_layers")(
+        params, g["input_ids"], g["attention_mask"], n_layers=2))
+    assert part.shape == (3, *hidden.shape[1:])
+    np.testing.assert_allclose(part, hidden[:3], atol=1e-6, rtol=0)
+    with pytest.raises(minilm.UserError, match="n_layers"):
+        minilm.forward(params, g["input_ids"], g["attention_mask"], n_layers=7)
+    with pytest.raises(minilm.UserError, match="replace layer index"):
+        minilm.forward(params, g["input_ids"], g["attention_mask"], replace=(3, lambda h: h),
+                       n_layers=2)

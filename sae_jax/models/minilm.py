@@ -226,6 +226,7 @@ def forward(
     input_ids: jax.Array,
     attention_mask: jax.Array,
     replace: Replace | None = None,
+    n_layers: int | None = None,
 ) -> jax.Array:
     """Runs the encoder and returns its residual stream at every layer boundary.
 
@@ -238,22 +239,28 @@ def forward(
         `layer_index` (0 = embeddings, 6 = last layer) before the next layer reads it, and the
         replaced value is what is returned there. Used to splice in an SAE reconstruction or to
         steer. Must be static under `jit` (e.g. `static_argnames="replace"`).
+      n_layers: run only the first `n_layers` blocks (0..6; default all six) and return the
+        stream up to there, e.g. to harvest layer 3 without paying for layers 4-6. Static
+        under `jit`; the returned states equal the first `n_layers + 1` of a full run.
 
     Returns:
-      float32 `(7, n, L, 384)`: index 0 is the embedding LayerNorm output, index i the output of
-      layer i.
+      float32 `(n_layers + 1, n, L, 384)` (`(7, n, L, 384)` by default): index 0 is the
+      embedding LayerNorm output, index i the output of layer i.
     """
+    n_layers = N_LAYERS if n_layers is None else n_layers
+    if not 0 <= n_layers <= N_LAYERS:
+        raise UserError(f"n_layers must be in [0, {N_LAYERS}], got {n_layers}")
     if replace is not None:
         index = replace[0]
-        if not 0 <= index <= N_LAYERS:
-            raise UserError(f"replace layer index must be in [0, {N_LAYERS}], got {index}")
+        if not 0 <= index <= n_layers:
+            raise UserError(f"replace layer index must be in [0, {n_layers}], got {index}")
     emb = params["embeddings"]
     length = input_ids.shape[1]
     x = emb["word"][input_ids] + emb["position"][:length] + emb["token_type"][0]
     x = _layer_norm(emb["ln"], x)
     key_mask = jnp.asarray(attention_mask).astype(bool)
     states = []
-    for i in range(N_LAYERS + 1):
+    for i in range(n_layers + 1):
         if i > 0:
             x = _block(params["layers"][i - 1], x, key_mask)
         if replace is not None and replace[0] == i:

@@ -1,0 +1,56 @@
+"""Small files on a local disk or in object storage (`gs://...`), through tensorstore's
+key-value stores, so run directories and stores work the same on a laptop and a TPU pod.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tensorstore as ts
+
+CONTEXT = ts.Context()
+"""One tensorstore context for the package: shared caches and object-store connections
+(and a `memory://` store that tests can use in place of `gs://`)."""
+
+
+def is_remote(path) -> bool:
+    return "://" in str(path)
+
+
+def join(base, *names: str) -> str:
+    """`base/name/...` as a string, for local paths and URLs alike."""
+    return "/".join([str(base).rstrip("/"), *names])
+
+
+def kvstore_url(path) -> str:
+    """A tensorstore kvstore URL: `gs://...` as is, local paths as `file://` (absolute)."""
+    path = str(path).rstrip("/")
+    return f"{path}/" if is_remote(path) else f"file://{Path(path).absolute()}/"
+
+
+def _split(path) -> tuple[ts.KvStore, str]:
+    parent, name = str(path).rstrip("/").rsplit("/", 1)
+    return ts.KvStore.open(kvstore_url(parent), context=CONTEXT).result(), name
+
+
+def read_text(path) -> str | None:
+    """The file's text, or None if it does not exist."""
+    if not is_remote(path):
+        return Path(path).read_text() if Path(path).is_file() else None
+    store, name = _split(path)
+    value = store.read(name).result()
+    return value.value.decode() if value.state == "value" else None
+
+
+def write_text(path, text: str) -> None:
+    """Writes (replaces) a whole file; local parent directories are created."""
+    if not is_remote(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+        return
+    store, name = _split(path)
+    store.write(name, text.encode()).result()
+
+
+def exists(path) -> bool:
+    return read_text(path) is not None
