@@ -27,7 +27,7 @@ DEMO := demo_out
 demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(BIN)/sae-jax harvest $(DEMO)/minilm_l3 --layer 3 --max-tokens 1000000
-	$(BIN)/sae-jax train $(DEMO)/minilm_l3 $(DEMO)/topk arch=topk width=3072 k=32 steps=2000 batch_size=1024
+	$(BIN)/sae-jax train $(DEMO)/minilm_l3 $(DEMO)/topk arch=topk width=3072 k=32 steps=1500 batch_size=1024
 	$(BIN)/sae-jax eval $(DEMO)/topk $(DEMO)/minilm_l3
 
 clean:

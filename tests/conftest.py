@@ -40,6 +40,22 @@ def synthetic_store(tmp_path_factory, synthetic):
     return import_activations(tmp / "x.npy", tmp / "store").path
 
 
+@pytest.fixture(scope="session")
+def params():
+    """all-MiniLM-L6-v2's weights, loaded once per test session."""
+    from sae_jax.models import minilm
+
+    return minilm.load_params()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """all-MiniLM-L6-v2's tokenizer, loaded once per test session."""
+    from sae_jax.models import minilm
+
+    return minilm.load_tokenizer()
+
+
 def batch_at(rows: np.ndarray, cfg, step: int) -> np.ndarray:
     """The training batch of `step` for in-memory rows, exactly as `train` would load it."""
     from sae_jax.loader import ArraySpan, BatchSource

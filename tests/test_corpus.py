@@ -27,11 +27,6 @@ from sae_jax.models import minilm
 CLS, SEP, PAD = 101, 102, 0
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return minilm.load_tokenizer()
-
-
 def _ids(tokenizer, text):
     return corpus_mod._private_copy(tokenizer).encode(text, add_special_tokens=False).ids
 

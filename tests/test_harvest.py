@@ -27,16 +27,6 @@ CLS, SEP = 101, 102
 SEQ_LEN, LAYER = 32, 2
 
 
-@pytest.fixture(scope="module")
-def params():
-    return minilm.load_params()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return minilm.load_tokenizer()
-
-
 def _read(store):
     return (store.rows.read().result(), store.token_ids.read().result(),
             store.positions.read().result())

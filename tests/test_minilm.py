@@ -31,16 +31,6 @@ def golden():
 
 
 @pytest.fixture(scope="module")
-def params():
-    return minilm.load_params()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return minilm.load_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def hidden(params, golden):
     _, g = golden
     return np.asarray(forward(params, g["input_ids"], g["attention_mask"]))
