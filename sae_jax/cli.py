@@ -52,6 +52,16 @@ def _cmd_eval(args) -> dict:
     return {"step": sae.step, "split": args.split, **evaluate(sae, rows)}
 
 
+def _cmd_dashboard(args) -> dict:
+    from sae_jax.dashboard import write_dashboard
+
+    result = write_dashboard(args.run_dir, args.data_dir, args.out_dir, split=args.split,
+                             features=args.features, batch_size=args.batch_size,
+                             progress=not args.quiet)
+    print(f"dashboard: open {result['index']} in a browser", file=sys.stderr)
+    return result
+
+
 def _cmd_export(args) -> dict:
     from sae_jax.export import export_saelens
 
@@ -109,6 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("heldout", "all"), default="heldout",
                    help="rows to evaluate on (default: the held-out tail of the store)")
     p.set_defaults(fn=_cmd_eval)
+    p = sub.add_parser("dashboard", help="feature catalog + static HTML dashboard")
+    p.add_argument("run_dir")
+    p.add_argument("data_dir", help="a harvested store (token contexts need its metadata)")
+    p.add_argument("out_dir", help="where to write index.html")
+    p.add_argument("--split", choices=("all", "train", "heldout"), default="all",
+                   help="rows to scan for examples (default: all)")
+    p.add_argument("--features", type=int, help="only the first N features (default: all)")
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=_cmd_dashboard)
+
     p = sub.add_parser("export", help="write a run as a SAELens SAE (cfg.json + safetensors)")
     p.add_argument("run_dir")
     p.add_argument("out_dir")

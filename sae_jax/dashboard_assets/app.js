@@ -1,0 +1,215 @@
+/* sae_jax feature dashboard: vanilla JS over window.SAE_CATALOG (written to data.js). */
+(function () {
+  "use strict";
+  var DATA = window.SAE_CATALOG;
+  if (!DATA || !DATA.features) { throw new Error("data.js did not define window.SAE_CATALOG"); }
+  var H = DATA.header, FEATURES = DATA.features, BY_ID = {};
+  FEATURES.forEach(function (f, i) { BY_ID[f.id] = i; });
+  var PAGE = 500;
+  var state = { key: "frequency", dir: -1, query: "", limit: PAGE };
+  var SVGNS = "http://www.w3.org/2000/svg";
+
+  function el(tag, attrs, children) {
+    var e = document.createElement(tag);
+    for (var k in attrs || {}) {
+      if (k === "text") e.textContent = attrs[k];
+      else if (k === "cls") e.className = attrs[k];
+      else e.setAttribute(k, attrs[k]);
+    }
+    (children || []).forEach(function (c) { if (c != null) e.appendChild(typeof c === "string" ? document.createTextNode(c) : c); });
+    return e;
+  }
+  function svg(tag, attrs) {
+    var e = document.createElementNS(SVGNS, tag);
+    for (var k in attrs) e.setAttribute(k, attrs[k]);
+    return e;
+  }
+  function fmt(x, digits) {
+    if (x === 0) return "0";
+    if (x == null) return "";
+    var a = Math.abs(x);
+    if (a < 1e-3 || a >= 1e5) return x.toExponential(2);
+    var s = x.toPrecision(digits || 3);
+    if (s.indexOf(".") >= 0 && s.indexOf("e") < 0) s = s.replace(/0+$/, "").replace(/\.$/, "");
+    return s;
+  }
+  function pct(x) { return x === 0 ? "0" : (x * 100 < 0.01 ? (x * 100).toExponential(1) : fmt(x * 100, 3)) + "%"; }
+  function showTok(t) { return t.indexOf("##") === 0 ? t.slice(2) : t; }
+
+  /* ---------- histograms ---------- */
+  function barChart(counts, lo, hi, opts) {
+    opts = opts || {};
+    var W = opts.width || 320, Hh = opts.height || 110, pad = 18;
+    var s = svg("svg", { width: W, height: Hh + pad, viewBox: "0 0 " + W + " " + (Hh + pad), role: "img" });
+    var n = counts.length, max = Math.max.apply(null, counts.concat([1]));
+    var bw = (W - 2) / Math.max(n, 1);
+    counts.forEach(function (c, i) {
+      if (!c) return;
+      var h = Math.max(1, (opts.log ? Math.log(1 + c) / Math.log(1 + max) : c / max) * (Hh - 4));
+      var r = svg("rect", { x: 1 + i * bw, y: Hh - h, width: Math.max(bw - 1, 1), height: h,
+        "class": "bar" + (opts.mark != null && i === opts.mark ? " mark" : "") });
+      var L = opts.label || fmt, t = svg("title", {});
+      t.textContent = c + " in [" + L(lo + i * (hi - lo) / n) + ", " + L(lo + (i + 1) * (hi - lo) / n) + ")";
+      r.appendChild(t); s.appendChild(r);
+    });
+    s.appendChild(svg("line", { x1: 0, y1: Hh, x2: W, y2: Hh, "class": "axis" }));
+    var labels = [[lo, "start"], [(lo + hi) / 2, "middle"], [hi, "end"]];
+    labels.forEach(function (l, i) {
+      var t = svg("text", { x: i === 0 ? 1 : (i === 1 ? W / 2 : W - 1), y: Hh + 13, "text-anchor": l[1] });
+      t.textContent = opts.label ? opts.label(l[0]) : fmt(l[0]); s.appendChild(t);
+    });
+    return s;
+  }
+  var DENSITY = (function () {
+    var lo = 0, vals = [];
+    FEATURES.forEach(function (f) { if (f.frequency > 0) { var v = Math.log10(f.frequency); vals.push(v); lo = Math.min(lo, v); } });
+    lo = Math.floor(lo) - (lo === 0 ? 1 : 0);
+    var bins = Math.max(8, Math.round(-lo * 8)), counts = new Array(bins).fill(0);
+    vals.forEach(function (v) { counts[Math.min(bins - 1, Math.floor((v - lo) / -lo * bins))]++; });
+    return { lo: lo, hi: 0, bins: bins, counts: counts, dead: FEATURES.length - vals.length };
+  })();
+  function densityChart(markFreq, width) {
+    var mark = null;
+    if (markFreq > 0) mark = Math.min(DENSITY.bins - 1, Math.floor((Math.log10(markFreq) - DENSITY.lo) / -DENSITY.lo * DENSITY.bins));
+    var fig = el("div", {}, [barChart(DENSITY.counts, DENSITY.lo, DENSITY.hi, { width: width || 520, mark: mark, label: function (x) { return x === 0 ? "1" : "1e" + fmt(x); } })]);
+    fig.appendChild(el("div", { cls: "muted", text: DENSITY.dead + " of " + FEATURES.length + " features never fired (not shown)" }));
+    return fig;
+  }
+  function activationChart(f) {
+    var hg = H.histogram, c = f.activation_histogram || [];
+    var first = c.findIndex(function (x) { return x > 0; });
+    if (first < 0) return el("div", { cls: "muted", text: "never fired" });
+    var last = c.length - 1; while (c[last] === 0) last--;
+    first = Math.max(0, first - 1); last = Math.min(c.length - 1, last + 1);
+    var step = (hg.log10_hi - hg.log10_lo) / hg.bins;
+    return barChart(c.slice(first, last + 1), hg.log10_lo + first * step, hg.log10_lo + (last + 1) * step,
+      { width: 320, label: function (x) { return fmt(Math.pow(10, x)); } });
+  }
+
+  /* ---------- examples ---------- */
+  function example(ex, scale) {
+    var row = el("div", { cls: "example" });
+    row.appendChild(el("span", { cls: "val", text: fmt(ex.value) + (ex.doc != null ? "  doc " + ex.doc + ":" + ex.pos : "") }));
+    ex.tokens.forEach(function (t, i) {
+      var a = ex.activations[i] || 0, alpha = scale > 0 ? Math.min(1, a / scale) : 0;
+      var sp = el("span", { cls: "tok" + (i === ex.highlight_index ? " hl" : ""), title: t + ": " + fmt(a) });
+      if (i > 0 && t.indexOf("##") !== 0) row.appendChild(document.createTextNode(" "));
+      sp.textContent = showTok(t);
+      if (alpha > 0) sp.style.backgroundColor = "rgba(240, 140, 0, " + (0.12 + 0.88 * alpha).toFixed(3) + ")";
+      row.appendChild(sp);
+    });
+    return row;
+  }
+  function tokenChips(f, n) {
+    var d = el("div");
+    (f.top_tokens || []).slice(0, n).forEach(function (tc) {
+      d.appendChild(el("span", { cls: "tok-chip" }, [tc[0], el("small", { text: String(tc[1]) })]));
+    });
+    return d;
+  }
+
+  /* ---------- index view ---------- */
+  function matches(f, q) {
+    if (!q) return true;
+    if (/^#?\d+$/.test(q)) return String(f.id) === q.replace("#", "");
+    if (f.label && f.label.toLowerCase().indexOf(q) >= 0) return true;
+    return (f.top_tokens || []).some(function (tc) { return tc[0].toLowerCase().indexOf(q) >= 0 || showTok(tc[0]).toLowerCase() === q; });
+  }
+  function renderTable() {
+    var q = state.query.trim().toLowerCase();
+    var rows = FEATURES.filter(function (f) { return matches(f, q); });
+    var k = state.key, d = state.dir;
+    rows.sort(function (a, b) {
+      var x = a[k], y = b[k];
+      if (x == null) x = ""; if (y == null) y = "";
+      return (x < y ? -1 : x > y ? 1 : a.id - b.id) * d;
+    });
+    var tb = document.querySelector("#feature-table tbody");
+    tb.textContent = "";
+    rows.slice(0, state.limit).forEach(function (f) {
+      var tr = el("tr", { "data-id": f.id }, [
+        el("td", { cls: "num" }, [el("a", { href: "#feature-" + f.id, text: String(f.id) })]),
+        el("td", { cls: "num", text: pct(f.frequency) }),
+        el("td", { cls: "num", text: fmt(f.mean_activation) }),
+        el("td", { cls: "num", text: fmt(f.max_activation) }),
+        el("td", {}, [tokenChips(f, 6)]),
+        el("td", { text: f.label || "" })]);
+      tr.addEventListener("click", function (e) { if (e.target.tagName !== "A") location.hash = "feature-" + f.id; });
+      tb.appendChild(tr);
+    });
+    document.getElementById("count").textContent = rows.length + " of " + FEATURES.length + " features";
+    var more = document.getElementById("more");
+    more.textContent = "";
+    if (rows.length > state.limit) {
+      var a = el("a", { href: "javascript:void 0", text: "show " + Math.min(PAGE, rows.length - state.limit) + " more" });
+      a.addEventListener("click", function () { state.limit += PAGE; renderTable(); });
+      more.appendChild(document.createTextNode((rows.length - state.limit) + " more not shown: "));
+      more.appendChild(a);
+    }
+    document.querySelectorAll("#feature-table th").forEach(function (th) {
+      th.classList.remove("sorted-asc", "sorted-desc");
+      if (th.dataset.key === k) th.classList.add(d > 0 ? "sorted-asc" : "sorted-desc");
+    });
+  }
+
+  /* ---------- feature view ---------- */
+  function stat(value, name) { return el("div", {}, [el("b", { text: value }), el("span", { text: name })]); }
+  function renderFeature(id) {
+    var v = document.getElementById("feature-view"), f = FEATURES[BY_ID[id]];
+    v.textContent = "";
+    if (!f) { v.appendChild(el("p", { text: "No feature " + id + " in this catalog." })); return; }
+    var i = BY_ID[id], prev = FEATURES[i - 1], next = FEATURES[i + 1];
+    var nav = el("span", { cls: "nav" }, [el("a", { href: "#", text: "all features" }),
+      prev ? el("a", { href: "#feature-" + prev.id, text: "\u2190 " + prev.id }) : null,
+      next ? el("a", { href: "#feature-" + next.id, text: next.id + " \u2192" }) : null]);
+    v.appendChild(el("div", { cls: "feature-head" }, [el("h2", { text: "Feature " + f.id }),
+      el("span", { cls: "muted", text: f.label || "unlabelled" }), nav]));
+    v.appendChild(el("div", { cls: "stats" }, [stat(pct(f.frequency), "frequency (" + f.count + " of " + H.n_rows + " tokens)"),
+      stat(fmt(f.mean_activation), "mean activation when active"), stat(fmt(f.max_activation), "max activation")]));
+    var scale = f.max_activation || 0;
+    var left = el("div", { id: "examples" });
+    left.appendChild(el("h3", { text: "Top activations" }));
+    if (!f.top_examples.length) left.appendChild(el("p", { cls: "muted", text: "This feature never fired on these rows." }));
+    f.top_examples.forEach(function (ex) { left.appendChild(example(ex, scale)); });
+    if (f.quantile_examples && f.quantile_examples.length) {
+      left.appendChild(el("h3", { text: "Examples across the activation distribution" }));
+      f.quantile_examples.slice().reverse().forEach(function (g) {
+        left.appendChild(el("div", { cls: "qgroup-title", text: "quantile " + Math.round(g.lo * 100) + "\u2013" + Math.round(g.hi * 100) +
+          "% (activation " + fmt(g.value_lo) + "\u2013" + fmt(g.value_hi) + ")" }));
+        g.examples.forEach(function (ex) { left.appendChild(example(ex, scale)); });
+      });
+    }
+    var right = el("div", {}, [
+      el("h3", { text: "Activation histogram (log10)" }), activationChart(f),
+      el("h3", { text: "Feature density (this feature marked)" }), densityChart(f.frequency, 320),
+      el("h3", { text: "Top tokens" }), tokenChips(f, 20)]);
+    v.appendChild(el("div", { cls: "panels" }, [left, right]));
+  }
+
+  /* ---------- routing ---------- */
+  function route() {
+    var m = /^#feature-(\d+)$/.exec(location.hash);
+    document.getElementById("index-view").hidden = !!m;
+    document.getElementById("feature-view").hidden = !m;
+    if (m) { renderFeature(Number(m[1])); window.scrollTo(0, 0); }
+    document.title = (m ? "Feature " + m[1] + " \u2013 " : "") + "SAE features";
+  }
+
+  document.getElementById("meta").textContent = [H.model, H.layer != null ? "layer " + H.layer : null,
+    H.arch ? H.arch + " \u00d7" + H.width : null, H.n_rows + " tokens", FEATURES.length + " features shown",
+    H.run ? "run " + H.run : null].filter(Boolean).join(" \u00b7 ");
+  document.getElementById("density").appendChild(densityChart(null));
+  document.getElementById("search").addEventListener("input", function (e) { state.query = e.target.value; state.limit = PAGE; renderTable(); });
+  document.querySelectorAll("#feature-table th").forEach(function (th) {
+    if (th.classList.contains("nosort")) return;
+    th.addEventListener("click", function () {
+      var k = th.dataset.key;
+      state.dir = state.key === k ? -state.dir : (k === "id" || k === "label" ? 1 : -1);
+      state.key = k; renderTable();
+    });
+  });
+  window.addEventListener("hashchange", route);
+  renderTable();
+  route();
+  document.body.setAttribute("data-ready", "1");
+})();
