@@ -543,8 +543,9 @@ def _contexts(sae, rows, feats, examples, before, after, batch_size, has_pos, ha
         doc_of, tpos_of = {}, {}
     tok_of = {}
     if has_tokens:
-        tok_of = dict(zip(cand.tolist(), _read_ranges(store.token_ids, rows.start, cand,
-                                                      int(store.meta.get("chunk_rows", 4096))).tolist()))
+        chunk_rows = int(store.meta.get("chunk_rows", 4096))
+        token_ids = _read_ranges(store.token_ids, rows.start, cand, chunk_rows)
+        tok_of = dict(zip(cand.tolist(), token_ids.tolist()))
     windows: dict[int, tuple[int, int]] = {}
     for r in centers.tolist():
         lo = hi = r
