@@ -39,7 +39,9 @@ def _cmd_train(args) -> dict:
 
 
 def _cmd_eval(args) -> dict:
-    from sae_jax.evaluate import evaluate
+    from sae_jax.evaluate import evaluate, write_eval_artifacts
+    from sae_jax.fidelity import downstream_fidelity
+    from sae_jax.files import join
     from sae_jax.sae import load
     from sae_jax.store import open_store
 
@@ -49,7 +51,15 @@ def _cmd_eval(args) -> dict:
         raise UserError(f"store {args.data_dir} has d_in={store.d_in}, but the SAE in "
                         f"{args.run_dir} was trained on d_in={sae.d_in}")
     rows = store.span() if args.split == "all" else store.split(sae.config.holdout)[1]
-    return {"step": sae.step, "split": args.split, **evaluate(sae, rows)}
+    result = {"step": sae.step, "split": args.split, **evaluate(sae, rows)}
+    try:
+        result["fidelity"] = downstream_fidelity(sae, store, n_sequences=args.fidelity_sequences,
+                                                 corpus=args.corpus)
+    except UserError as e:  # not a harvested store, or its corpus cannot be rebuilt
+        result["fidelity"] = None
+        print(f"sae-jax: warning: fidelity skipped: {e}", file=sys.stderr)
+    write_eval_artifacts(result, join(args.run_dir, "eval"))
+    return result
 
 
 def _cmd_dashboard(args) -> dict:
@@ -118,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data_dir")
     p.add_argument("--split", choices=("heldout", "all"), default="heldout",
                    help="rows to evaluate on (default: the held-out tail of the store)")
+    p.add_argument("--fidelity-sequences", type=int, default=128,
+                   help="held-out sequences for downstream fidelity (default 128)")
+    p.add_argument("--corpus", nargs="+", metavar="PATH",
+                   help="the corpus the store was harvested from, if not the default")
     p.set_defaults(fn=_cmd_eval)
     p = sub.add_parser("dashboard", help="feature catalog + static HTML dashboard")
     p.add_argument("run_dir")

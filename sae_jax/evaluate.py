@@ -1,38 +1,100 @@
 """Evaluation of a trained SAE on held-out rows, streamed in batches.
 
-Reports reconstruction (MSE, FVU, explained variance), sparsity (L0 mean and quantiles)
-and feature health (dead: never fired on the eval rows; dense: fires on > 10% of them).
+Reports reconstruction (MSE, FVU, explained variance), sparsity (L0 mean, quantiles and its
+exact distribution) and feature health (dead: never fired on the eval rows; dense: fires on
+> 10% of them; the feature density histogram of log10 firing frequencies).
+`write_eval_artifacts` writes the result as `eval.json` plus `feature_density.png`.
+
+Numerics: each batch's sums are taken on the device in float32, but the data variance
+(FVU's denominator) is accumulated *centred*: every batch reports its own mean and sum of
+squared deviations from that mean, and the host merges them in float64 with Chan et al.'s
+parallel update. The textbook Σx² − (Σx)²/n in float32 cancels catastrophically when the
+mean is large against the spread (mean 1e3, std 1 loses every digit).
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tensorstore as ts
 
-from sae_jax import saes
+from sae_jax import files, saes
 from sae_jax.errors import UserError
 from sae_jax.sae import SAE
 
 DENSE_FREQUENCY = 0.1
+DENSITY_BIN_WIDTH = 0.25  # decades per bin of the feature density histogram
+EVAL_JSON = "eval.json"
+DENSITY_PNG = "feature_density.png"
 
 
 def _batch_sums(sae: SAE):
-    """Jitted per-batch sufficient statistics in float32 (totals are summed on the host)."""
+    """Jitted per-batch statistics in float32 (merged on the host in float64)."""
 
     def sums(params, x):
         f = saes.encode(params, x * sae.input_scale, sae.config).f
         x_hat = saes.decode(params, f) / sae.input_scale
         active = f > 0
+        mean = jnp.mean(x, axis=0)
         return {
-            "sq_err": jnp.sum(jnp.square(x - x_hat)),
-            "sum_x": jnp.sum(x, axis=0),
-            "sum_x2": jnp.sum(jnp.square(x), axis=0),
+            "sq_err": jnp.sum(jnp.square(x - x_hat), axis=0),
+            "mean": mean,
+            "m2": jnp.sum(jnp.square(x - mean), axis=0),
             "l0": active.sum(-1),
             "fires": active.sum(0),
         }
 
     return jax.jit(sums)
+
+
+def _merge(n_a: int, mean_a: np.ndarray, m2_a: np.ndarray, n_b: int, mean_b: np.ndarray,
+           m2_b: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """Chan, Golub & LeVeque's pairwise merge of (count, mean, sum of squared deviations)."""
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (n_b / n)
+    m2 = m2_a + m2_b + np.square(delta) * (n_a * n_b / n)
+    return n, mean, m2
+
+
+def l0_histogram(l0: np.ndarray) -> dict:
+    """Exact L0 distribution: `{"values": [...], "counts": [...]}` for each L0 that occurs."""
+    values, counts = np.unique(np.asarray(l0, np.int64), return_counts=True)
+    return {"values": values.tolist(), "counts": counts.tolist()}
+
+
+def density_histogram(fires: np.ndarray, n_rows: int,
+                      bin_width: float = DENSITY_BIN_WIDTH) -> dict:
+    """Histogram of log10(firing frequency) over the features that fired at least once.
+
+    Bins are `bin_width` decades wide and aligned to multiples of it, from the bin holding
+    log10(1 / n_rows) (a feature firing once) up to 0 (a feature firing on every row); dead
+    features (frequency 0, log10 = -inf) are counted in `n_dead`, outside the bins.
+    """
+    fires = np.asarray(fires, np.int64)
+    alive = fires > 0
+    log_freq = np.log10(fires[alive] / float(n_rows))
+    lo = math.floor(math.log10(1.0 / n_rows) / bin_width + 1e-9) * bin_width
+    n_bins = max(1, math.ceil(-lo / bin_width - 1e-9))
+    edges = lo + bin_width * np.arange(n_bins + 1)
+    edges[-1] = 0.0
+    counts, _ = np.histogram(log_freq, bins=edges)  # the last bin includes 0 (every row)
+    return {
+        "bin_edges_log10": [round(float(e), 6) for e in edges],
+        "counts": counts.tolist(),
+        "n_dead": int((~alive).sum()),
+        "n_features": int(fires.size),
+        "n_rows": int(n_rows),
+        "log10_freq_p10": float(np.percentile(log_freq, 10)) if alive.any() else None,
+        "log10_freq_p50": float(np.percentile(log_freq, 50)) if alive.any() else None,
+        "log10_freq_p90": float(np.percentile(log_freq, 90)) if alive.any() else None,
+    }
 
 
 def evaluate(sae: SAE, rows, batch_size: int = 4096) -> dict:
@@ -42,30 +104,36 @@ def evaluate(sae: SAE, rows, batch_size: int = 4096) -> dict:
       rows: a `store.RowSpan` or `loader.ArraySpan` (anything with `len`, `d_in`, `read`).
 
     Returns:
-      A dict of floats: `mse` (mean per element, raw units), `fvu`, `explained_variance`,
-      `l0`, `l0_p10/p50/p90`, `dead_frac`, `dense_frac`, `n_rows`.
+      A JSON-friendly dict: floats `mse` (mean per element, raw units), `fvu`,
+      `explained_variance`, `l0`, `l0_p10/p50/p90`, `dead_frac`, `dense_frac`, int `n_rows`,
+      `l0_hist` (see `l0_histogram`) and `feature_density` (see `density_histogram`).
     """
     if rows.d_in != sae.d_in:
         raise UserError(f"eval data has d_in={rows.d_in}, but the SAE expects d_in={sae.d_in}")
+    n = len(rows)
+    if n == 0:
+        raise UserError("no rows to evaluate")
     stats = _batch_sums(sae)
-    n, d = len(rows), rows.d_in
-    sq_err, sum_x, sum_x2 = 0.0, np.zeros(d), np.zeros(d)
+    d = rows.d_in
+    sq_err = np.zeros(d)
+    count, mean, m2 = 0, np.zeros(d), np.zeros(d)
     fires, l0s = np.zeros(sae.width, np.int64), []
     for start in range(0, n, batch_size):
         x = jnp.asarray(rows.read(start, start + batch_size).astype(np.float32))
         out = jax.device_get(stats(sae.params, x))
-        sq_err += float(out["sq_err"])
-        sum_x += out["sum_x"]
-        sum_x2 += out["sum_x2"]
-        fires += out["fires"]
+        sq_err += out["sq_err"].astype(np.float64)
+        count, mean, m2 = _merge(count, mean, m2, x.shape[0], out["mean"].astype(np.float64),
+                                 out["m2"].astype(np.float64))
+        fires += out["fires"].astype(np.int64)
         l0s.append(out["l0"])
-    total_var = float(np.sum(sum_x2 - sum_x**2 / n))
-    l0 = np.concatenate(l0s)
+    sq_err_total = float(sq_err.sum())
+    total_var = float(m2.sum())
+    l0 = np.concatenate(l0s).astype(np.int64)
     freq = fires / n
-    fvu = sq_err / total_var if total_var > 0 else float("nan")
+    fvu = sq_err_total / total_var if total_var > 0 else float("nan")
     return {
         "n_rows": int(n),
-        "mse": sq_err / (n * d),
+        "mse": sq_err_total / (n * d),
         "fvu": fvu,
         "explained_variance": 1.0 - fvu,
         "l0": float(l0.mean()),
@@ -74,4 +142,87 @@ def evaluate(sae: SAE, rows, batch_size: int = 4096) -> dict:
         "l0_p90": float(np.percentile(l0, 90)),
         "dead_frac": float(np.mean(fires == 0)),
         "dense_frac": float(np.mean(freq > DENSE_FREQUENCY)),
+        "l0_hist": l0_histogram(l0),
+        "feature_density": density_histogram(fires, n),
     }
+
+
+def _json_safe(value):
+    """NaN/Inf -> None (strict JSON), numpy scalars -> Python numbers, recursively."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def plot_feature_density(density: dict, title: str | None = None) -> bytes:
+    """Bar chart of a `density_histogram` (dead features as a separate red bar), PNG bytes."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    edges = np.asarray(density["bin_edges_log10"], float)
+    counts = np.asarray(density["counts"], float)
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.add_subplot()
+    width = np.diff(edges)
+    ax.bar(edges[:-1], counts, width=width, align="edge", color="tab:blue",
+           edgecolor="white", label="alive features")
+    ax.bar([edges[0] - 2 * width[0]], [density["n_dead"]], width=width[0], align="edge",
+           color="tab:red", label=f"dead ({density['n_dead']} of {density['n_features']})")
+    ax.axvline(np.log10(DENSE_FREQUENCY), color="gray", linestyle="--", linewidth=1,
+               label=f"dense threshold ({DENSE_FREQUENCY:g})")
+    ax.set_xlabel(f"log10 firing frequency (over {density['n_rows']} rows)")
+    ax.set_ylabel("features")
+    ax.set_title(title or "Feature density")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _write_bytes(out_dir: str, name: str, data: bytes) -> None:
+    """Writes `out_dir/name` whole: atomically (rename) on a local disk, else through a
+    tensorstore key-value store (`gs://`, `memory://`)."""
+    if not files.is_remote(out_dir):
+        path = Path(out_dir) / name
+        tmp = path.with_name(name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return
+    kv = ts.KvStore.open(files.kvstore_url(out_dir), context=files.CONTEXT).result()
+    kv.write(name, data).result()
+
+
+def write_eval_artifacts(result: dict, out_dir: str | os.PathLike) -> dict:
+    """Writes `out_dir/eval.json` (every number of `result`, strict JSON: NaN -> null) and
+    `out_dir/feature_density.png`, creating a local `out_dir` (or writing to `gs://...`).
+
+    Args:
+      result: an `evaluate` result; other keys (`step`, `fidelity`, ...) go into the JSON.
+
+    Returns:
+      `{"json": path, "png": path}` (`png` is None if `result` has no `feature_density`).
+    """
+    out = str(out_dir).rstrip("/")
+    if not files.is_remote(out):
+        Path(out).mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n"
+    _write_bytes(out, EVAL_JSON, text.encode())
+    png = None
+    if "feature_density" in result:
+        title = "Feature density" + (f" at step {result['step']}" if "step" in result else "")
+        _write_bytes(out, DENSITY_PNG, plot_feature_density(result["feature_density"], title))
+        png = files.join(out, DENSITY_PNG)
+    return {"json": files.join(out, EVAL_JSON), "png": png}
