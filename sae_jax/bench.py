@@ -1,9 +1,16 @@
 """`sae-jax bench`: measured throughput, printed as ratios taken in one run.
 
-Measures, for one SAE size: the store's read bandwidth, the Grain loader's rows/s, and
-the train step's tokens/s (after compilation), and reports whether the loader keeps up
-(`loader_over_step` must be ≥ 10: the loader is never the bottleneck). The last stdout
-line is one JSON object.
+Measures, for one SAE size: this machine's matmul peak (a large f32 and bf16 matmul),
+the train step's tokens/s and its FLOP/s as a fraction of that peak, encode-only
+(inference) throughput, compile time and per-device memory from the compiled step, the
+store's read bandwidth, and the Grain loader's rows/s against the step's consumption
+(`loader_over_step` must be ≥ 10). The last stdout line is one JSON object.
+
+FLOPs are counted analytically, as executed: a dense step costs 10·d·F per token
+(encoder forward 2dF; decoder forward 2dF; decoder backward 2dF for W_dec and 2dF for f;
+encoder backward 2dF for W_enc; the input needs no gradient). The sparse TopK step
+(`saes.sparse`) runs only the encoder forward densely: 2dF + 10dk per token. Elementwise
+work, top-k and the optimizer are not counted.
 """
 
 from __future__ import annotations
@@ -23,6 +30,35 @@ def _timed(fn, repeat: int = 1) -> float:
     for _ in range(repeat):
         fn()
     return (time.perf_counter() - start) / repeat
+
+
+def matmul_peak(dtype: str, n: int = 4096, repeat: int = 3) -> float:
+    """FLOP/s of a jitted n×n×n matmul in `dtype` (float32 accumulation for bf16)."""
+    a = jax.random.normal(jax.random.key(0), (n, n)).astype(dtype)
+    f = jax.jit(lambda a, b: jax.numpy.matmul(a, b, preferred_element_type=jax.numpy.float32))
+    jax.block_until_ready(f(a, a))
+    seconds = _timed(lambda: jax.block_until_ready(f(a, a)), repeat)
+    return 2 * n**3 / seconds
+
+
+def flops_per_token(cfg, d_in: int, mesh) -> int:
+    """Executed matmul FLOPs per token of one train step (see the module docstring)."""
+    from sae_jax.saes import sparse
+
+    if cfg.arch == "topk" and sparse.usable(mesh):
+        return 2 * d_in * cfg.width + 10 * d_in * cfg.k
+    return 10 * d_in * cfg.width
+
+
+def bench_encode(cfg, d_in: int, params, x, repeat: int) -> dict:
+    """Inference: raw batch -> feature activations, as `sae_jax.load(...).encode` runs it."""
+    from sae_jax import saes
+
+    encode = jax.jit(lambda p, x: saes.encode(p, x, cfg).f)
+    jax.block_until_ready(encode(params, x))
+    seconds = _timed(lambda: jax.block_until_ready(encode(params, x)), repeat)
+    return {"encode_tokens_per_s": x.shape[0] / seconds,
+            "encode_ms_per_token": seconds / x.shape[0] * 1e3}
 
 
 def bench_store(d_in: int, n_rows: int, batch_size: int, n_batches: int, seed: int) -> dict:
@@ -72,12 +108,15 @@ def bench_train_step(cfg, d_in: int, n_steps: int) -> dict:
         state, metrics = compiled(state, x)
     jax.block_until_ready(metrics)
     step_s = (time.perf_counter() - start) / n_steps
+    encode = bench_encode(cfg, d_in, state.params, x, n_steps)
     peak = None
     if memory is not None:
         peak = int(memory.temp_size_in_bytes + memory.argument_size_in_bytes
                    + memory.output_size_in_bytes - memory.alias_size_in_bytes)
+    flops = flops_per_token(cfg, d_in, mesh)
     return {"step_ms": step_s * 1e3, "tokens_per_s": cfg.batch_size / step_s,
-            "compile_s": compile_s, "peak_bytes_per_device": peak}
+            "flops_per_token": flops, "train_flops_per_s": flops * cfg.batch_size / step_s,
+            "compile_s": compile_s, "peak_bytes_per_device": peak, **encode}
 
 
 def run_bench(pairs: list[str]) -> dict:
@@ -96,13 +135,17 @@ def run_bench(pairs: list[str]) -> dict:
         else:
             rest.append(pair)
     cfg = make_config(TRAIN_DEFAULTS + rest).for_devices(jax.devices(), extra["d_in"])
+    peak_f32, peak_bf16 = matmul_peak("float32"), matmul_peak("bfloat16")
     step = bench_train_step(cfg, extra["d_in"], extra["bench_steps"])
+    peak = peak_bf16 if cfg.compute_dtype == "bfloat16" else peak_f32
     data = bench_store(extra["d_in"], extra["store_rows"], cfg.batch_size,
                        n_batches=max(8, extra["store_rows"] // cfg.batch_size), seed=cfg.seed)
     result = {
         "arch": cfg.arch, "d_in": extra["d_in"], "width": cfg.width, "k": cfg.k,
         "batch_size": cfg.batch_size, "compute_dtype": cfg.compute_dtype,
-        "devices": jax.device_count(), "backend": jax.default_backend(), **step, **data,
+        "devices": jax.device_count(), "backend": jax.default_backend(),
+        "matmul_peak_f32_flops": peak_f32, "matmul_peak_bf16_flops": peak_bf16,
+        **step, "peak_fraction": step["train_flops_per_s"] / peak / jax.device_count(), **data,
         "loader_over_step": data["loader_rows_per_s"] / step["tokens_per_s"],
     }
     print(format_table(result))
@@ -110,7 +153,14 @@ def run_bench(pairs: list[str]) -> dict:
 
 
 def format_table(result: dict) -> str:
-    rows = [("train step", f"{result['step_ms']:.1f} ms", f"{result['tokens_per_s']:,.0f} tok/s"),
+    rows = [("matmul peak", f"{result['matmul_peak_f32_flops'] / 1e9:.1f} GFLOP/s f32",
+             f"{result['matmul_peak_bf16_flops'] / 1e9:.1f} GFLOP/s bf16 (4096^3, per device)"),
+            ("train step", f"{result['step_ms']:.1f} ms", f"{result['tokens_per_s']:,.0f} tok/s"),
+            ("train FLOP/s", f"{result['train_flops_per_s'] / 1e9:.1f} GFLOP/s",
+             f"{result['peak_fraction']:.0%} of the matmul peak "
+             f"({result['flops_per_token'] / 1e6:.1f} MFLOP/token)"),
+            ("encode", f"{result['encode_tokens_per_s']:,.0f} tok/s",
+             f"{result['encode_ms_per_token']:.4f} ms/token"),
             ("compile", f"{result['compile_s']:.1f} s", ""),
             ("store read", f"{result['store_read_gib_per_s']:.2f} GiB/s", ""),
             ("loader", f"{result['loader_rows_per_s']:,.0f} rows/s",

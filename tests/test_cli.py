@@ -115,4 +115,9 @@ def test_bench_prints_ratios_as_json():
     assert result["loader_over_step"] == pytest.approx(
         result["loader_rows_per_s"] / result["tokens_per_s"])
     assert result["peak_bytes_per_device"] > 0 and result["store_read_gib_per_s"] > 0
+    assert result["peak_fraction"] == pytest.approx(  # the peak is per device
+        result["tokens_per_s"] * result["flops_per_token"]
+        / (result["matmul_peak_f32_flops"] * result["devices"]))
+    assert result["flops_per_token"] == 2 * 16 * 64 + 10 * 16 * 4  # sparse TopK, as documented
+    assert result["encode_ms_per_token"] == pytest.approx(1e3 / result["encode_tokens_per_s"])
     assert "loader" in out.stdout and "x the step's consumption" in out.stdout
