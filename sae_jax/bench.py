@@ -83,6 +83,29 @@ def bench_store(d_in: int, n_rows: int, batch_size: int, n_batches: int, seed: i
             "loader_rows_per_s": rows / loader_s}
 
 
+def step_memory(cfg, d_in: int, mesh) -> dict:
+    """Per-device bytes of the compiled train step, from XLA's memory analysis of a step
+    lowered on abstract (shape-only) arrays: nothing is allocated, so any size can be
+    checked on a laptop before it is launched on a pod."""
+    from sae_jax import checkpoint
+    from sae_jax.mesh import batch_sharding
+    from sae_jax.train import compile_train_step, make_optimizer, state_shardings
+
+    tx = make_optimizer(cfg)
+    shapes, state_sh = state_shardings(cfg, d_in, tx, mesh)
+    state = checkpoint.abstract_with_shardings(shapes, state_sh)
+    x = jax.ShapeDtypeStruct((cfg.batch_size, d_in), np.float32, sharding=batch_sharding(mesh))
+    compiled = compile_train_step(cfg, tx, mesh, state_sh, 1.0).lower(state, x).compile()
+    memory = compiled.memory_analysis()
+    state_bytes = sum(int(np.prod(sh.shard_shape(a.shape))) * a.dtype.itemsize
+                      for a, sh in zip(jax.tree.leaves(shapes), jax.tree.leaves(state_sh)))
+    return {"state_bytes_per_device": state_bytes,
+            "temp_bytes_per_device": int(memory.temp_size_in_bytes),
+            "peak_bytes_per_device": int(memory.temp_size_in_bytes + memory.argument_size_in_bytes
+                                         + memory.output_size_in_bytes
+                                         - memory.alias_size_in_bytes)}
+
+
 def bench_train_step(cfg, d_in: int, n_steps: int) -> dict:
     """Compiles the train step on random data and times `n_steps` steps."""
     from sae_jax.mesh import batch_sharding, make_mesh
@@ -100,7 +123,6 @@ def bench_train_step(cfg, d_in: int, n_steps: int) -> dict:
     start = time.perf_counter()
     compiled = step.lower(state, x).compile()
     compile_s = time.perf_counter() - start
-    memory = compiled.memory_analysis()
     state, metrics = compiled(state, x)  # warm-up
     jax.block_until_ready(metrics)
     start = time.perf_counter()
@@ -109,17 +131,13 @@ def bench_train_step(cfg, d_in: int, n_steps: int) -> dict:
     jax.block_until_ready(metrics)
     step_s = (time.perf_counter() - start) / n_steps
     encode = bench_encode(cfg, d_in, state.params, x, n_steps)
-    peak = None
-    if memory is not None:
-        peak = int(memory.temp_size_in_bytes + memory.argument_size_in_bytes
-                   + memory.output_size_in_bytes - memory.alias_size_in_bytes)
     flops = flops_per_token(cfg, d_in, mesh)
     return {"step_ms": step_s * 1e3, "tokens_per_s": cfg.batch_size / step_s,
             "flops_per_token": flops, "train_flops_per_s": flops * cfg.batch_size / step_s,
-            "compile_s": compile_s, "peak_bytes_per_device": peak, **encode}
+            "compile_s": compile_s, **step_memory(cfg, d_in, mesh), **encode}
 
 
-def run_bench(pairs: list[str]) -> dict:
+def run_bench(pairs: list[str], compare_torch: bool = False) -> dict:
     from sae_jax.config import make_config
     from sae_jax.errors import UserError
 
@@ -148,6 +166,15 @@ def run_bench(pairs: list[str]) -> dict:
         **step, "peak_fraction": step["train_flops_per_s"] / peak / jax.device_count(), **data,
         "loader_over_step": data["loader_rows_per_s"] / step["tokens_per_s"],
     }
+    if compare_torch:
+        from sae_jax.bench_torch import torch_tokens_per_s
+
+        torch_tps = torch_tokens_per_s(cfg.arch, extra["d_in"], cfg.width, cfg.k,
+                                       cfg.batch_size, extra["bench_steps"], cfg.sparsity_coeff,
+                                       cfg.seed)
+        result["torch_tokens_per_s"] = torch_tps
+        result["speedup_vs_torch"] = None if torch_tps is None else (
+            result["tokens_per_s"] / torch_tps)
     print(format_table(result))
     return result
 
@@ -165,6 +192,10 @@ def format_table(result: dict) -> str:
             ("store read", f"{result['store_read_gib_per_s']:.2f} GiB/s", ""),
             ("loader", f"{result['loader_rows_per_s']:,.0f} rows/s",
              f"{result['loader_over_step']:.1f}x the step's consumption")]
+    if "torch_tokens_per_s" in result:
+        tps = result["torch_tokens_per_s"]
+        rows.append(("pytorch step", "not installed" if tps is None else f"{tps:,.0f} tok/s",
+                     "" if tps is None else f"sae_jax is {result['speedup_vs_torch']:.2f}x"))
     width = max(len(r[0]) for r in rows)
     head = (f"sae-jax bench: arch={result['arch']} d_in={result['d_in']} width={result['width']}"
             f" k={result['k']} batch={result['batch_size']} {result['compute_dtype']} on "

@@ -87,7 +87,7 @@ def _cmd_import_sae(args) -> dict:
 def _cmd_bench(args) -> dict:
     from sae_jax.bench import run_bench
 
-    return run_bench(args.overrides)
+    return run_bench(args.overrides, compare_torch=args.compare_torch)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure loader and train-step throughput; last line JSON")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config keys, plus d_in, bench_steps, store_rows")
+    p.add_argument("--compare-torch", action="store_true",
+                   help="also time the equivalent PyTorch step (if torch is installed)")
     p.set_defaults(fn=_cmd_bench)
     return parser
 

@@ -121,3 +121,22 @@ def test_bench_prints_ratios_as_json():
     assert result["flops_per_token"] == 2 * 16 * 64 + 10 * 16 * 4  # sparse TopK, as documented
     assert result["encode_ms_per_token"] == pytest.approx(1e3 / result["encode_tokens_per_s"])
     assert "loader" in out.stdout and "x the step's consumption" in out.stdout
+
+
+def test_compare_torch_without_torch_reports_null(monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kwargs):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("no torch here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    assert main(["bench", "d_in=16", "width=64", "k=4", "batch_size=64", "bench_steps=1",
+                 "store_rows=4096", "--compare-torch"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.splitlines()[-1])
+    assert result["torch_tokens_per_s"] is None and result["speedup_vs_torch"] is None
+    assert "not installed" in out
