@@ -61,6 +61,18 @@ def bench_encode(cfg, d_in: int, params, x, repeat: int) -> dict:
             "encode_ms_per_token": seconds / x.shape[0] * 1e3}
 
 
+def bench_top_k(batch_size: int, width: int, k: int, repeat: int = 3) -> dict:
+    """Exact `top_k` vs `approx_max_k` (what TopK uses on TPU) on a (batch, F) matrix."""
+    scores = jax.random.normal(jax.random.key(1), (batch_size, width))
+    out = {}
+    for name, fn in (("topk_exact_ms", lambda s: jax.lax.top_k(s, k)[1]),
+                     ("topk_approx_ms", lambda s: jax.lax.approx_max_k(s, k)[1])):
+        f = jax.jit(fn)
+        jax.block_until_ready(f(scores))
+        out[name] = _timed(lambda: jax.block_until_ready(f(scores)), repeat) * 1e3
+    return out
+
+
 def bench_store(d_in: int, n_rows: int, batch_size: int, n_batches: int, seed: int) -> dict:
     """Writes a random store, then times a full read and the loader over it."""
     from sae_jax.loader import BatchSource, batches
@@ -156,6 +168,15 @@ def run_bench(pairs: list[str], compare_torch: bool = False) -> dict:
     peak_f32, peak_bf16 = matmul_peak("float32"), matmul_peak("bfloat16")
     step = bench_train_step(cfg, extra["d_in"], extra["bench_steps"])
     peak = peak_bf16 if cfg.compute_dtype == "bfloat16" else peak_f32
+    sparse_extra = {}
+    if cfg.arch == "topk":
+        from sae_jax.saes import sparse
+
+        with sparse.disabled():
+            dense = bench_train_step(cfg, extra["d_in"], extra["bench_steps"])
+        sparse_extra = {"dense_path_tokens_per_s": dense["tokens_per_s"],
+                        "sparse_over_dense": step["tokens_per_s"] / dense["tokens_per_s"],
+                        **bench_top_k(cfg.batch_size, cfg.width, cfg.k)}
     data = bench_store(extra["d_in"], extra["store_rows"], cfg.batch_size,
                        n_batches=max(8, extra["store_rows"] // cfg.batch_size), seed=cfg.seed)
     result = {
@@ -163,7 +184,8 @@ def run_bench(pairs: list[str], compare_torch: bool = False) -> dict:
         "batch_size": cfg.batch_size, "compute_dtype": cfg.compute_dtype,
         "devices": jax.device_count(), "backend": jax.default_backend(),
         "matmul_peak_f32_flops": peak_f32, "matmul_peak_bf16_flops": peak_bf16,
-        **step, "peak_fraction": step["train_flops_per_s"] / peak / jax.device_count(), **data,
+        **step, "peak_fraction": step["train_flops_per_s"] / peak / jax.device_count(),
+        **sparse_extra, **data,
         "loader_over_step": data["loader_rows_per_s"] / step["tokens_per_s"],
     }
     if compare_torch:
@@ -192,6 +214,11 @@ def format_table(result: dict) -> str:
             ("store read", f"{result['store_read_gib_per_s']:.2f} GiB/s", ""),
             ("loader", f"{result['loader_rows_per_s']:,.0f} rows/s",
              f"{result['loader_over_step']:.1f}x the step's consumption")]
+    if "sparse_over_dense" in result:
+        rows.append(("dense topk step", f"{result['dense_path_tokens_per_s']:,.0f} tok/s",
+                     f"the sparse step is {result['sparse_over_dense']:.2f}x faster"))
+        rows.append(("top_k (B, F)", f"{result['topk_exact_ms']:.1f} ms exact",
+                     f"{result['topk_approx_ms']:.1f} ms approx_max_k"))
     if "torch_tokens_per_s" in result:
         tps = result["torch_tokens_per_s"]
         rows.append(("pytorch step", "not installed" if tps is None else f"{tps:,.0f} tok/s",

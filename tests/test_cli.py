@@ -120,6 +120,9 @@ def test_bench_prints_ratios_as_json():
         / (result["matmul_peak_f32_flops"] * result["devices"]))
     assert result["flops_per_token"] == 2 * 16 * 64 + 10 * 16 * 4  # sparse TopK, as documented
     assert result["encode_ms_per_token"] == pytest.approx(1e3 / result["encode_tokens_per_s"])
+    assert result["sparse_over_dense"] == pytest.approx(
+        result["tokens_per_s"] / result["dense_path_tokens_per_s"])
+    assert result["topk_exact_ms"] > 0 and result["topk_approx_ms"] > 0
     assert "loader" in out.stdout and "x the step's consumption" in out.stdout
 
 

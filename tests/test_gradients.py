@@ -535,3 +535,18 @@ def test_sparse_topk_path_equals_dense_reference(compute_dtype):
         np.testing.assert_allclose(g_sparse[name], g_dense[name], rtol=0, atol=tol * scale,
                                    err_msg=name)
     assert float(jnp.abs(g_sparse["W_enc"][:, dead]).max()) > 0  # AuxK reached dead columns
+
+
+def test_sparse_path_can_be_disabled_for_reference():
+    from sae_jax.saes import sparse, topk
+
+    cfg = make_config(arch="topk", width=48, k=5)
+    params = _params(4, 12, 48)
+    x = jax.random.normal(jax.random.key(2), (16, 12))
+    assert topk.train_encode(params, x, cfg).idx is not None
+    with sparse.disabled():
+        assert not sparse.usable(None)
+        code = topk.train_encode(params, x, cfg)
+        dense_loss = saes.loss(params, x, cfg)[0]
+    assert code.idx is None and sparse.usable(None)
+    assert float(saes.loss(params, x, cfg)[0]) == pytest.approx(float(dense_loss), rel=1e-5)
