@@ -45,9 +45,7 @@ def write_site(catalog: FeatureCatalog, out_dir: str | os.PathLike) -> dict:
             shutil.copyfile(src, out / name)
     # JSON is JavaScript, except that U+2028/U+2029 end lines in older engines: escape them.
     text = catalog.to_json().replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
-    tmp = out / f".{DATA_JS}.tmp"
-    tmp.write_text("window.SAE_CATALOG = " + text + ";\n", encoding="utf-8")
-    os.replace(tmp, out / DATA_JS)
+    files.write_text(out / DATA_JS, "window.SAE_CATALOG = " + text + ";\n")
     write_catalog(catalog, out / CATALOG_FILE)
     return {"index": str(out / "index.html"), "out_dir": str(out),
             "data_js_bytes": (out / DATA_JS).stat().st_size}

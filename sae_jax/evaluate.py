@@ -22,7 +22,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorstore as ts
 
 from sae_jax import files, saes
 from sae_jax.errors import UserError
@@ -192,19 +191,6 @@ def plot_feature_density(density: dict, title: str | None = None) -> bytes:
     return buf.getvalue()
 
 
-def _write_bytes(out_dir: str, name: str, data: bytes) -> None:
-    """Writes `out_dir/name` whole: atomically (rename) on a local disk, else through a
-    tensorstore key-value store (`gs://`, `memory://`)."""
-    if not files.is_remote(out_dir):
-        path = Path(out_dir) / name
-        tmp = path.with_name(name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-        return
-    kv = ts.KvStore.open(files.kvstore_url(out_dir), context=files.CONTEXT).result()
-    kv.write(name, data).result()
-
-
 def write_eval_artifacts(result: dict, out_dir: str | os.PathLike) -> dict:
     """Writes `out_dir/eval.json` (every number of `result`, strict JSON: NaN -> null) and
     `out_dir/feature_density.png`, creating a local `out_dir` (or writing to `gs://...`).
@@ -219,10 +205,11 @@ def write_eval_artifacts(result: dict, out_dir: str | os.PathLike) -> dict:
     if not files.is_remote(out):
         Path(out).mkdir(parents=True, exist_ok=True)
     text = json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n"
-    _write_bytes(out, EVAL_JSON, text.encode())
+    files.write_bytes(files.join(out, EVAL_JSON), text.encode())
     png = None
     if "feature_density" in result:
         title = "Feature density" + (f" at step {result['step']}" if "step" in result else "")
-        _write_bytes(out, DENSITY_PNG, plot_feature_density(result["feature_density"], title))
+        files.write_bytes(files.join(out, DENSITY_PNG),
+                          plot_feature_density(result["feature_density"], title))
         png = files.join(out, DENSITY_PNG)
     return {"json": files.join(out, EVAL_JSON), "png": png}

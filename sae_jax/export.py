@@ -53,7 +53,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from sae_jax import safetensors_io
+from sae_jax import files, safetensors_io
 from sae_jax.errors import UserError
 
 CFG_FILE = "cfg.json"
@@ -130,12 +130,6 @@ def _check_out_dir(out: Path) -> None:
                         "choose a new directory")
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def export_saelens(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
                    step: int | None = None) -> dict:
     """Writes the run's SAE (latest or `step`'s checkpoint) as a SAELens 6.x folder.
@@ -147,7 +141,7 @@ def export_saelens(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
     Raises:
       UserError: no run / checkpoint, an unusable out_dir, non-finite params or scale.
     """
-    from safetensors.numpy import save_file
+    import safetensors.numpy
 
     import sae_jax
     from sae_jax.run import read_run
@@ -175,18 +169,18 @@ def export_saelens(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
     cfg = saelens_cfg(arch, sae.d_in, sae.width, sae.config.k, details)
 
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / WEIGHTS_FILE, lambda p: save_file(tensors, str(p)))
-    _write_atomic(out / CFG_FILE, lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n"))
-    files = [CFG_FILE, WEIGHTS_FILE]
+    files.write_bytes(out / WEIGHTS_FILE, safetensors.numpy.save(tensors))
+    files.write_text(out / CFG_FILE, json.dumps(cfg, indent=2) + "\n")
+    written = [CFG_FILE, WEIGHTS_FILE]
     catalog = run_dir / CATALOG_FILE
     if catalog.is_file():
-        _write_atomic(out / CATALOG_FILE, lambda p: shutil.copyfile(catalog, p))
-        files.append(CATALOG_FILE)
+        files.write_bytes(out / CATALOG_FILE, Path(catalog).read_bytes())
+        written.append(CATALOG_FILE)
     elif (out / CATALOG_FILE).exists():  # a stale catalog from an earlier export
         (out / CATALOG_FILE).unlink()
     return {"architecture": cfg["architecture"], "training_architecture": arch,
             "d_in": sae.d_in, "d_sae": sae.width, "input_scale": c, "step": sae.step,
-            "out_dir": str(out.absolute()), "files": files}
+            "out_dir": str(out.absolute()), "files": written}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,7 +339,7 @@ def import_saelens(sae_dir: str | os.PathLike, run_dir: str | os.PathLike) -> di
 
     from sae_jax import checkpoint
     from sae_jax.config import make_config
-    from sae_jax.run import CONFIG_FILE, RunInfo
+    from sae_jax.run import CONFIG_FILE, RunInfo, write_run
     from sae_jax.train import init_state, make_optimizer
 
     sae_dir, run_dir = Path(sae_dir), Path(run_dir)
@@ -381,8 +375,7 @@ def import_saelens(sae_dir: str | os.PathLike, run_dir: str | os.PathLike) -> di
     state = state.replace(params=new, opt_state=tx.init(new))
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    run = RunInfo(cfg, info["d_in"], 1.0, "")
-    (run_dir / CONFIG_FILE).write_text(json.dumps(run.to_dict(), indent=2) + "\n")
+    write_run(run_dir, RunInfo(cfg, info["d_in"], 1.0, ""))
     source = {"sae_dir": str(sae_dir.absolute()), "cfg": cfg_json}
     (run_dir / "imported_from.json").write_text(json.dumps(source, indent=2) + "\n")
     mngr = checkpoint.manager(run_dir, cfg)
@@ -391,13 +384,13 @@ def import_saelens(sae_dir: str | os.PathLike, run_dir: str | os.PathLike) -> di
         mngr.wait_until_finished()
     finally:
         mngr.close()
-    files = [CONFIG_FILE, "imported_from.json", checkpoint.CHECKPOINT_DIR]
+    written = [CONFIG_FILE, "imported_from.json", checkpoint.CHECKPOINT_DIR]
     if (sae_dir / CATALOG_FILE).is_file():
         shutil.copyfile(sae_dir / CATALOG_FILE, run_dir / CATALOG_FILE)
-        files.append(CATALOG_FILE)
+        written.append(CATALOG_FILE)
     return {"arch": arch, "source_architecture": info["arch"], "d_in": info["d_in"],
             "d_sae": info["d_sae"], "k": cfg.k, "run_dir": str(run_dir.absolute()),
-            "files": files}
+            "files": written}
 
 
 __all__ = ["export_saelens", "import_saelens", "read_safetensors", "saelens_cfg",

@@ -4,6 +4,7 @@ key-value stores, so run directories and stores work the same on a laptop and a 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import tensorstore as ts
@@ -42,14 +43,24 @@ def read_text(path) -> str | None:
     return value.value.decode() if value.state == "value" else None
 
 
-def write_text(path, text: str) -> None:
-    """Writes (replaces) a whole file; local parent directories are created."""
+def write_bytes(path, data: bytes) -> None:
+    """Replaces a whole file atomically: locally through a hidden temporary file renamed
+    into place (parent directories are created), on object stores in one put, so a crash
+    never leaves a half-written file."""
     if not is_remote(path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
         return
     store, name = _split(path)
-    store.write(name, text.encode()).result()
+    store.write(name, data).result()
+
+
+def write_text(path, text: str) -> None:
+    """`write_bytes` of UTF-8 text."""
+    write_bytes(path, text.encode())
 
 
 def exists(path) -> bool:

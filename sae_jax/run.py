@@ -76,6 +76,10 @@ def prepare_run(run_dir: str | Path, cfg: TrainConfig, store,
             data_dir = str(Path(data_dir).absolute())
         info = RunInfo(cfg, store.d_in, estimate_scale(), data_dir)
     if jax.process_index() == 0:
-        files.write_text(files.join(run_dir, CONFIG_FILE),
-                         json.dumps(info.to_dict(), indent=2) + "\n")
+        write_run(run_dir, info)
     return info
+
+
+def write_run(run_dir, info: RunInfo) -> None:
+    """Writes `run_dir/config.json` (atomically: a resumed run never sees half a file)."""
+    files.write_text(files.join(run_dir, CONFIG_FILE), json.dumps(info.to_dict(), indent=2) + "\n")

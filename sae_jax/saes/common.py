@@ -91,12 +91,15 @@ def constrain(x: Array, mesh: Mesh | None, axes: tuple[str | None, ...]) -> Arra
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes)))
 
 
-def matmul(a: Array, b: Array, compute_dtype: str) -> Float[Array, "..."]:
-    """`a @ b` with inputs cast to `compute_dtype` and float32 accumulation/output.
+def compute_dtype(name: str) -> jnp.dtype:
+    """The matmul input dtype for a config's `compute_dtype`. The trainer resolves `auto`
+    per backend; unresolved (pure functions called directly), it means float32."""
+    return jnp.dtype("float32" if name == "auto" else name)
 
-    The trainer resolves `auto` per backend; unresolved, it means float32 here.
-    """
-    dtype = jnp.dtype("float32" if compute_dtype == "auto" else compute_dtype)
+
+def matmul(a: Array, b: Array, compute_dtype_name: str) -> Float[Array, "..."]:
+    """`a @ b` with inputs cast to the compute dtype and float32 accumulation/output."""
+    dtype = compute_dtype(compute_dtype_name)
     return jnp.matmul(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 

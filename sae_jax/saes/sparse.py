@@ -25,6 +25,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
+from sae_jax.saes import common
+
 _DISABLED = False
 
 
@@ -92,7 +94,7 @@ selected_pre.defvjp(_selected_pre_fwd, _selected_pre_bwd)
 def decode(W_dec, values: Float[Array, "batch k"], idx: Int[Array, "batch k"],
            compute_dtype: str) -> Float[Array, "batch d_in"]:
     """Σ_j values[b, j] · W_dec[idx[b, j]] (no bias), in `compute_dtype`, float32 out."""
-    dtype = jnp.dtype("float32" if compute_dtype == "auto" else compute_dtype)
+    dtype = common.compute_dtype(compute_dtype)
     return jnp.einsum("bk,bkd->bd", values.astype(dtype), W_dec[idx].astype(dtype),
                       preferred_element_type=jnp.float32)
 
