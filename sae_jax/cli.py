@@ -47,9 +47,9 @@ def _cmd_eval(args) -> dict:
 
     sae = load(args.run_dir)
     store = open_store(args.data_dir)
-    if store.d_in != sae.d_in:
+    if store.d_in != sae.row_width:
         raise UserError(f"store {args.data_dir} has d_in={store.d_in}, but the SAE in "
-                        f"{args.run_dir} was trained on d_in={sae.d_in}")
+                        f"{args.run_dir} was trained on d_in={sae.row_width}")
     rows = store.span() if args.split == "all" else store.split(sae.config.holdout)[1]
     result = {"step": sae.step, "split": args.split, **evaluate(sae, rows)}
     try:

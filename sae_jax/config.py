@@ -25,13 +25,13 @@ class TrainConfig:
     """Everything that defines a training run (data-derived values live in the run dir)."""
 
     arch: str = "topk"
-    """SAE architecture: relu, jumprelu, topk or batchtopk."""
+    """SAE architecture: relu, jumprelu, topk, batchtopk or matryoshka (Matryoshka BatchTopK)."""
     width: int = 4096
     """Number of dictionary features F (the SAE's hidden width)."""
     k: int = 32
     """Active features per row for topk, and per row on average for batchtopk."""
     penalty: str | None = None
-    """Sparsity penalty: l1, tanh, l0 or none (default: the architecture's own)."""
+    """Sparsity penalty: l1, tanh, lp, l0 or none (default: the architecture's own)."""
     sparsity_coeff: float | None = None
     """Weight of the sparsity penalty (default: per architecture)."""
     sparsity_warmup: float = 0.05
@@ -40,6 +40,14 @@ class TrainConfig:
     """JumpReLU straight-through-estimator kernel width (in scaled-input units)."""
     threshold_init: float = 0.5
     """JumpReLU initial threshold (in scaled-input units)."""
+    matryoshka_widths: tuple[int, ...] | None = None
+    """Nested prefix widths for matryoshka, e.g. 192,768 (width is always the last level;
+    default: width/16, width/4, width)."""
+    transcoder: bool | None = None
+    """Train a transcoder: encode the store's input columns, reconstruct its target columns
+    (default: true exactly when the store holds input/target pairs, `harvest --pair`)."""
+    skip_connection: bool = False
+    """Transcoders only: add a learned linear map W_skip from input to target."""
     aux_k: int | None = None
     """Dead latents used by the AuxK loss (topk/batchtopk; default d_in // 2)."""
     aux_coeff: float = 1 / 32
@@ -104,6 +112,12 @@ class TrainConfig:
         _check(self.k <= self.width or self.arch not in ("topk", "batchtopk"),
                f"k={self.k} must be <= width={self.width}")
         _check(self.aux_k is None or self.aux_k > 0, "aux_k must be > 0")
+        _check(not self.skip_connection or self.transcoder is not False,
+               "skip_connection=true needs a transcoder (a store of input/target pairs)")
+        if self.matryoshka_widths is not None:
+            object.__setattr__(self, "matryoshka_widths", tuple(self.matryoshka_widths))
+        if arch.check:
+            arch.check(self)
         _check(self.penalty != "l0" or self.arch == "jumprelu",
                "penalty=l0 needs the learned thresholds of arch=jumprelu")
         from sae_jax.mesh import parse_mesh  # validates the syntax; sizes are checked later
@@ -156,18 +170,24 @@ def describe() -> str:
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for name, doc in field_docs().items():
         default = "derived" if defaults[name] is None else f"`{defaults[name]!r}`"
-        rows.append(f"| `{name}` | {default} | {doc} |")
+        rows.append(f"| `{name}` | {default} | {' '.join(doc.split())} |")
     return "\n".join(rows)
 
 
-def _parse_value(key: str, raw: str, annotation: Any) -> Any:
-    """Converts the text of one `key=value` to the field's type, or raises a one-line error."""
-    hints = typing.get_type_hints(TrainConfig)[key]
+def _parse_value(key: str, raw: str, hints: Any = None) -> Any:
+    """Converts the text of one `key=value` to the field's type, or raises a one-line error.
+
+    Booleans are true/false/1/0; tuples are comma-separated (`matryoshka_widths=192,768`)."""
+    hints = typing.get_type_hints(TrainConfig)[key] if hints is None else hints
     options = typing.get_args(hints) if isinstance(hints, types.UnionType) else (hints,)
     if type(None) in options and raw.lower() in ("none", "null", ""):
         return None
     base = next(t for t in options if t is not type(None))
     try:
+        if base is bool:
+            return {"true": True, "1": True, "false": False, "0": False}[raw.lower()]
+        if typing.get_origin(base) is tuple:
+            return tuple(_parse_value(key, v, int) for v in raw.split(","))
         if base is int:
             value = float(raw)
             if not value.is_integer():
@@ -176,8 +196,9 @@ def _parse_value(key: str, raw: str, annotation: Any) -> Any:
         if base is float:
             return float(raw)
         return raw
-    except ValueError:
-        raise UserError(f"bad value for {key}: {raw!r} (expected {base.__name__})") from None
+    except (ValueError, KeyError):
+        expected = getattr(base, "__name__", str(base))
+        raise UserError(f"bad value for {key}: {raw!r} (expected {expected})") from None
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -191,7 +212,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise UserError(f"expected key=value, got {pair!r}")
         if key not in fields:
             raise UserError(f"unknown config key {key!r}; valid keys: {', '.join(fields)}")
-        overrides[key] = _parse_value(key, raw.strip(), fields[key].type)
+        overrides[key] = _parse_value(key, raw.strip())
     return overrides
 
 

@@ -36,9 +36,12 @@ DENSITY_PNG = "feature_density.png"
 def _batch_sums(sae: SAE):
     """Jitted per-batch statistics in float32 (merged on the host in float64)."""
 
-    def sums(params, x):
-        f = saes.encode(params, x * sae.input_scale, sae.config).f
-        x_hat = saes.decode(params, f) / sae.input_scale
+    def sums(params, rows):
+        x_in, x = sae.split_rows(rows)  # x: what is reconstructed (a transcoder's target)
+        scaled = x_in * sae.input_scale
+        f = saes.encode(params, scaled, sae.config).f
+        x_hat = (saes.decode(params, f) + saes.skip(params, scaled, sae.config)
+                 ) / sae.output_scale
         active = f > 0
         mean = jnp.mean(x, axis=0)
         return {
@@ -101,19 +104,21 @@ def evaluate(sae: SAE, rows, batch_size: int = 4096) -> dict:
 
     Args:
       rows: a `store.RowSpan` or `loader.ArraySpan` (anything with `len`, `d_in`, `read`).
+        For a transcoder, rows are input + target and every figure is about the target.
 
     Returns:
       A JSON-friendly dict: floats `mse` (mean per element, raw units), `fvu`,
       `explained_variance`, `l0`, `l0_p10/p50/p90`, `dead_frac`, `dense_frac`, int `n_rows`,
       `l0_hist` (see `l0_histogram`) and `feature_density` (see `density_histogram`).
     """
-    if rows.d_in != sae.d_in:
-        raise UserError(f"eval data has d_in={rows.d_in}, but the SAE expects d_in={sae.d_in}")
+    if rows.d_in != sae.row_width:
+        raise UserError(f"eval data has d_in={rows.d_in}, but the SAE expects "
+                        f"d_in={sae.row_width}")
     n = len(rows)
     if n == 0:
         raise UserError("no rows to evaluate")
     stats = _batch_sums(sae)
-    d = rows.d_in
+    d = sae.d_out
     sq_err = np.zeros(d)
     count, mean, m2 = 0, np.zeros(d), np.zeros(d)
     fires, l0s = np.zeros(sae.width, np.int64), []

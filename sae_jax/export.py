@@ -31,6 +31,13 @@ for any sign of θ), as SAELens exports its own BatchTopK. `metadata.training_ar
 names the SAELens-style training architecture (standard/jumprelu/topk/batchtopk); sae_jax's
 own arch, input scale, step and config are under `metadata.training_architecture_details`.
 
+Matryoshka BatchTopK is exported like BatchTopK, as "jumprelu" with its scalar threshold (as
+SAELens saves its own `matryoshka_batchtopk`). Transcoders (`apply_b_dec_to_input: false`,
+`d_out`) become "transcoder" / "skip_transcoder" (relu) or "jumprelu_transcoder" /
+"jumprelu_skip_transcoder" (jumprelu, batchtopk, matryoshka); the target scale c_t folds into
+the decoder (W_d / c_t, b / c_t) and the skip map (W_skip · c / c_t). SAELens has no TopK
+transcoder, so exporting one is refused with a hint.
+
 Import reverses this into a new run directory (input_scale 1.0, params in an Orbax checkpoint
 of a full, fresh train state at step 0). SAELens variants are folded into our form exactly:
 `apply_b_dec_to_input: false` (h = x @ W + b_e) becomes b_e' = b_e + b_dec @ W; topk with
@@ -38,9 +45,10 @@ of a full, fresh train state at step 0). SAELens variants are folded into our fo
 b_enc·n, W_dec/n (SAELens's `_fold_norm_topk`); a jumprelu threshold θ becomes
 log_threshold = log(max(θ, tiny)) (θ ≤ 0, which SAELens treats as plain ReLU, becomes the
 smallest normal float32, so f differs only for 0 < h ≤ 1.2e-38); a jumprelu whose
-`metadata.training_architecture` is "batchtopk" and whose thresholds are all equal comes back
-as our batchtopk. Weights are rounded to cfg.json's `dtype` (as SAELens casts them) and then
-computed in float32.
+`metadata.training_architecture` is "batchtopk" or "matryoshka_batchtopk" and whose thresholds
+are all equal comes back as our batchtopk (a Matryoshka SAE's inference is BatchTopK's).
+Weights are rounded to cfg.json's `dtype` (as SAELens casts them) and then computed in
+float32.
 """
 
 from __future__ import annotations
@@ -62,9 +70,13 @@ CATALOG_FILE = "feature_catalog.json"
 SAELENS_VERSION = "6.0.0"
 
 EXPORT_ARCH = {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk",
-               "batchtopk": "jumprelu"}
+               "batchtopk": "jumprelu", "matryoshka": "jumprelu"}
 TRAINING_ARCH = {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk",
-                 "batchtopk": "batchtopk"}
+                 "batchtopk": "batchtopk", "matryoshka": "matryoshka_batchtopk"}
+THRESHOLD_ARCHS = ("batchtopk", "matryoshka")  # one scalar inference threshold
+# Transcoders: (inference form, with skip connection). SAELens has no TopK transcoder.
+TRANSCODER_ARCH = {"standard": ("transcoder", "skip_transcoder"),
+                   "jumprelu": ("jumprelu_transcoder", "jumprelu_skip_transcoder")}
 IMPORT_ARCH = {"standard": "relu", "jumprelu": "jumprelu", "topk": "topk"}
 BASE_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
 _CFG_DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.float16,
@@ -75,33 +87,51 @@ _CFG_DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.float
 # export
 
 
-def saelens_tensors(params: dict, arch: str, input_scale: float) -> dict[str, np.ndarray]:
-    """Our params (scaled-input units) -> SAELens's tensors on raw inputs, float32."""
+def saelens_tensors(params: dict, arch: str, input_scale: float,
+                    target_scale: float | None = None) -> dict[str, np.ndarray]:
+    """Our params (scaled units) -> SAELens's tensors on raw inputs, float32.
+
+    A transcoder's outputs are divided by its `target_scale` c_t instead of c, and its skip
+    map becomes W_skip·c/c_t."""
     import jax.numpy as jnp
 
     c = np.float64(input_scale)
+    c_out = c if target_scale is None else np.float64(target_scale)
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
-    out = {"W_enc": p["W_enc"] * c, "b_enc": p["b_enc"], "W_dec": p["W_dec"] / c,
-           "b_dec": p["b_dec"] / c}
+    out = {"W_enc": p["W_enc"] * c, "b_enc": p["b_enc"], "W_dec": p["W_dec"] / c_out,
+           "b_dec": p["b_dec"] / c_out}
+    if "W_skip" in p:
+        out["W_skip"] = p["W_skip"] * (c / c_out)
     width = p["b_enc"].shape[0]
     if arch == "jumprelu":  # XLA's exp, bit for bit the θ our encoder compares with
         out["threshold"] = np.asarray(jnp.exp(jnp.asarray(params["log_threshold"])))
-    elif arch == "batchtopk":
+    elif arch in THRESHOLD_ARCHS:
         out["threshold"] = np.full((width,), np.float32(params["threshold"]))
     return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
 
 
-def saelens_cfg(arch: str, d_in: int, d_sae: int, k: int, details: dict) -> dict:
+def saelens_cfg(arch: str, d_in: int, d_sae: int, k: int, details: dict,
+                transcoder: tuple[int, bool] | None = None) -> dict:
+    """SAELens's cfg.json; `transcoder` = (d_out, has a skip connection) for a transcoder."""
+    architecture = EXPORT_ARCH[arch]
+    if transcoder is not None:
+        if architecture not in TRANSCODER_ARCH:
+            raise UserError(f"SAELens has no {arch} transcoder (its transcoders are relu, "
+                            "jumprelu and their skip variants); train a transcoder with "
+                            "arch=batchtopk or matryoshka (exported as jumprelu) to share it")
+        architecture = TRANSCODER_ARCH[architecture][int(transcoder[1])]
     cfg = {
-        "architecture": EXPORT_ARCH[arch],
+        "architecture": architecture,
         "d_in": int(d_in),
         "d_sae": int(d_sae),
         "dtype": "float32",
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": transcoder is None,
         "normalize_activations": "none",
         "reshape_activations": "none",
     }
+    if transcoder is not None:
+        cfg["d_out"] = int(transcoder[0])
     if arch == "topk":
         cfg["k"] = int(k)
         cfg["rescale_acts_by_decoder_norm"] = False
@@ -158,15 +188,18 @@ def export_saelens(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
     if bad:
         raise UserError(f"run {run_dir} step {sae.step} has non-finite values in "
                         f"{', '.join(sorted(bad))}; nothing exported")
-    tensors = saelens_tensors(params, arch, c)
+    tensors = saelens_tensors(params, arch, c, sae.target_scale)
     details = {"library": "sae_jax", "sae_jax_version": sae_jax.__version__, "arch": arch,
                "input_scale": c, "step": sae.step, "config": sae.config.to_dict()}
+    if sae.transcoder:
+        details["target_scale"] = float(sae.target_scale)
     data = _store_provenance(run.data_dir)
     if data:
         details["data"] = data
-    if arch == "batchtopk":
+    if arch in THRESHOLD_ARCHS:
         details["threshold"] = float(params["threshold"])
-    cfg = saelens_cfg(arch, sae.d_in, sae.width, sae.config.k, details)
+    transcoder = (sae.d_out, "W_skip" in params) if sae.transcoder else None
+    cfg = saelens_cfg(arch, sae.d_in, sae.width, sae.config.k, details, transcoder)
 
     out.mkdir(parents=True, exist_ok=True)
     files.write_bytes(out / WEIGHTS_FILE, safetensors.numpy.save(tensors))
@@ -355,7 +388,8 @@ def import_saelens(sae_dir: str | os.PathLike, run_dir: str | os.PathLike) -> di
     details = meta.get("training_architecture_details")
     details = details if isinstance(details, dict) else {}
     theta = tensors.get("threshold")
-    batchtopk = (info["arch"] == "jumprelu" and meta.get("training_architecture") == "batchtopk"
+    batchtopk = (info["arch"] == "jumprelu"
+                 and meta.get("training_architecture") in ("batchtopk", "matryoshka_batchtopk")
                  and bool(np.all(theta.astype(np.float32) == np.float32(theta[0]))))
     arch, params = our_params(tensors, info, batchtopk)
     k = info["k"]

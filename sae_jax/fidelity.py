@@ -15,6 +15,11 @@ by
 * `spliced_with_error`: x̂ + (x − x̂), which is x up to float32 rounding: a built-in sanity
   check of the splicing (its cosine to clean must be 1 within float tolerance).
 
+For a **transcoder** (a store of `harvest --pair` rows) what is replaced is the output of
+block `layer`'s MLP (`--pair mlp`) or of the whole block (`--pair block`): by the
+transcoder's prediction from that sub-layer's clean input, by zeros, by the mean target, and
+by the prediction plus its error. Everything downstream of the block is the model's own.
+
 **Spliced positions** are exactly the tokens the store holds rows for: document tokens
 only, *not* `[CLS]`, `[SEP]` or padding (the SAE never saw those; they are left unchanged),
 unless the store was harvested with `keep_special`, in which case `[CLS]`/`[SEP]` are
@@ -49,10 +54,11 @@ MEAN_BATCH_ROWS = 65536
 VARIANTS = ("spliced", "zero_ablation", "mean_ablation", "spliced_with_error")
 
 
-def _reconstruct(params, x, input_scale, cfg):
-    """The SAE reconstruction of raw activations `x (n, d)`, traceable inside `jit`."""
-    f = saes.encode(params, x * input_scale, cfg).f
-    return saes.decode(params, f, cfg.compute_dtype) / input_scale
+def _reconstruct(params, x, input_scale, cfg, output_scale=None):
+    """The SAE reconstruction of raw activations `x (n, d)` (a transcoder's predicted
+    target, divided by its `output_scale`), traceable inside `jit`."""
+    output_scale = input_scale if output_scale is None else output_scale
+    return saes.reconstruct(params, x * input_scale, cfg) / output_scale
 
 
 def _check_store(store) -> None:
@@ -91,26 +97,34 @@ def _heldout_documents(store, heldout) -> tuple[np.ndarray, tuple[int, int], dic
                                             "ids": ids}
 
 
-def _store_mean(train_rows) -> np.ndarray:
-    """Mean activation of the training rows, float64 (centred-batch merge, see evaluate)."""
-    count, mean = 0, np.zeros(train_rows.d_in)
+def _store_mean(train_rows, columns: slice = slice(None)) -> np.ndarray:
+    """Mean activation of the training rows (`columns` of them), float64 (centred-batch
+    merge, see evaluate)."""
+    count, mean = 0, 0.0
     for i in range(0, len(train_rows), MEAN_BATCH_ROWS):
-        x = np.asarray(train_rows.read(i, i + MEAN_BATCH_ROWS), np.float64)
+        x = np.asarray(train_rows.read(i, i + MEAN_BATCH_ROWS)[:, columns], np.float64)
         count += len(x)
         mean += (x.mean(0) - mean) * (len(x) / count)
     return mean
 
 
 @functools.lru_cache(maxsize=8)
-def _make_runner(layer: int, cfg):
+def _make_runner(layer: int, cfg, site: str = "resid"):
+    """The jitted spliced pass. `site` "resid" splices the residual stream after `layer`;
+    "mlp"/"block" (a transcoder) replace block `layer`'s MLP / whole-block output with the
+    transcoder's prediction from that sub-layer's input."""
     from sae_jax.models import minilm
 
-    def run(params, sae_params, input_scale, mean, ids, mask, splice):
+    def run(params, sae_params, input_scale, output_scale, mean, ids, mask, splice):
         """Embeddings (5, n, 384): clean, then `VARIANTS`; and the batch's SAE sq-error sums."""
         n = ids.shape[0]
-        clean_h = minilm.forward(params, ids, mask, n_layers=layer)[layer]
-        x = clean_h.reshape(-1, clean_h.shape[-1])
-        x_hat = _reconstruct(sae_params, x, input_scale, cfg).reshape(clean_h.shape)
+        if site == "resid":
+            inp = clean_h = minilm.forward(params, ids, mask, n_layers=layer)[layer]
+        else:
+            inp, clean_h = minilm.sublayer_io(params, ids, mask, layer, site)
+        x = inp.reshape(-1, inp.shape[-1])
+        x_hat = _reconstruct(sae_params, x, input_scale, cfg, output_scale).reshape(
+            clean_h.shape)
         sel = splice[..., None]
         err = jnp.where(sel, jnp.square(clean_h - x_hat), 0.0).sum()
         dev = jnp.where(sel, jnp.square(clean_h - mean.astype(jnp.float32)), 0.0).sum()
@@ -127,7 +141,9 @@ def _make_runner(layer: int, cfg):
 
         tile = lambda a: jnp.concatenate([a] * 4)  # noqa: E731
         clean = minilm.embed(params, ids, mask)
-        variants = minilm.embed(params, tile(ids), tile(mask), replace=(layer, replace))
+        hook = ((layer, replace) if site == "resid" else
+                (layer, lambda _inp, out: replace(out), site))
+        variants = minilm.embed(params, tile(ids), tile(mask), replace=hook)
         return jnp.concatenate([clean[None], variants.reshape(4, n, -1)]), err, dev
 
     return jax.jit(run)
@@ -135,7 +151,8 @@ def _make_runner(layer: int, cfg):
 
 def downstream_fidelity(sae: SAE, store, n_sequences: int = 128, seed: int = 0,
                         corpus: None | str | os.PathLike | list = None,
-                        batch_sequences: int = BATCH_SEQUENCES) -> dict:
+                        batch_sequences: int = BATCH_SEQUENCES,
+                        per_sequence: bool = False) -> dict:
     """Cosine similarity of MiniLM sentence embeddings to the clean run when the SAE's layer
     is spliced / ablated on held-out sequences (see the module docstring).
 
@@ -147,6 +164,8 @@ def downstream_fidelity(sae: SAE, store, n_sequences: int = 128, seed: int = 0,
       corpus: the `--corpus` paths the store was harvested from (None: the stdlib default).
       batch_sequences: sequences per model call (memory/speed only, not the result beyond
         float rounding).
+      per_sequence: also return `per_sequence`: per sampled sequence its `doc`, `text` and
+        `loss_<name>` (1 − cos) for each variant (what `coverage` reports per sequence).
 
     Returns:
       A JSON-friendly dict: `n_sequences`, `n_tokens_spliced`, `layer`, `seed`, for each of
@@ -163,9 +182,10 @@ def downstream_fidelity(sae: SAE, store, n_sequences: int = 128, seed: int = 0,
     from sae_jax.models import minilm
 
     _check_store(store)
-    if store.d_in != sae.d_in:
+    if store.d_in != sae.row_width:
         raise UserError(f"store {store.path} has d_in={store.d_in}, but the SAE expects "
-                        f"d_in={sae.d_in}")
+                        f"d_in={sae.row_width}")
+    site = store.meta["pair"]["site"] if sae.transcoder else "resid"
     if n_sequences < 1:
         raise UserError(f"n_sequences must be at least 1, got {n_sequences}")
     layer, seq_len = int(store.meta["layer"]), int(store.meta["seq_len"])
@@ -206,8 +226,9 @@ def downstream_fidelity(sae: SAE, store, n_sequences: int = 128, seed: int = 0,
                         "(was it harvested from other text or with another tokenizer?)")
 
     splice = (mask.astype(bool) & ((positions != NO_POSITION) | keep_special))
-    mean = jnp.asarray(_store_mean(train_rows), jnp.float32)
-    run = _make_runner(layer, sae.config)
+    target = slice(sae.d_in, None) if sae.transcoder else slice(None)
+    mean = jnp.asarray(_store_mean(train_rows, target), jnp.float32)
+    run = _make_runner(layer, sae.config, site)
     params = minilm.load_params()
     # Pad to whole batches (all-padding rows are dropped below) so `run` compiles once.
     b = min(batch_sequences, len(pick))
@@ -218,7 +239,8 @@ def downstream_fidelity(sae: SAE, store, n_sequences: int = 128, seed: int = 0,
     mask_p[n:, 0] = 1  # a padding row still needs one key to attend to
     embs, sq_err, sq_dev = [], 0.0, 0.0
     for i in range(0, n + n_pad, b):
-        e, err, dev = run(params, sae.params, jnp.float32(sae.input_scale), mean,
+        e, err, dev = run(params, sae.params, jnp.float32(sae.input_scale),
+                          jnp.float32(sae.output_scale), mean,
                           ids_p[i:i + b], mask_p[i:i + b], splice_p[i:i + b])
         embs.append(np.asarray(e, np.float64))
         sq_err += float(err)
@@ -243,4 +265,10 @@ def downstream_fidelity(sae: SAE, store, n_sequences: int = 128, seed: int = 0,
     out["fidelity_recovered"] = recovered("mean_ablation")
     out["fidelity_recovered_zero"] = recovered("zero_ablation")
     out["fvu_spliced"] = sq_err / sq_dev if sq_dev > 0 else None
+    if per_sequence:
+        tokenizer = minilm.load_tokenizer()
+        out["per_sequence"] = {
+            "doc": doc_of.tolist(),
+            "text": [tokenizer.decode(ids[i][mask[i] == 1].tolist()) for i in range(n)],
+            **{f"loss_{name}": (1.0 - cos[i]).tolist() for i, name in enumerate(names)}}
     return out

@@ -52,6 +52,11 @@ DEFAULT_SEQ_LEN = 128
 # slots/s for batches of 4-16 sequences and slower for 24+ (out of cache); 8 was best per
 # CPU-second. On an accelerator pass a larger --batch-size.
 DEFAULT_BATCH_SIZE = 8
+PAIR_HOOKS = {
+    "mlp": "transcoder pair: input of block {layer}'s MLP (after the attention LayerNorm) -> "
+           "its output (before the residual add and LayerNorm)",
+    "block": "transcoder pair: residual stream after layer {prev} -> after layer {layer}",
+}
 
 ActivationsFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -227,6 +232,25 @@ def minilm_activations(layer: int, params: dict | None = None) -> Partial:
     return Partial(functools.partial(_minilm_layer, layer=layer), params)
 
 
+def _minilm_pair(params, input_ids, attention_mask, *, layer: int, site: str):
+    from sae_jax.models import minilm
+
+    return jax.numpy.concatenate(
+        minilm.sublayer_io(params, input_ids, attention_mask, layer, site), axis=-1)
+
+
+def minilm_pair_activations(layer: int, site: str, params: dict | None = None) -> Partial:
+    """Transcoder pairs: block `layer`'s MLP input and output (`site="mlp"`) or the residual
+    stream before and after block `layer` (`site="block"`), concatenated to `(n, L, 768)`."""
+    from sae_jax.models import minilm
+
+    if not isinstance(layer, int) or not 1 <= layer <= minilm.N_LAYERS:
+        raise UserError(f"--pair needs a block: layer must be in 1..{minilm.N_LAYERS}, "
+                        f"got {layer}")
+    params = minilm.load_params() if params is None else params
+    return Partial(functools.partial(_minilm_pair, layer=layer, site=site), params)
+
+
 def _tokenizer_info(tokenizer) -> dict:
     specials = {name: tokenizer.token_to_id(name) for name in ("[CLS]", "[SEP]", "[PAD]")}
     return {"name": "all-MiniLM-L6-v2 WordPiece (BERT uncased, lower-cased)",
@@ -247,7 +271,8 @@ def run_harvest(data_dir: str | os.PathLike, model: str = "minilm", layer: int =
                 max_tokens: int = DEFAULT_MAX_TOKENS, seq_len: int = DEFAULT_SEQ_LEN,
                 batch_size: int = DEFAULT_BATCH_SIZE,
                 corpus: None | str | os.PathLike | list = None, dtype: str = "float32",
-                keep_special: bool = False, progress: bool = True, mesh=None) -> dict:
+                keep_special: bool = False, progress: bool = True, mesh=None,
+                pair: str | None = None) -> dict:
     """`sae-jax harvest`: MiniLM activations at `layer` over a corpus into a new store.
 
     Args:
@@ -262,6 +287,9 @@ def run_harvest(data_dir: str | os.PathLike, model: str = "minilm", layer: int =
       keep_special: also store `[CLS]`/`[SEP]` rows.
       progress: show the progress bar.
       mesh: a `("data", "model")` mesh (default: every device on `data`).
+      pair: transcoder pairs instead of one activation: "mlp" (block `layer`'s MLP input ->
+        its output) or "block" (residual stream after `layer - 1` -> after `layer`); each row
+        is the input followed by the target (`meta["pair"]` gives both widths).
 
     Returns:
       The store's `meta.json` contents plus `data_dir`.
@@ -282,6 +310,10 @@ def run_harvest(data_dir: str | os.PathLike, model: str = "minilm", layer: int =
         raise UserError(f"batch_size must be at least 1, got {batch_size}")
     if dtype not in STORE_DTYPES:
         raise UserError(f"dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype}")
+    if pair is not None and pair not in PAIR_HOOKS:
+        raise UserError(f"pair must be one of {', '.join(PAIR_HOOKS)}, got {pair!r}")
+    activations = (minilm_activations(layer) if pair is None else
+                   minilm_pair_activations(layer, pair))
     meta = {
         "source": "harvest",
         "model": "all-MiniLM-L6-v2",
@@ -298,9 +330,14 @@ def run_harvest(data_dir: str | os.PathLike, model: str = "minilm", layer: int =
         "max_tokens": max_tokens,
         "versions": {"python": platform.python_version(), "jax": jax.__version__},
     }
+    width = minilm.D_MODEL
+    if pair is not None:
+        meta.update(hook=PAIR_HOOKS[pair].format(layer=layer, prev=layer - 1),
+                    pair={"d_in": minilm.D_MODEL, "d_out": minilm.D_MODEL, "site": pair})
+        width = 2 * minilm.D_MODEL
     # The writer checks the target first, so a bad DATA_DIR fails before any model work;
     # any error below (an empty corpus, Ctrl-C) removes what was written.
-    with StoreWriter(data_dir, d_in=minilm.D_MODEL, dtype=dtype, meta=meta,
+    with StoreWriter(data_dir, d_in=width, dtype=dtype, meta=meta,
                      with_tokens=True) as writer:
         docs = make_corpus(corpus)
         tokenizer = minilm.load_tokenizer()
@@ -309,7 +346,7 @@ def run_harvest(data_dir: str | os.PathLike, model: str = "minilm", layer: int =
         if first is None:
             raise UserError(f"the corpus holds no text to harvest ({docs.description})")
         writer.meta.update(corpus=docs.description, tokenizer=_tokenizer_info(tokenizer))
-        stats = harvest(minilm_activations(layer), itertools.chain([first], seqs), writer,
+        stats = harvest(activations, itertools.chain([first], seqs), writer,
                         max_tokens=max_tokens, batch_size=batch_size,
                         keep_special=keep_special, progress=progress, mesh=mesh)
         writer.meta.update(stats)
@@ -344,6 +381,9 @@ def add_arguments(parser) -> None:
                         help="on-disk dtype (default: float32)")
     parser.add_argument("--keep-special", action="store_true",
                         help="also store [CLS]/[SEP] rows")
+    parser.add_argument("--pair", choices=tuple(PAIR_HOOKS),
+                        help="store transcoder pairs: mlp = block LAYER's MLP input -> output; "
+                             "block = residual stream after LAYER-1 -> after LAYER")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -352,4 +392,5 @@ def harvest_kwargs(args) -> dict:
     return {"data_dir": args.data_dir, "model": args.model, "layer": args.layer,
             "max_tokens": args.max_tokens, "seq_len": args.seq_len,
             "batch_size": args.batch_size, "corpus": args.corpus, "dtype": args.dtype,
-            "keep_special": args.keep_special, "progress": not args.quiet}
+            "keep_special": args.keep_special, "progress": not args.quiet,
+            "pair": args.pair}

@@ -141,8 +141,11 @@ def batches(source: BatchSource, start: int, prefetch: int = 2):
     return iter(ds.to_iter_dataset(options))
 
 
-def estimate_stats(span) -> tuple[float, np.ndarray]:
+def estimate_stats(span, columns: slice = slice(None)) -> tuple[float, np.ndarray]:
     """Input scale c with E‖c·x‖² = d_in, and the mean of c·x, from evenly spread blocks.
+
+    Args:
+      columns: which columns of the rows are x (a transcoder store's input or target half).
 
     Returns:
       `(scale, scaled_mean)`.
@@ -151,11 +154,11 @@ def estimate_stats(span) -> tuple[float, np.ndarray]:
 
     starts = np.linspace(0, max(0, len(span) - STATS_BLOCK_ROWS), STATS_BLOCKS).astype(int)
     sample = np.concatenate([span.read(s, s + STATS_BLOCK_ROWS) for s in np.unique(starts)])
-    sample = sample.astype(np.float32)
+    sample = sample[:, columns].astype(np.float32)
     mean_sq_norm = float(np.mean(np.sum(np.square(sample, dtype=np.float64), axis=1)))
     if not np.isfinite(mean_sq_norm) or mean_sq_norm == 0:
         raise UserError("cannot scale the inputs: their mean squared norm is "
                         f"{mean_sq_norm} (all zeros or non-finite?)")
-    scale = float(np.sqrt(span.d_in / mean_sq_norm))
+    scale = float(np.sqrt(sample.shape[1] / mean_sq_norm))
     return scale, (sample.mean(0) * scale).astype(np.float32)
 

@@ -14,6 +14,7 @@ from sae_jax.saes import jumprelu
 from sae_jax.saes.common import Code, Params, decoder_norms
 
 TANH_SCALE = 4.0  # saturation point of the tanh penalty, in units of f_i·‖W_dec,i‖
+LP_P = 0.5  # exponent of the lp penalty
 
 
 def l1(params: Params, code: Code, cfg) -> Float[Array, " batch"]:
@@ -27,6 +28,13 @@ def tanh(params: Params, code: Code, cfg) -> Float[Array, " batch"]:
     return jnp.tanh(TANH_SCALE * code.f * code.per_feature(decoder_norms(params))).sum(-1)
 
 
+def lp(params: Params, code: Code, cfg) -> Float[Array, " batch"]:
+    """Σ_i (f_i·‖W_dec,i‖)^p with p = ½: concave, so it pushes small activations to 0 harder
+    than L1 and shrinks large ones less (an Lp, p < 1, relaxation of L0). The 1e-8 keeps the
+    gradient finite at f = 0."""
+    return jnp.power(code.f * code.per_feature(decoder_norms(params)) + 1e-8, LP_P).sum(-1)
+
+
 def l0(params: Params, code: Code, cfg) -> Float[Array, " batch"]:
     """Σ_i H(h_i − θ_i), the number of active features, with a straight-through gradient
     to the JumpReLU thresholds (Gemma Scope)."""
@@ -38,4 +46,4 @@ def none(params: Params, code: Code, cfg) -> Float[Array, " batch"]:
     return jnp.zeros(code.pre.shape[:-1], jnp.float32)
 
 
-PENALTIES = {"l1": l1, "tanh": tanh, "l0": l0, "none": none}
+PENALTIES = {"l1": l1, "tanh": tanh, "lp": lp, "l0": l0, "none": none}

@@ -25,14 +25,39 @@ RESUMABLE_KEYS = ("steps", "log_every", "ckpt_every", "keep_checkpoints", "mesh"
 
 @dataclass(frozen=True)
 class RunInfo:
+    """What a run was trained on. A transcoder also has the target's width and scale."""
+
     config: TrainConfig
     d_in: int
     input_scale: float
     data_dir: str
+    d_out: int | None = None
+    target_scale: float | None = None
 
     def to_dict(self) -> dict:
-        return {"config": self.config.to_dict(), "d_in": self.d_in,
-                "input_scale": self.input_scale, "data_dir": self.data_dir}
+        out = {"config": self.config.to_dict(), "d_in": self.d_in,
+               "input_scale": self.input_scale, "data_dir": self.data_dir}
+        if self.d_out is not None:
+            out.update(d_out=self.d_out, target_scale=self.target_scale)
+        return out
+
+
+def data_widths(cfg: TrainConfig, store) -> tuple[TrainConfig, int, int | None]:
+    """Resolves `transcoder` against the store: `(cfg, d_in, d_out)`, where `d_out` is the
+    target's width for a transcoder and None for an SAE (which reconstructs its input)."""
+    import dataclasses
+
+    pair = store.pair
+    transcoder = pair is not None if cfg.transcoder is None else cfg.transcoder
+    if transcoder and pair is None:
+        raise UserError(f"transcoder=true needs a store of input/target pairs, and "
+                        f"{store.path} holds plain rows; harvest one with "
+                        "`sae-jax harvest DATA_DIR --pair mlp`")
+    if not transcoder and pair is not None:
+        raise UserError(f"store {store.path} holds transcoder pairs (input + target); train a "
+                        "transcoder (leave transcoder unset) or harvest the input alone")
+    cfg = dataclasses.replace(cfg, transcoder=transcoder)
+    return (cfg, *pair) if transcoder else (cfg, store.d_in, None)
 
 
 def read_run(run_dir: str | Path) -> RunInfo:
@@ -44,37 +69,48 @@ def read_run(run_dir: str | Path) -> RunInfo:
                         "`sae-jax train DATA_DIR RUN_DIR`")
     try:
         raw = json.loads(text)
+        d_out = raw.get("d_out")
         return RunInfo(config_from_dict(raw["config"]), int(raw["d_in"]),
-                       float(raw["input_scale"]), str(raw["data_dir"]))
+                       float(raw["input_scale"]), str(raw["data_dir"]),
+                       None if d_out is None else int(d_out),
+                       None if d_out is None else float(raw["target_scale"]))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path} is damaged: {type(e).__name__}: {e}") from None
 
 
 def prepare_run(run_dir: str | Path, cfg: TrainConfig, store,
-                estimate_scale: Callable[[], float]) -> RunInfo:
+                estimate_scale: Callable[[], float | tuple[float, float]],
+                widths: tuple[int, int | None] | None = None) -> RunInfo:
     """Creates the run record, or checks a resumed run against it.
 
     Args:
-      estimate_scale: computes the input scale; only called for a new run, so a resumed
-        run keeps exactly the scale it was trained with.
+      estimate_scale: computes the input scale (a transcoder's: `(input, target)` scales);
+        only called for a new run, so a resumed run keeps exactly the scales it had.
+      widths: `(d_in, d_out)` from `data_widths` (default: the store's rows, no target).
     """
+    d_in, d_out = widths or (store.d_in, None)
     if files.exists(files.join(run_dir, CONFIG_FILE)):
         saved = read_run(run_dir)
-        if store.d_in != saved.d_in:
-            raise UserError(f"store {store.path} has d_in={store.d_in}, but run {run_dir} "
-                            f"was trained on d_in={saved.d_in}")
+        if (d_in, d_out) != (saved.d_in, saved.d_out):
+            what = f"d_in={d_in}" + ("" if d_out is None else f", d_out={d_out}")
+            was = f"d_in={saved.d_in}" + ("" if saved.d_out is None else f", d_out={saved.d_out}")
+            raise UserError(f"store {store.path} has {what}, but run {run_dir} "
+                            f"was trained on {was}")
         old, new = saved.config.to_dict(), cfg.to_dict()
         changed = [k for k in old if k not in RESUMABLE_KEYS and old[k] != new[k]]
         if changed:
             details = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
             raise UserError(f"{run_dir} holds a run with a different config ({details}); "
                             "use a new RUN_DIR or the saved values")
-        info = RunInfo(cfg, saved.d_in, saved.input_scale, saved.data_dir)
+        info = RunInfo(cfg, saved.d_in, saved.input_scale, saved.data_dir, saved.d_out,
+                       saved.target_scale)
     else:
         data_dir = store.path
         if not files.is_remote(data_dir):
             data_dir = str(Path(data_dir).absolute())
-        info = RunInfo(cfg, store.d_in, estimate_scale(), data_dir)
+        scales = estimate_scale()
+        input_scale, target_scale = scales if isinstance(scales, tuple) else (scales, None)
+        info = RunInfo(cfg, d_in, input_scale, data_dir, d_out, target_scale)
     if jax.process_index() == 0:
         write_run(run_dir, info)
     return info

@@ -30,16 +30,41 @@ class SAE:
         architecture extras, in scaled-input units.
       input_scale: raw activations are multiplied by this before encoding.
       step: the training step the params come from.
+      target_scale: a transcoder's target scale (its outputs are divided by it); None for an
+        SAE, whose outputs are divided by `input_scale`.
     """
 
     config: TrainConfig
     params: dict
     input_scale: float
     step: int
+    target_scale: float | None = None
 
     @property
     def d_in(self) -> int:
+        return int(self.params["W_enc"].shape[0])
+
+    @property
+    def d_out(self) -> int:
+        """Width of what the SAE reconstructs (`d_in`, except for a transcoder)."""
         return int(self.params["W_dec"].shape[1])
+
+    @property
+    def transcoder(self) -> bool:
+        return bool(self.config.transcoder)
+
+    @property
+    def output_scale(self) -> float:
+        return self.input_scale if self.target_scale is None else self.target_scale
+
+    @property
+    def row_width(self) -> int:
+        """Columns of a store row it reads: the input, plus the target for a transcoder."""
+        return self.d_in + (self.d_out if self.transcoder else 0)
+
+    def split_rows(self, rows):
+        """A store's rows -> `(input, target)` raw arrays; the target is the input for an SAE."""
+        return (rows[..., :self.d_in], rows[..., self.d_in:]) if self.transcoder else (rows, rows)
 
     @property
     def width(self) -> int:
@@ -52,7 +77,13 @@ class SAE:
 
     @cached_property
     def _decode(self):
-        return jax.jit(lambda p, f: saes.decode(p, f) / self.input_scale)
+        return jax.jit(lambda p, f: saes.decode(p, f) / self.output_scale)
+
+    @cached_property
+    def _reconstruct(self):
+        cfg = self.config
+        return jax.jit(lambda p, x: saes.reconstruct(p, x * self.input_scale, cfg)
+                       / self.output_scale)
 
     def _check(self, a, width: int, what: str):
         a = jnp.asarray(a, jnp.float32)
@@ -67,14 +98,18 @@ class SAE:
             *x.shape[:-1], self.width)
 
     def decode(self, f) -> jax.Array:
-        """Feature activations (..., F) -> reconstructed raw activations (..., d_in)."""
+        """Feature activations (..., F) -> reconstructed raw activations (..., d_out).
+
+        (A skip transcoder's linear path needs the input: use `sae(x)` for its output.)"""
         f = self._check(f, self.width, "decode input")
         return self._decode(self.params, f.reshape(-1, self.width)).reshape(
-            *f.shape[:-1], self.d_in)
+            *f.shape[:-1], self.d_out)
 
     def __call__(self, x) -> jax.Array:
-        """Reconstruction of raw activations."""
-        return self.decode(self.encode(x))
+        """Reconstruction of raw activations (a transcoder's predicted target)."""
+        x = self._check(x, self.d_in, "input")
+        return self._reconstruct(self.params, x.reshape(-1, self.d_in)).reshape(
+            *x.shape[:-1], self.d_out)
 
 
 def load(run_dir: str | Path, step: int | None = None) -> SAE:
@@ -91,9 +126,9 @@ def load(run_dir: str | Path, step: int | None = None) -> SAE:
             raise UserError(f"run {run_dir} has no checkpoint at step {step} (has {steps})")
         mesh = make_mesh("", devices=jax.devices()[:1])
         shapes, shardings = state_shardings(run.config, run.d_in, make_optimizer(run.config),
-                                            mesh)
+                                            mesh, run.d_out)
         state = checkpoint.restore(
             mngr, checkpoint.abstract_with_shardings(shapes, shardings), step)
     finally:
         mngr.close()
-    return SAE(run.config, state.params, run.input_scale, int(state.step))
+    return SAE(run.config, state.params, run.input_scale, int(state.step), run.target_scale)

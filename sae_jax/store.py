@@ -191,6 +191,19 @@ class Store:
     def n_rows(self) -> int:
         return int(self.meta["n_rows"])
 
+    @property
+    def pair(self) -> tuple[int, int] | None:
+        """`(d_in, d_out)` when each row is a transcoder's input followed by its target
+        (`meta["pair"]`, written by `sae-jax harvest --pair`); None for plain rows."""
+        pair = self.meta.get("pair")
+        if pair is None:
+            return None
+        d_in, d_out = int(pair["d_in"]), int(pair["d_out"])
+        if d_in + d_out != self.d_in:
+            raise UserError(f"store {self.path} is inconsistent: its pair widths {d_in} + "
+                            f"{d_out} do not add up to its row width {self.d_in}")
+        return d_in, d_out
+
     def span(self) -> RowSpan:
         return RowSpan(self, 0, self.n_rows)
 

@@ -9,24 +9,50 @@ from __future__ import annotations
 import numpy as np
 
 
+def _atoms(rng, n_atoms: int, d: int) -> np.ndarray:
+    atoms = rng.standard_normal((n_atoms, d))
+    return atoms / np.linalg.norm(atoms, axis=1, keepdims=True)
+
+
+def _codes(rng, n_rows: int, n_atoms: int, active: float) -> np.ndarray:
+    """Each atom fires independently with probability `active / n_atoms`, magnitude
+    Exp(1) + 0.5, so features are clearly on or off."""
+    on = rng.random((n_rows, n_atoms)) < active / n_atoms
+    return on * (rng.exponential(1.0, (n_rows, n_atoms)) + 0.5)
+
+
 def sparse_dictionary_data(n_rows: int, d_in: int, n_atoms: int, active: float = 3.0,
                            seed: int = 0, noise: float = 0.0, offset: float = 1.0):
     """Samples rows x = offset·u + Σ_i c_i·a_i with ~`active` atoms per row.
-
-    Each atom fires independently with probability `active / n_atoms` and magnitude drawn
-    from Exp(1) + 0.5, so features are clearly on or off.
 
     Returns:
       `(rows (n_rows, d_in) float32, atoms (n_atoms, d_in) float32)`.
     """
     rng = np.random.default_rng(seed)
-    atoms = rng.standard_normal((n_atoms, d_in))
-    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
-    on = rng.random((n_rows, n_atoms)) < active / n_atoms
-    coeffs = on * (rng.exponential(1.0, (n_rows, n_atoms)) + 0.5)
+    atoms = _atoms(rng, n_atoms, d_in)
+    coeffs = _codes(rng, n_rows, n_atoms, active)
     bias = offset * rng.standard_normal(d_in) / np.sqrt(d_in)
     rows = coeffs @ atoms + bias + noise * rng.standard_normal((n_rows, d_in))
     return rows.astype(np.float32), atoms.astype(np.float32)
+
+
+def sparse_transcoder_data(n_rows: int, d_in: int, d_out: int, n_atoms: int,
+                           active: float = 3.0, seed: int = 0):
+    """Input/target pairs that share one sparse code: x = Σ c_i·a_i, y = Σ c_i·b_i + bias.
+
+    The map x -> y is sparse and known: a transcoder should find the input atoms `a_i` in
+    its encoder and the output atoms `b_i` in its decoder.
+
+    Returns:
+      `(x (n_rows, d_in), y (n_rows, d_out), atoms_in (n_atoms, d_in),
+      atoms_out (n_atoms, d_out))`, float32.
+    """
+    rng = np.random.default_rng(seed)
+    atoms_in, atoms_out = _atoms(rng, n_atoms, d_in), _atoms(rng, n_atoms, d_out)
+    coeffs = _codes(rng, n_rows, n_atoms, active)
+    bias = rng.standard_normal(d_out) / np.sqrt(d_out)
+    return tuple(a.astype(np.float32) for a in
+                 (coeffs @ atoms_in, coeffs @ atoms_out + bias, atoms_in, atoms_out))
 
 
 def atoms_recovered(W_dec: np.ndarray, atoms: np.ndarray, threshold: float = 0.9) -> float:

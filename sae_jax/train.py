@@ -28,7 +28,7 @@ from sae_jax.errors import Preempted, UserError
 from sae_jax.loader import BatchSource, batches, estimate_stats
 from sae_jax.mesh import batch_sharding, logical_to_sharding, make_mesh, replicated
 from sae_jax.metrics import MetricsLog
-from sae_jax.run import RunInfo, prepare_run
+from sae_jax.run import RunInfo, data_widths, prepare_run
 from sae_jax.saes.common import LossContext, normalize_decoder, remove_parallel_grad
 from sae_jax.store import open_store
 
@@ -69,20 +69,21 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(*clip, optax.adam(learning_rate(cfg), b1=cfg.beta1, b2=cfg.beta2))
 
 
-def init_state(key, cfg: TrainConfig, d_in: int, data_mean, tx) -> TrainState:
-    params = saes.init(key, cfg, d_in, data_mean)
+def init_state(key, cfg: TrainConfig, d_in: int, data_mean, tx,
+               d_out: int | None = None) -> TrainState:
+    params = saes.init(key, cfg, d_in, data_mean, d_out)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       steps_since_fired=jnp.zeros((cfg.width,), jnp.int32))
 
 
-def state_shardings(cfg: TrainConfig, d_in: int, tx, mesh: Mesh):
+def state_shardings(cfg: TrainConfig, d_in: int, tx, mesh: Mesh, d_out: int | None = None):
     """NamedShardings for every leaf of the train state.
 
     Params follow their logical axes; any optimizer sub-state shaped like the params (Adam's
     moments) mirrors them; counters are replicated.
     """
-    shapes = jax.eval_shape(partial(init_state, cfg=cfg, d_in=d_in, data_mean=None, tx=tx),
-                            jax.random.key(0))
+    shapes = jax.eval_shape(partial(init_state, cfg=cfg, d_in=d_in, data_mean=None, tx=tx,
+                                    d_out=d_out), jax.random.key(0))
     param_sh = logical_to_sharding(saes.param_axes(cfg), mesh)
     params_tree = jax.tree.structure(shapes.params)
 
@@ -96,22 +97,27 @@ def state_shardings(cfg: TrainConfig, d_in: int, tx, mesh: Mesh):
                               steps_since_fired=latent)
 
 
-def make_train_step(cfg: TrainConfig, tx, mesh: Mesh | None, input_scale: float):
+def make_train_step(cfg: TrainConfig, tx, mesh: Mesh | None, input_scale: float,
+                    target_scale: float | None = None):
     """Returns the pure `train_step(state, x_raw) -> (state, metrics)`.
 
     Inside the step: scale the raw batch, take the loss gradient, drop the decoder's parallel
     gradient (unit-norm architectures), apply Adam, then re-normalise the decoder and update
-    estimated buffers. Metrics are scalars.
+    estimated buffers. Metrics are scalars. With `target_scale` (a transcoder) each raw row is
+    the input (`d_in` columns) followed by the target, scaled by `target_scale`.
     """
     arch = saes.ARCHITECTURES[cfg.arch]
     dead_steps = math.ceil(cfg.dead_tokens / cfg.batch_size)
 
     def train_step(state: TrainState, x_raw):
-        x = x_raw.astype(jnp.float32) * input_scale
+        d_in = state.params["W_enc"].shape[0]
+        x = x_raw[:, :d_in].astype(jnp.float32) * input_scale
+        target = (None if target_scale is None else
+                  x_raw[:, d_in:].astype(jnp.float32) * target_scale)
         dead = state.steps_since_fired >= dead_steps
         ctx = LossContext(sparsity_coeff(cfg, state.step), dead)
         grad_fn = jax.value_and_grad(saes.loss, has_aux=True)
-        (_, metrics), grads = grad_fn(state.params, x, cfg, ctx, mesh)
+        (_, metrics), grads = grad_fn(state.params, x, cfg, ctx, mesh, target)
         if arch.unit_norm_decoder:
             grads = remove_parallel_grad(grads, state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -131,9 +137,10 @@ def make_train_step(cfg: TrainConfig, tx, mesh: Mesh | None, input_scale: float)
     return train_step
 
 
-def compile_train_step(cfg: TrainConfig, tx, mesh: Mesh, state_sh, input_scale: float):
+def compile_train_step(cfg: TrainConfig, tx, mesh: Mesh, state_sh, input_scale: float,
+                       target_scale: float | None = None):
     """`jax.jit` of the step with explicit in/out shardings; the old state is donated."""
-    step = make_train_step(cfg, tx, mesh, input_scale)
+    step = make_train_step(cfg, tx, mesh, input_scale, target_scale)
     return jax.jit(step, in_shardings=(state_sh, batch_sharding(mesh)),
                    out_shardings=(state_sh, replicated(mesh)), donate_argnums=0)
 
@@ -150,14 +157,29 @@ def check_mesh_fits(cfg: TrainConfig, mesh: Mesh) -> None:
 
 def init_or_restore(cfg: TrainConfig, run: RunInfo, mesh: Mesh, tx, mngr, train_rows):
     """The latest readable checkpoint if the run has one, else a fresh sharded state."""
-    shapes, state_sh = state_shardings(cfg, run.d_in, tx, mesh)
+    shapes, state_sh = state_shardings(cfg, run.d_in, tx, mesh, run.d_out)
     state = checkpoint.restore_latest_good(
         mngr, checkpoint.abstract_with_shardings(shapes, state_sh))
     if state is not None:
         return state, state_sh
-    _, scaled_mean = estimate_stats(train_rows)
-    init = jax.jit(partial(init_state, cfg=cfg, d_in=run.d_in, tx=tx), out_shardings=state_sh)
+    _, scaled_mean = estimate_stats(train_rows, reconstructed_columns(run))
+    init = jax.jit(partial(init_state, cfg=cfg, d_in=run.d_in, tx=tx, d_out=run.d_out),
+                   out_shardings=state_sh)
     return init(jax.random.key(cfg.seed), data_mean=scaled_mean), state_sh
+
+
+def reconstructed_columns(run: RunInfo) -> slice:
+    """The columns of a row the SAE reconstructs: all of them, or a transcoder's target."""
+    return slice(None) if run.d_out is None else slice(run.d_in, None)
+
+
+def estimate_scales(run_widths: tuple[int, int | None], train_rows):
+    """The input scale, or a transcoder's `(input, target)` scales (see `estimate_stats`)."""
+    d_in, d_out = run_widths
+    if d_out is None:
+        return estimate_stats(train_rows)[0]
+    return (estimate_stats(train_rows, slice(0, d_in))[0],
+            estimate_stats(train_rows, slice(d_in, None))[0])
 
 
 @contextlib.contextmanager
@@ -190,25 +212,27 @@ def train(cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path,
     """
     store = open_store(data_dir)
     devices = list(jax.devices()) if devices is None else list(devices)
-    cfg = cfg.for_devices(devices, store.d_in)
+    cfg, d_in, d_out = data_widths(cfg, store)
+    cfg = cfg.for_devices(devices, d_in)
     train_rows, _ = store.split(cfg.holdout)
-    run = prepare_run(run_dir, cfg, store, lambda: estimate_stats(train_rows)[0])
+    run = prepare_run(run_dir, cfg, store, lambda: estimate_scales((d_in, d_out), train_rows),
+                      (d_in, d_out))
     mesh = make_mesh(cfg.mesh, devices)
     check_mesh_fits(cfg, mesh)
     tx = make_optimizer(cfg)
     mngr = checkpoint.manager(run_dir, cfg)
     state, state_sh = init_or_restore(cfg, run, mesh, tx, mngr, train_rows)
-    step_fn = compile_train_step(cfg, tx, mesh, state_sh, run.input_scale)
+    step_fn = compile_train_step(cfg, tx, mesh, state_sh, run.input_scale, run.target_scale)
     start = int(host_value(state.step))
     x_sharding = batch_sharding(mesh)
-    share_index, share_count = batch_share(x_sharding, cfg.batch_size, run.d_in)
+    share_index, share_count = batch_share(x_sharding, cfg.batch_size, store.d_in)
     source = BatchSource(train_rows, cfg.batch_size, cfg.seed, cfg.steps, share_index,
                          share_count, block_rows=store.meta.get("chunk_rows", 4096))
     log = MetricsLog(run_dir, cfg, start, progress=progress)
 
     def to_global(local_rows):
         return jax.make_array_from_process_local_data(
-            x_sharding, local_rows, (cfg.batch_size, run.d_in))
+            x_sharding, local_rows, (cfg.batch_size, store.d_in))
 
     last = {}
     try:

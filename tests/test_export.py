@@ -22,7 +22,7 @@ from sae_jax.errors import UserError
 from sae_jax.export import export_saelens, import_saelens, saelens_tensors
 from sae_jax.train import train
 
-ARCHS = ["relu", "jumprelu", "topk", "batchtopk"]
+ARCHS = ["relu", "jumprelu", "topk", "batchtopk", "matryoshka"]
 SCALE = 37.0
 BASE_KEYS = {"architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input",
              "normalize_activations", "reshape_activations", "metadata"}
@@ -120,7 +120,7 @@ def test_export_files_and_cfg(run, exported):
     assert (summary["d_in"], summary["d_sae"], summary["training_architecture"]) == (32, 64, arch)
     cfg = json.loads((out / "cfg.json").read_text())
     expected_arch = {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk",
-                     "batchtopk": "jumprelu"}[arch]
+                     "batchtopk": "jumprelu", "matryoshka": "jumprelu"}[arch]
     assert summary["architecture"] == cfg["architecture"] == expected_arch
     assert set(cfg) == BASE_KEYS | ({"k", "rescale_acts_by_decoder_norm"} if arch == "topk"
                                     else set())
@@ -133,7 +133,8 @@ def test_export_files_and_cfg(run, exported):
         assert cfg["rescale_acts_by_decoder_norm"] is False
     meta = cfg["metadata"]
     assert meta["sae_lens_version"] == "6.0.0"
-    assert meta["training_architecture"] == {"relu": "standard"}.get(arch, arch)
+    assert meta["training_architecture"] == {"relu": "standard",
+                                             "matryoshka": "matryoshka_batchtopk"}.get(arch, arch)
     details = meta["training_architecture_details"]
     assert details["arch"] == arch and details["step"] == 30
     assert details["input_scale"] == pytest.approx(sae_jax.load(run).input_scale)
@@ -147,13 +148,13 @@ def test_export_tensors(run, exported):
     header = json.loads(raw[8:8 + n])
     header.pop("__metadata__", None)
     shapes = {"W_enc": [32, 64], "b_enc": [64], "W_dec": [64, 32], "b_dec": [32]}
-    if arch in ("jumprelu", "batchtopk"):
+    if arch in ("jumprelu", "batchtopk", "matryoshka"):
         shapes["threshold"] = [64]
     assert {k: v["shape"] for k, v in header.items()} == shapes
     assert {v["dtype"] for v in header.values()} == {"F32"}
     _, t = read_export(out)
     assert all(v.dtype == np.float32 for v in t.values())
-    if arch == "batchtopk":
+    if arch in ("batchtopk", "matryoshka"):
         assert np.all(t["threshold"] == t["threshold"][0]) and t["threshold"][0] > 0
 
 
@@ -179,7 +180,9 @@ def test_round_trip_export_import_load(run, exported, x_raw, tmp_path):
     sae = sae_jax.load(run)
     summary = import_saelens(exported[0], tmp_path / "imported")
     back = sae_jax.load(tmp_path / "imported")
-    assert back.config.arch == summary["arch"] == sae.config.arch  # batchtopk comes back too
+    # batchtopk comes back too; matryoshka as batchtopk (its inference is BatchTopK's)
+    assert back.config.arch == summary["arch"] == {"matryoshka": "batchtopk"}.get(
+        sae.config.arch, sae.config.arch)
     assert (back.input_scale, back.step, back.d_in, back.width) == (1.0, 0, 32, 64)
     if sae.config.arch == "topk":
         assert back.config.k == 4

@@ -357,7 +357,7 @@ def _auxk_of(params, x, ctx, cfg, x_hat=None, code=None):
     code = topk.encode(params, x, cfg) if code is None else code
     if x_hat is None:
         x_hat = decode(params, code.f)
-    return topk.auxk_loss(params, x, x_hat, code, ctx, cfg)
+    return topk.auxk_loss(params, x, x, x_hat, code, ctx, cfg)
 
 
 _auxk_jit = jax.jit(_auxk_of, static_argnums=3)
@@ -521,7 +521,7 @@ def test_sparse_topk_path_equals_dense_reference(compute_dtype):
         x_hat = code.f @ p["W_dec"] + p["b_dec"] if compute_dtype == "float32" else \
             saes.decode(p, code.f, compute_dtype)
         mse = jnp.sum((x - x_hat) ** 2, -1).mean()
-        return mse + cfg.aux_coeff * topk.auxk_loss(p, x, x_hat, code, ctx, cfg)
+        return mse + cfg.aux_coeff * topk.auxk_loss(p, x, x, x_hat, code, ctx, cfg)
 
     def sparse_loss(p):
         assert sparse.usable(None)

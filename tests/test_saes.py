@@ -106,6 +106,14 @@ def test_tanh_saturates():
     np.testing.assert_allclose(value, [np.tanh(penalties.TANH_SCALE * 0.01) + 1.0], rtol=1e-6)
 
 
+def test_lp_is_sqrt_of_weighted_activation():
+    params = {"W_dec": jnp.array([[3.0, 4.0], [0.0, 1.0]])}
+    np.testing.assert_allclose(penalties.lp(params, _code([[4.0, 9.0]]), None),
+                               [np.sqrt(20) + 3], rtol=1e-4)
+    grad = jax.grad(lambda f: penalties.lp(params, _code(f), None).sum())(jnp.zeros((1, 2)))
+    assert np.all(np.isfinite(grad)) and np.all(grad > 0)  # finite, and pushes f towards 0
+
+
 def test_l0_counts_features_above_threshold():
     cfg = make_config(arch="jumprelu", width=3, k=1)
     params = {"log_threshold": jnp.log(jnp.array([0.5, 0.5, 2.0]))}

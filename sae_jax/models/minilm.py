@@ -14,7 +14,7 @@ bf16/TF32 passes; the model is small enough that this costs little.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -33,7 +33,8 @@ MAX_POSITIONS = 512
 MAX_SEQ_LEN = 256  # sentence-transformers' max_seq_length for this model
 PAD_ID = 0
 
-Replace = tuple[int, Callable[[jax.Array], jax.Array]]
+Replace = tuple  # (layer, fn) or (layer, fn, site); see `forward`
+SITES = ("resid", "mlp", "block")
 
 _PRECISION = jax.lax.Precision.HIGHEST
 _EXPECTED_CONFIG = {
@@ -215,10 +216,46 @@ def _attention(p: dict, x: jax.Array, key_mask: jax.Array) -> jax.Array:
     return _dense(p["attn_out"], out.reshape(n, length, d))
 
 
-def _block(p: dict, x: jax.Array, key_mask: jax.Array) -> jax.Array:
-    x = _layer_norm(p["ln_attn"], x + _attention(p, x, key_mask))
-    hidden = jax.nn.gelu(_dense(p["mlp_in"], x), approximate=False)
-    return _layer_norm(p["ln_mlp"], x + _dense(p["mlp_out"], hidden))
+def _mlp_input(p: dict, x: jax.Array, key_mask: jax.Array) -> jax.Array:
+    """The block's attention sub-layer (post-LN): what its MLP reads."""
+    return _layer_norm(p["ln_attn"], x + _attention(p, x, key_mask))
+
+
+def _mlp(p: dict, x: jax.Array) -> jax.Array:
+    """The MLP's output, before it is added to the stream and normalised."""
+    return _dense(p["mlp_out"], jax.nn.gelu(_dense(p["mlp_in"], x), approximate=False))
+
+
+def _block(p: dict, x: jax.Array, key_mask: jax.Array, mlp_hook=None) -> jax.Array:
+    x = _mlp_input(p, x, key_mask)
+    out = _mlp(p, x)
+    if mlp_hook is not None:
+        out = mlp_hook(x, out)
+    return _layer_norm(p["ln_mlp"], x + out)
+
+
+def sublayer_io(params: dict, input_ids: jax.Array, attention_mask: jax.Array, layer: int,
+                site: str) -> tuple[jax.Array, jax.Array]:
+    """`(input, output)` of block `layer`'s MLP (`site="mlp"`) or of the whole block
+    (`site="block"`: the residual stream after `layer - 1` and after `layer`), each
+    `(n, L, 384)`: the pairs a transcoder learns to map."""
+    _check_site(layer, site, N_LAYERS)
+    h = forward(params, input_ids, attention_mask, n_layers=layer - 1)[layer - 1]
+    p = params["layers"][layer - 1]
+    key_mask = jnp.asarray(attention_mask).astype(bool)
+    if site == "block":
+        return h, _block(p, h, key_mask)
+    x = _mlp_input(p, h, key_mask)
+    return x, _mlp(p, x)
+
+
+def _check_site(index: int, site: str, n_layers: int) -> None:
+    if site not in SITES:
+        raise UserError(f"hook site must be one of {', '.join(SITES)}, got {site!r}")
+    low = 0 if site == "resid" else 1
+    if not low <= index <= n_layers:
+        raise UserError(f"replace layer index for a {site} hook must be in [{low}, {n_layers}], "
+                        f"got {index}")
 
 
 def forward(
@@ -238,7 +275,10 @@ def forward(
       replace: optional `(layer_index, fn)`: `fn(h) -> h_new` is applied to hidden state
         `layer_index` (0 = embeddings, 6 = last layer) before the next layer reads it, and the
         replaced value is what is returned there. Used to splice in an SAE reconstruction or to
-        steer. Must be static under `jit` (e.g. `static_argnames="replace"`).
+        steer. Must be static under `jit` (e.g. `static_argnames="replace"`). As
+        `(layer_index, fn, site)` with site "mlp" or "block", `fn(inp, out) -> out_new`
+        replaces the output of block `layer_index`'s MLP or of the whole block, given its
+        input (a transcoder's splice); site "resid" is the default above.
       n_layers: run only the first `n_layers` blocks (0..6; default all six) and return the
         stream up to there, e.g. to harvest layer 3 without paying for layers 4-6. Static
         under `jit`; the returned states equal the first `n_layers + 1` of a full run.
@@ -250,10 +290,13 @@ def forward(
     n_layers = N_LAYERS if n_layers is None else n_layers
     if not 0 <= n_layers <= N_LAYERS:
         raise UserError(f"n_layers must be in [0, {N_LAYERS}], got {n_layers}")
+    site = "resid" if replace is None or len(replace) < 3 else replace[2]
     if replace is not None:
-        index = replace[0]
-        if not 0 <= index <= n_layers:
-            raise UserError(f"replace layer index must be in [0, {n_layers}], got {index}")
+        _check_site(replace[0], site, n_layers)
+
+    def hooked(where: str, i: int):
+        return replace[1] if replace is not None and site == where and replace[0] == i else None
+
     emb = params["embeddings"]
     length = input_ids.shape[1]
     x = emb["word"][input_ids] + emb["position"][:length] + emb["token_type"][0]
@@ -262,9 +305,10 @@ def forward(
     states = []
     for i in range(n_layers + 1):
         if i > 0:
-            x = _block(params["layers"][i - 1], x, key_mask)
-        if replace is not None and replace[0] == i:
-            x = replace[1](x)
+            out = _block(params["layers"][i - 1], x, key_mask, hooked("mlp", i))
+            x = out if hooked("block", i) is None else hooked("block", i)(x, out)
+        if hooked("resid", i) is not None:
+            x = hooked("resid", i)(x)
         states.append(x)
     return jnp.stack(states)
 
@@ -334,4 +378,4 @@ class MiniLM:
 
 def _static(replace) -> Replace | None:
     # `jit` hashes static args: a list would be rejected, a tuple of (int, function) is fine.
-    return None if replace is None else (int(replace[0]), replace[1])
+    return None if replace is None else (int(replace[0]), *replace[1:])

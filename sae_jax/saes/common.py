@@ -61,13 +61,18 @@ class Architecture:
       init: `(key, cfg, d_in, data_mean) -> Params`.
       encode: `(params, x, cfg, mesh) -> Code`, the inference encoder.
       train_encode: encoder used in the training loss (default: `encode`).
-      aux_loss: `(params, x, x_hat, code, ctx, cfg, mesh) -> scalar` extra loss (e.g. AuxK).
+      aux_loss: `(params, x, target, x_hat, code, ctx, cfg, mesh) -> scalar` extra loss,
+        weighted by `aux_coeff` (e.g. AuxK).
+      reconstruction_terms: `(params, code, target, base, cfg, mesh) -> (scalar, metrics)`,
+        reconstruction losses added with weight 1 to the full one (Matryoshka's prefixes);
+        `base` is the feature-free part of x̂ (b_dec, plus the skip term of a transcoder).
       post_update: `(params, code_stats, cfg) -> params`, applied after each optimizer update.
       extra_axes: logical axes of params beyond the four base ones. A param the training
         loss does not use (an estimated buffer) gets zero gradients, so Adam leaves it to
         `post_update`.
       unit_norm_decoder: keep decoder rows at unit norm (and drop the parallel gradient).
       defaults: config values this architecture recommends for keys left at None.
+      check: `(cfg) -> None`, raises `UserError` for config values it cannot use.
     """
 
     name: str
@@ -76,9 +81,11 @@ class Architecture:
     defaults: dict[str, Any]
     train_encode: Callable | None = None
     aux_loss: Callable | None = None
+    reconstruction_terms: Callable | None = None
     post_update: Callable | None = None
     extra_axes: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     unit_norm_decoder: bool = False
+    check: Callable | None = None
 
     def param_axes(self) -> dict[str, tuple[str, ...]]:
         return {**BASE_AXES, **self.extra_axes}
@@ -117,9 +124,19 @@ def init_dictionary(key, d_in: int, width: int, row_norm: float, data_mean=None)
             "b_dec": b_dec}
 
 
+def encoder_center(params: Params, cfg) -> Float[Array, " d_in"]:
+    """What the encoder subtracts from its input: `b_dec` for an SAE (input and output share
+    one space), zeros for a transcoder (its `b_dec` lives in the target space; SAELens's
+    transcoders likewise skip it)."""
+    if cfg.transcoder:
+        return jnp.zeros(params["W_enc"].shape[:1], jnp.float32)
+    return params["b_dec"]
+
+
 def pre_activations(params: Params, x, cfg, mesh: Mesh | None) -> Float[Array, "batch F"]:
     """`(x - b_dec) @ W_enc + b_enc`, sharded (batch over data, features over model)."""
-    pre = matmul(x - params["b_dec"], params["W_enc"], cfg.compute_dtype) + params["b_enc"]
+    x_in = x - encoder_center(params, cfg)
+    pre = matmul(x_in, params["W_enc"], cfg.compute_dtype) + params["b_enc"]
     return constrain(pre, mesh, ("batch", "latent"))
 
 
@@ -127,6 +144,29 @@ def decode(params: Params, f, compute_dtype: str = "float32", mesh: Mesh | None 
     """`f @ W_dec + b_dec`: the reconstruction in scaled-input units."""
     x_hat = matmul(f, params["W_dec"], compute_dtype) + params["b_dec"]
     return constrain(x_hat, mesh, ("batch", "embed"))
+
+
+def skip(params: Params, x, cfg) -> Float[Array, "batch d_out"] | float:
+    """A skip transcoder's linear path `x @ W_skipᵀ` (SAELens's `(d_out, d_in)` layout); 0
+    for everything else."""
+    if "W_skip" not in params:
+        return 0.0
+    return matmul(x, params["W_skip"].T, cfg.compute_dtype)
+
+
+def transcoder_params(key, params: Params, d_out: int, target_mean, skip_connection: bool):
+    """Turns freshly initialised SAE params into a transcoder's: decoder rows of the same
+    norms in the target space, `b_dec` at the target mean, `W_skip` at zero (so training
+    starts from the plain transcoder, as SAELens's `SkipTranscoder` does)."""
+    norms = decoder_norms(params)[:, None]
+    W_dec = jax.random.normal(key, (params["W_dec"].shape[0], d_out), jnp.float32)
+    W_dec = norms * W_dec / jnp.linalg.norm(W_dec, axis=1, keepdims=True)
+    b_dec = jnp.zeros((d_out,), jnp.float32) if target_mean is None else jnp.asarray(
+        target_mean, jnp.float32)
+    params = {**params, "W_dec": W_dec, "b_dec": b_dec}
+    if skip_connection:
+        params["W_skip"] = jnp.zeros((d_out, params["W_enc"].shape[0]), jnp.float32)
+    return params
 
 
 def decoder_norms(params: Params) -> Float[Array, " F"]:

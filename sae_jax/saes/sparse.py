@@ -69,7 +69,8 @@ def _top_k(scores, k: int):
 @jax.custom_vjp
 def selected_pre(pre, x, b_dec, W_enc, b_enc, idx) -> Float[Array, "batch k"]:
     """`pre[b, idx[b, j]]`, where `pre = (x − b_dec) @ W_enc + b_enc`, differentiable in the
-    weights with sparse gradients. `pre` itself receives no gradient."""
+    weights with sparse gradients. `pre` itself receives no gradient. (`b_dec` is the
+    encoder's centre, `common.encoder_center`: zeros for a transcoder.)"""
     return jnp.take_along_axis(pre, idx, axis=1)
 
 

@@ -15,7 +15,14 @@ import jax
 import jax.numpy as jnp
 
 from sae_jax.saes import sparse
-from sae_jax.saes.common import Architecture, Code, init_dictionary, matmul, pre_activations
+from sae_jax.saes.common import (
+    Architecture,
+    Code,
+    encoder_center,
+    init_dictionary,
+    matmul,
+    pre_activations,
+)
 from sae_jax.saes.select import topk_mask
 
 
@@ -33,12 +40,13 @@ def train_encode(params, x, cfg, mesh=None) -> Code:
         return encode(params, x, cfg, mesh)
     pre = jax.lax.stop_gradient(pre_activations(params, x, cfg, mesh))
     idx = sparse.topk_indices(pre, cfg.k, mesh)
-    values = sparse.selected_pre(pre, x, params["b_dec"], params["W_enc"], params["b_enc"], idx)
+    values = sparse.selected_pre(pre, x, encoder_center(params, cfg), params["W_enc"],
+                                 params["b_enc"], idx)
     return Code(pre, jax.nn.relu(values), {}, idx)
 
 
-def auxk_loss(params, x, x_hat, code: Code, ctx, cfg, mesh=None):
-    """‖e − ê‖² / ‖e − ē‖² where e = x − x̂ and ê decodes the top-`aux_k` dead latents.
+def auxk_loss(params, x, target, x_hat, code: Code, ctx, cfg, mesh=None):
+    """‖e − ê‖² / ‖e − ē‖² where e = target − x̂ and ê decodes the top-`aux_k` dead latents.
 
     Normalising by the residual's variance makes the coefficient scale-free. Skipped (0)
     by a `cond` when nothing is dead, which is most steps: its top-k is not free.
@@ -52,13 +60,13 @@ def auxk_loss(params, x, x_hat, code: Code, ctx, cfg, mesh=None):
 
     def sparse_residual_hat():
         idx = sparse.topk_indices(jnp.where(ctx.dead, code.pre, -jnp.inf), aux_k, mesh)
-        values = sparse.selected_pre(code.pre, x, params["b_dec"], params["W_enc"],
+        values = sparse.selected_pre(code.pre, x, encoder_center(params, cfg), params["W_enc"],
                                      params["b_enc"], idx)
         values = jnp.where(ctx.dead[idx], jax.nn.relu(values), 0.0)
         return sparse.decode(params["W_dec"], values, idx, cfg.compute_dtype)
 
     def compute():
-        residual = jax.lax.stop_gradient(x - x_hat)
+        residual = jax.lax.stop_gradient(target - x_hat)
         residual_hat = dense_residual_hat() if code.idx is None else sparse_residual_hat()
         error = jnp.sum(jnp.square(residual_hat - residual))
         variance = jnp.sum(jnp.square(residual - residual.mean(0)))
