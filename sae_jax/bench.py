@@ -2,15 +2,18 @@
 
 Measures, for one SAE size: this machine's matmul peak (a large f32 and bf16 matmul),
 the train step's tokens/s and its FLOP/s as a fraction of that peak, encode-only
-(inference) throughput, compile time and per-device memory from the compiled step, the
-store's read bandwidth, and the Grain loader's rows/s against the step's consumption
-(`loader_over_step` must be ≥ 10). The last stdout line is one JSON object.
+(inference) throughput, feature extraction end to end on MiniLM (text -> layer -> SAE ->
+top features; latency in ms/token for one short text, tokens/s for a batch; at d_in=384),
+compile time and per-device memory from the compiled step, the store's read bandwidth, and
+the Grain loader's rows/s against the step's consumption (`loader_over_step` must be ≥ 10).
+The last stdout line is one JSON object.
 
-FLOPs are counted analytically, as executed: a dense step costs 10·d·F per token
-(encoder forward 2dF; decoder forward 2dF; decoder backward 2dF for W_dec and 2dF for f;
-encoder backward 2dF for W_enc; the input needs no gradient). The sparse TopK step
-(`saes.sparse`) runs only the encoder forward densely: 2dF + 10dk per token. Elementwise
-work, top-k and the optimizer are not counted.
+FLOPs are counted analytically, as executed, by `cost.step_flops_per_token` (the one
+formula, shared with `sae-jax cost`): a dense step costs 10·d·F per token (encoder forward
+2dF; decoder forward 2dF; decoder backward 2dF for W_dec and 2dF for f; encoder backward 2dF
+for W_enc; the input needs no gradient). The sparse TopK step (`saes.sparse`) runs only the
+encoder forward densely: 2dF + 10dk per token. Elementwise work, top-k and the optimizer are
+not counted.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 
 BENCH_KEYS = {"d_in": 384, "bench_steps": 5, "store_rows": 262_144}
 TRAIN_DEFAULTS = ["arch=topk", "k=32", "width=24576", "batch_size=4096"]
+MINILM_WIDTH = 384  # at this d_in the bench also times feature extraction on MiniLM
 
 
 def _timed(fn, repeat: int = 1) -> float:
@@ -43,11 +47,12 @@ def matmul_peak(dtype: str, n: int = 4096, repeat: int = 3) -> float:
 
 def flops_per_token(cfg, d_in: int, mesh) -> int:
     """Executed matmul FLOPs per token of one train step (see the module docstring)."""
-    from sae_jax.saes import sparse
+    from sae_jax.cost import step_flops_per_token
+    from sae_jax.saes import matryoshka, sparse
 
-    if cfg.arch == "topk" and sparse.usable(mesh):
-        return 2 * d_in * cfg.width + 10 * d_in * cfg.k
-    return 10 * d_in * cfg.width
+    inner = len(matryoshka.levels(cfg)) - 1 if cfg.arch == "matryoshka" else None
+    return step_flops_per_token(cfg.arch, d_in, cfg.width, cfg.k, sparse=sparse.usable(mesh),
+                                inner_levels=inner)
 
 
 def bench_encode(cfg, d_in: int, params, x, repeat: int) -> dict:
@@ -188,6 +193,10 @@ def run_bench(pairs: list[str], compare_torch: bool = False) -> dict:
         **sparse_extra, **data,
         "loader_over_step": data["loader_rows_per_s"] / step["tokens_per_s"],
     }
+    if extra["d_in"] == MINILM_WIDTH:  # the serving path: MiniLM -> SAE -> top features
+        from sae_jax.features import bench_feature_extraction
+
+        result.update(bench_feature_extraction(width=cfg.width, arch=cfg.arch, k=cfg.k))
     if compare_torch:
         from sae_jax.bench_torch import torch_tokens_per_s
 
@@ -214,6 +223,10 @@ def format_table(result: dict) -> str:
             ("store read", f"{result['store_read_gib_per_s']:.2f} GiB/s", ""),
             ("loader", f"{result['loader_rows_per_s']:,.0f} rows/s",
              f"{result['loader_over_step']:.1f}x the step's consumption")]
+    if "features_tokens_per_s" in result:
+        rows.append(("feature extraction", f"{result['features_latency_ms_per_token']:.2f} "
+                     "ms/token", f"{result['features_tokens_per_s']:,.0f} tok/s (MiniLM layer "
+                     f"{result['features_layer']} -> SAE -> top {result['features_top']})"))
     if "sparse_over_dense" in result:
         rows.append(("dense topk step", f"{result['dense_path_tokens_per_s']:,.0f} tok/s",
                      f"the sparse step is {result['sparse_over_dense']:.2f}x faster"))

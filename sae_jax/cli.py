@@ -31,9 +31,15 @@ def _cmd_harvest(args) -> dict:
 def _cmd_train(args) -> dict:
     from sae_jax.config import make_config
     from sae_jax.distributed import initialize
+    from sae_jax.sweep import is_sweep, run_sweep_command
     from sae_jax.train import train
 
-    cfg = make_config(args.overrides)
+    overrides = args.overrides + ([f"sweep={args.sweep}"] if args.sweep else [])
+    if is_sweep(overrides):  # lists of values: the whole grid in one pass over the data
+        initialize(args.coordinator_address, args.num_processes, args.process_id)
+        return run_sweep_command(args.data_dir, args.run_dir, overrides,
+                                 progress=not args.quiet)
+    cfg = make_config(overrides)
     initialize(args.coordinator_address, args.num_processes, args.process_id)
     return train(cfg, args.data_dir, args.run_dir, progress=not args.quiet)
 
@@ -115,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="run directory; an existing run is resumed")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--sweep", metavar="FILE.json",
+                   help="train a grid in one pass: a JSON list of override dicts, or a dict "
+                        "of value lists (also: comma lists, e.g. width=1024,4096 k=16,32)")
     group = p.add_argument_group(
         "multi-process", "for clusters without auto-detection; on Cloud TPU set "
         "SAE_JAX_DISTRIBUTED=1 instead and every worker runs the same command")
@@ -162,7 +171,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-torch", action="store_true",
                    help="also time the equivalent PyTorch step (if torch is installed)")
     p.set_defaults(fn=_cmd_bench)
+    _add_module_command(sub, "steer", "clamp a feature in MiniLM and measure the effect; "
+                        "last line is JSON", "sae_jax.steer")
+    _add_module_command(sub, "features", "per-token active features of texts, with catalog "
+                        "labels; last line is JSON", "sae_jax.features")
+    _add_module_command(sub, "audit", "faithfulness (causal, explanatory) and coverage "
+                        "audit of a run; last line is JSON", "sae_jax.audit")
+    _add_module_command(sub, "compare", "drift between two SAEs: matched features, "
+                        "appear/vanish/split; last line is JSON", "sae_jax.compare")
+    _add_module_command(sub, "cost", "FLOPs, hours and memory per chip of a planned run; "
+                        "last line is JSON", "sae_jax.cost")
     return parser
+
+
+def _add_module_command(sub, name: str, help: str, module: str) -> None:
+    """A subcommand whose arguments and action live in `module` (`add_arguments`,
+    `run_command`), imported only when the command line is built."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    p = sub.add_parser(name, help=help, description=help)
+    mod.add_arguments(p)
+    p.set_defaults(fn=mod.run_command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -326,7 +326,7 @@ class Specials:
         return cls(ids[0], ids[1], ids[2] if ids[2] is not None else 0)
 
 
-def _private_copy(tokenizer):
+def untruncated_copy(tokenizer):
     """A copy of a `tokenizers.Tokenizer` with truncation and padding off (the shared object
     keeps whatever settings its other users gave it)."""
     from tokenizers import Tokenizer
@@ -340,7 +340,7 @@ def _private_copy(tokenizer):
 def tokenize_documents(docs: Iterable[Document], tokenizer,
                        batch: int = TOKENIZE_BATCH) -> Iterator[tuple[Document, list[int]]]:
     """`(document, token ids without special tokens)` for each document, in order."""
-    tokenizer = _private_copy(tokenizer)
+    tokenizer = untruncated_copy(tokenizer)
     pending: list[Document] = []
 
     def flush():

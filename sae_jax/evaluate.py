@@ -151,21 +151,6 @@ def evaluate(sae: SAE, rows, batch_size: int = 4096) -> dict:
     }
 
 
-def _json_safe(value):
-    """NaN/Inf -> None (strict JSON), numpy scalars -> Python numbers, recursively."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _json_safe(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def plot_feature_density(density: dict, title: str | None = None) -> bytes:
     """Bar chart of a `density_histogram` (dead features as a separate red bar), PNG bytes."""
     import io
@@ -209,7 +194,7 @@ def write_eval_artifacts(result: dict, out_dir: str | os.PathLike) -> dict:
     out = str(out_dir).rstrip("/")
     if not files.is_remote(out):
         Path(out).mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n"
+    text = json.dumps(files.json_safe(result), indent=1, allow_nan=False) + "\n"
     files.write_bytes(files.join(out, EVAL_JSON), text.encode())
     png = None
     if "feature_density" in result:

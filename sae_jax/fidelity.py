@@ -61,7 +61,7 @@ def _reconstruct(params, x, input_scale, cfg, output_scale=None):
     return saes.reconstruct(params, x * input_scale, cfg) / output_scale
 
 
-def _check_store(store) -> None:
+def check_store(store) -> None:
     meta = store.meta
     if (meta.get("source") != "harvest" or meta.get("model") != MODEL_NAME
             or "layer" not in meta or "seq_len" not in meta or store.positions is None):
@@ -69,7 +69,7 @@ def _check_store(store) -> None:
                         f"{meta.get('source')!r}, model {meta.get('model')!r})")
 
 
-def _corpus(store, corpus):
+def rebuild_corpus(store, corpus):
     """The store's corpus rebuilt (default stdlib, or `corpus` paths), checked by description."""
     docs = make_corpus(corpus)
     want = store.meta.get("corpus")
@@ -181,7 +181,7 @@ def downstream_fidelity(sae: SAE, store, n_sequences: int = 128, seed: int = 0,
     """
     from sae_jax.models import minilm
 
-    _check_store(store)
+    check_store(store)
     if store.d_in != sae.row_width:
         raise UserError(f"store {store.path} has d_in={store.d_in}, but the SAE expects "
                         f"d_in={sae.row_width}")
@@ -191,7 +191,7 @@ def downstream_fidelity(sae: SAE, store, n_sequences: int = 128, seed: int = 0,
     layer, seq_len = int(store.meta["layer"]), int(store.meta["seq_len"])
     keep_special = bool(store.meta.get("keep_special", False))
     train_rows, heldout = store.split(sae.config.holdout)
-    docs = _corpus(store, corpus)
+    docs = rebuild_corpus(store, corpus)
     doc_ids, boundary, stored = _heldout_documents(store, heldout)
 
     # Re-create every sequence of the held-out documents (read the corpus only up to them).

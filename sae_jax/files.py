@@ -4,9 +4,11 @@ key-value stores, so run directories and stores work the same on a laptop and a 
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
+import numpy as np
 import tensorstore as ts
 
 CONTEXT = ts.Context()
@@ -65,3 +67,19 @@ def write_text(path, text: str) -> None:
 
 def exists(path) -> bool:
     return read_text(path) is not None
+
+
+def json_safe(value):
+    """NaN/Inf -> None (strict JSON), numpy arrays and scalars -> Python lists and numbers,
+    recursively: what every JSON result file of the package is passed through."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -28,7 +28,7 @@ CLS, SEP, PAD = 101, 102, 0
 
 
 def _ids(tokenizer, text):
-    return corpus_mod._private_copy(tokenizer).encode(text, add_special_tokens=False).ids
+    return corpus_mod.untruncated_copy(tokenizer).encode(text, add_special_tokens=False).ids
 
 
 def test_python_source_splits_at_top_level_definitions():

@@ -5,6 +5,13 @@
   if (!DATA || !DATA.features) { throw new Error("data.js did not define window.SAE_CATALOG"); }
   var H = DATA.header, FEATURES = DATA.features, BY_ID = {};
   FEATURES.forEach(function (f, i) { BY_ID[f.id] = i; });
+  /* window.SAE_AUDIT (audit.js): the run's `sae-jax audit` report, or null. */
+  var AUDIT = window.SAE_AUDIT || null, AUD = {};
+  if (AUDIT) AUDIT.features.forEach(function (r) { AUD[r.id] = r; });
+  FEATURES.forEach(function (f) {
+    var a = AUD[f.id];
+    if (a) { f.causal = a.causal; f.explanatory = a.explanatory; }
+  });
   var PAGE = 500;
   var state = { key: "frequency", dir: -1, query: "", limit: PAGE };
   var SVGNS = "http://www.w3.org/2000/svg";
@@ -52,13 +59,33 @@
       t.textContent = c + " in [" + L(lo + i * (hi - lo) / n) + ", " + L(lo + (i + 1) * (hi - lo) / n) + ")";
       r.appendChild(t); s.appendChild(r);
     });
+    return axis(s, W, Hh, lo, hi, opts.label);
+  }
+  function axis(s, W, Hh, lo, hi, label) {
     s.appendChild(svg("line", { x1: 0, y1: Hh, x2: W, y2: Hh, "class": "axis" }));
     var labels = [[lo, "start"], [(lo + hi) / 2, "middle"], [hi, "end"]];
     labels.forEach(function (l, i) {
       var t = svg("text", { x: i === 0 ? 1 : (i === 1 ? W / 2 : W - 1), y: Hh + 13, "text-anchor": l[1] });
-      t.textContent = opts.label ? opts.label(l[0]) : fmt(l[0]); s.appendChild(t);
+      t.textContent = label ? label(l[0]) : fmt(l[0]); s.appendChild(t);
     });
     return s;
+  }
+  /* Two histograms over the same bins, side by side in each bin: trained (orange), random (grey). */
+  function pairChart(real, rand, lo, hi) {
+    var W = 300, Hh = 90, pad = 18, n = real.length, bw = (W - 2) / Math.max(n, 1);
+    var s = svg("svg", { width: W, height: Hh + pad, viewBox: "0 0 " + W + " " + (Hh + pad), role: "img" });
+    var max = Math.max.apply(null, real.concat(rand, [1]));
+    [[real, "bar", 0, "trained"], [rand, "bar random", 1, "random"]].forEach(function (spec) {
+      spec[0].forEach(function (c, i) {
+        if (!c) return;
+        var h = Math.max(1, c / max * (Hh - 4));
+        var r = svg("rect", { x: 1 + i * bw + spec[2] * bw / 2, y: Hh - h, width: Math.max(bw / 2 - 0.5, 0.5), height: h, "class": spec[1] });
+        var t = svg("title", {});
+        t.textContent = spec[3] + ": " + c + " in [" + fmt(lo + i * (hi - lo) / n) + ", " + fmt(lo + (i + 1) * (hi - lo) / n) + ")";
+        r.appendChild(t); s.appendChild(r);
+      });
+    });
+    return axis(s, W, Hh, lo, hi);
   }
   var DENSITY = (function () {
     var lo = 0, vals = [];
@@ -127,13 +154,15 @@
     var tb = document.querySelector("#feature-table tbody");
     tb.textContent = "";
     rows.slice(0, state.limit).forEach(function (f) {
-      var tr = el("tr", { "data-id": f.id }, [
+      var cells = [
         el("td", { cls: "num" }, [el("a", { href: "#feature-" + f.id, text: String(f.id) })]),
         el("td", { cls: "num", text: pct(f.frequency) }),
         el("td", { cls: "num", text: fmt(f.mean_activation) }),
         el("td", { cls: "num", text: fmt(f.max_activation) }),
-        el("td", {}, [tokenChips(f, 6)]),
-        el("td", { text: f.label || "" })]);
+        el("td", {}, [tokenChips(f, 6)])];
+      if (AUDIT) cells.push(el("td", { cls: "num", text: fmt(f.causal) }), el("td", { cls: "num", text: fmt(f.explanatory) }));
+      cells.push(el("td", { text: f.label || "" }));
+      var tr = el("tr", { "data-id": f.id }, cells);
       tr.addEventListener("click", function (e) { if (e.target.tagName !== "A") location.hash = "feature-" + f.id; });
       tb.appendChild(tr);
     });
@@ -183,7 +212,87 @@
       el("h3", { text: "Activation histogram (log10)" }), activationChart(f),
       el("h3", { text: "Feature density (this feature marked)" }), densityChart(f.frequency, 320),
       el("h3", { text: "Top tokens" }), tokenChips(f, 20)]);
+    if (AUD[f.id]) right.appendChild(auditBox(AUD[f.id]));
     v.appendChild(el("div", { cls: "panels" }, [left, right]));
+  }
+
+  /* ---------- audit ---------- */
+  var SCORE_NAMES = {
+    causal: "causal: steering z-score vs random directions",
+    ablation_r: "ablation: actual vs predicted effect (r)",
+    explanatory: "explanatory: token explanation vs held-out activation (r)",
+    f1: "explanatory: F1 of the token set" };
+  function link(id) { return el("a", { href: "#feature-" + id, text: String(id) }); }
+  function auditBox(a) {
+    var rows = [["causal (steering z)", a.causal], ["win-rate vs random directions", a.steer_winrate],
+      ["steering gain toward concept", a.steer_gain], ["ablation r (actual vs predicted)", a.ablation_r],
+      ["ablation effect \u2016\u0394e\u2016", a.ablation_effect], ["explanatory r", a.explanatory],
+      ["precision", a.precision], ["recall", a.recall], ["F1", a.f1]];
+    var body = el("tbody");
+    rows.forEach(function (r) { body.appendChild(el("tr", {}, [el("td", { text: r[0] }), el("td", { cls: "num", text: r[1] == null ? "n/a" : fmt(r[1]) })])); });
+    var chips = el("div");
+    (a.explanation || []).forEach(function (tr) { chips.appendChild(el("span", { cls: "tok-chip" }, [tr[0], el("small", { text: pct(tr[1]) })])); });
+    return el("div", { id: "feature-audit" }, [el("h3", { text: "Audit" }), el("table", { cls: "audit-scores" }, [body]),
+      el("h3", { text: "Explanation (firing rate per token)" }), chips]);
+  }
+  function renderAudit() {
+    if (!AUDIT) return;
+    var sec = document.getElementById("audit"), S = AUDIT.summary, st = AUDIT.settings;
+    sec.hidden = false;
+    document.querySelectorAll(".audit-col").forEach(function (th) { th.hidden = false; });
+    sec.appendChild(el("h2", { text: "Audit" }));
+    sec.appendChild(el("p", { cls: "muted", text: AUDIT.features.length + " features scored against " + AUDIT.random_features.length +
+      " features of a random-direction SAE (the control); layer " + st.layer + ", " + st.n_windows + " held-out windows of " + st.window +
+      " tokens. AUC = P(trained score > random score)." }));
+    var tb = el("tbody");
+    ["causal", "steer_winrate", "ablation_r", "explanatory", "f1", "precision", "recall"].forEach(function (k) {
+      var r = S[k];
+      if (r) tb.appendChild(el("tr", {}, [el("td", { text: k }), el("td", { cls: "num", text: fmt(r.median) }),
+        el("td", { cls: "num", text: fmt(r.median_random) }), el("td", { cls: "num", text: fmt(r.auc) })]));
+    });
+    sec.appendChild(el("table", { cls: "audit-summary" }, [el("thead", {}, [el("tr", {}, ["score", "median (trained)", "median (random)", "AUC"].map(
+      function (t) { return el("th", { cls: "nosort", text: t }); }))]), tb]));
+    var grid = el("div", { cls: "audit-grid" });
+    Object.keys(AUDIT.histograms).forEach(function (k) {
+      var hg = AUDIT.histograms[k];
+      grid.appendChild(el("figure", {}, [el("figcaption", { text: SCORE_NAMES[k] || k }), pairChart(hg.real.counts, hg.random.counts, hg.real.lo, hg.real.hi),
+        el("div", { cls: "legend muted" }, [el("span", { cls: "key real" }), "trained", el("span", { cls: "key random" }), "random"])]));
+    });
+    sec.appendChild(grid);
+    var lists = el("div", { cls: "audit-grid" });
+    Object.keys(AUDIT.ranked).forEach(function (k) {
+      ["best", "worst"].forEach(function (which) {
+        var body = el("tbody");
+        AUDIT.ranked[k][which].forEach(function (r) {
+          body.appendChild(el("tr", {}, [el("td", { cls: "num" }, [link(r.id)]), el("td", { cls: "num", text: fmt(r[k]) }), el("td", { text: r.label || "" })]));
+        });
+        lists.appendChild(el("div", { cls: "ranked" }, [el("h3", { text: which + " by " + k }), el("table", {}, [body])]));
+      });
+    });
+    sec.appendChild(lists);
+    renderCoverage(sec, AUDIT.coverage);
+  }
+  function renderCoverage(sec, C) {
+    var d = C.downstream, hg = C.per_token.histogram;
+    sec.appendChild(el("h3", { text: "Coverage (" + C.n_tokens + " held-out tokens)" }));
+    sec.appendChild(el("div", { cls: "stats" }, [stat(fmt(C.fvu), "FVU (pooled unexplained variance)"),
+      stat(fmt(C.per_token.p50), "median per-token unexplained variance"),
+      stat(fmt(C.per_document.p50), "median per-document unexplained variance"),
+      stat(pct(C.no_active_fraction), "tokens with no active feature"),
+      d ? stat(fmt(d.per_sequence.mean), "downstream 1 \u2212 cos(spliced, clean), mean of " + d.fidelity.n_sequences + " sequences") : null,
+      d && d.fidelity.fidelity_recovered != null ? stat(pct(d.fidelity.fidelity_recovered), "fidelity recovered (vs mean ablation)") : null]));
+    sec.appendChild(el("figure", {}, [el("figcaption", { text: "Per-token unexplained variance \u2016x \u2212 x\u0302\u2016\u00b2 / \u2016x \u2212 \u03bc\u2016\u00b2" }),
+      barChart(hg.counts, hg.lo, hg.hi, { width: 420 })]));
+    sec.appendChild(el("h3", { text: "Dark matter: held-out tokens with the largest unexplained error" }));
+    var dm = el("div", { id: "dark-matter" });
+    C.dark_matter.forEach(function (ex) { dm.appendChild(example(ex, Math.max.apply(null, ex.activations))); });
+    sec.appendChild(dm);
+    if (d && d.worst_sequences.length) {
+      sec.appendChild(el("h3", { text: "Sequences the spliced SAE changes most downstream (1 \u2212 cos)" }));
+      d.worst_sequences.forEach(function (w) {
+        sec.appendChild(el("div", { cls: "example" }, [el("span", { cls: "val", text: fmt(w.loss) + "  doc " + w.doc }), w.text || ""]));
+      });
+    }
   }
 
   /* ---------- routing ---------- */
@@ -199,6 +308,7 @@
     H.arch ? H.arch + " \u00d7" + H.width : null, H.n_rows + " tokens", FEATURES.length + " features shown",
     H.run ? "run " + H.run : null].filter(Boolean).join(" \u00b7 ");
   document.getElementById("density").appendChild(densityChart(null));
+  renderAudit();
   document.getElementById("search").addEventListener("input", function (e) { state.query = e.target.value; state.limit = PAGE; renderTable(); });
   document.querySelectorAll("#feature-table th").forEach(function (th) {
     if (th.classList.contains("nosort")) return;
