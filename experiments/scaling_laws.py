@@ -32,7 +32,7 @@ k=4, a 300k-token harvest: ~3-5 minutes. Full = widths 128..2048 × steps 250..4
 512 (up to 2M tokens, 2 epochs), k=8, a 1M-token harvest (what `make demo` harvests):
 ~25 minutes (estimated from the step time, 64 ns per feature·row; not run).
 
-Trial (2026-11-24, shared 2-core CPU, jax 0.10.2) of an earlier small grid, k=8, widths
+Trial (2026-11-23, shared 2-core CPU, jax 0.10.2) of an earlier small grid, k=8, widths
 128..2048 × steps 32..512, batch 256, 200k tokens: 283 s in all; L(C) = 0.114 +
 204·C^−0.295 (alpha ± 0.083, R² 0.986); the held-out point (C = 1.07e11) predicted 0.227,
 measured 0.244 (−7.1%); only 1 interior iso-compute group (the optimum sat at the small-width

@@ -12,7 +12,7 @@ the separate runs do not pay for Python start-up or imports, so the saving of se
 `sae-jax train` commands would be larger. Checks that both give identical params, and
 prints the wall times and their ratio (last line: JSON).
 
-Result (2026-11-24, 2-core CPU shared with other jobs, 1 device, jax 0.10.2; defaults:
+Result (2026-11-23, 2-core CPU shared with other jobs, 1 device, jax 0.10.2; defaults:
 widths 512,1024 × k 16,32, 200 steps): one pass 18.5 s vs separately 24.1 s, 1.30x (CPU
 time 29.5 s vs 37.6 s, 1.27x); identical params. The saving is compilation and per-run
 set-up: on CPU the fused step costs what the four steps cost (both ~2.3 s of CPU per 20

@@ -4,6 +4,7 @@ key-value stores, so run directories and stores work the same on a laptop and a 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -43,6 +44,21 @@ def read_text(path) -> str | None:
     store, name = _split(path)
     value = store.read(name).result()
     return value.value.decode() if value.state == "value" else None
+
+
+def read_json(path, missing: str):
+    """The parsed JSON file at `path`. A missing file raises `UserError(missing)`; a file that
+    is not JSON raises `UserError("<path> is not valid JSON (...)")`."""
+    from sae_jax.errors import UserError
+
+    text = read_text(path)
+    if text is None:
+        raise UserError(missing)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}): damaged or "
+                        "not written by sae_jax") from None
 
 
 def write_bytes(path, data: bytes) -> None:

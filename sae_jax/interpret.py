@@ -110,13 +110,10 @@ def read_catalog(path: str | os.PathLike) -> FeatureCatalog:
     path = str(path)
     if not path.endswith(".json"):
         path = files.join(path, CATALOG_FILE)
-    text = files.read_text(path)
-    if text is None:
-        raise UserError(f"no feature catalog at {path}")
+    raw = files.read_json(path, f"no feature catalog at {path}")
     try:
-        raw = json.loads(text)
         return FeatureCatalog(raw["header"], raw["features"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
         raise UserError(f"{path} is damaged: {type(e).__name__}: {e}") from None
 
 

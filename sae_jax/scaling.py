@@ -362,14 +362,7 @@ def read_fit(path) -> dict:
     path = str(path)
     if not files.is_remote(path) and Path(path).is_dir():
         path = files.join(path, FIT_FILE)
-    text = files.read_text(path)
-    if text is None:
-        raise UserError(f"no scaling fit at {path}")
-    try:
-        fit = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"scaling fit {path} is not valid JSON ({e.msg}, line {e.lineno})"
-                        ) from None
+    fit = files.read_json(path, f"no scaling fit at {path}")
     if not isinstance(fit, dict) or fit.get("kind") != FIT_KIND:
         raise UserError(f"{path} is not a scaling fit (written by sae_jax.scaling.write_fit)")
     if fit.get("version") != FIT_VERSION:

@@ -132,13 +132,7 @@ def read_sweep_file(path: str) -> list[dict[str, str]]:
     (`[{"width": 1024, "k": 16}, {"width": 4096, "k": 32}]`), or an object of value lists
     whose product is the grid (`{"width": [1024, 4096], "k": [16, 32]}`).
     """
-    text = files.read_text(path)
-    if text is None:
-        raise UserError(f"sweep file {path} does not exist")
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"sweep file {path} is not valid JSON: {e}") from None
+    raw = files.read_json(path, f"sweep file {path} does not exist")
     if isinstance(raw, dict) and raw and all(isinstance(v, list) and v for v in raw.values()):
         raw = [dict(zip(raw, values)) for values in itertools.product(*raw.values())]
     if not (isinstance(raw, list) and raw and all(isinstance(m, dict) and m for m in raw)):

@@ -143,3 +143,27 @@ def test_compare_torch_without_torch_reports_null(monkeypatch, capsys):
     result = json.loads(out.splitlines()[-1])
     assert result["torch_tokens_per_s"] is None and result["speedup_vs_torch"] is None
     assert "not installed" in out
+
+
+def test_train_with_lists_is_a_one_pass_sweep(synthetic_store, tmp_path, capsys):
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps([{"width": 32}, {"width": 64}]))
+    common = ["k=4", "steps=3", "batch_size=64", "log_every=1"]
+    assert main(["train", synthetic_store, str(tmp_path / "a"), "width=32,64", *common,
+                 "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [m["name"] for m in out["members"]] == ["width=32", "width=64"]
+    assert main(["train", synthetic_store, str(tmp_path / "b"), "--sweep", str(grid),
+                 *common, "--quiet"]) == 0
+    for name in ("width=32", "width=64"):
+        assert (tmp_path / "a" / name / "config.json").is_file()
+        assert (tmp_path / "b" / name / "config.json").is_file()
+    assert "batch_size cannot be swept" in _error(
+        capsys, "train", synthetic_store, str(tmp_path / "c"), "batch_size=32,64")
+
+
+def test_analysis_commands_are_wired(capsys):
+    for command in ("steer", "features", "audit", "compare", "cost"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "usage: sae-jax " + command in capsys.readouterr().out
