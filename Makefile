@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo install clean
+.PHONY: test demo scaling install clean
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CHROMIUM := /usr/bin/chromium
 
@@ -39,5 +39,11 @@ demo: $(STAMP)
 	$(BIN)/sae-jax dashboard $(DEMO)/topk $(DEMO)/minilm_l3 $(DEMO)/dashboard --split heldout
 	@echo "Open $(DEMO)/dashboard/index.html in a browser."
 
+# Scaling laws of TopK SAEs on MiniLM layer 3 (README "Scaling laws"): harvest, a width x
+# steps grid in one sweep pass per steps value, power-law fits and plots (~30-40 min on 2
+# cores; `python experiments/scaling_laws.py --small --out DIR` takes a few minutes).
+scaling: $(STAMP)
+	$(BIN)/python experiments/scaling_laws.py --out scaling_out
+
 clean:
-	rm -rf $(VENV) demo_out
+	rm -rf $(VENV) demo_out scaling_out
