@@ -26,7 +26,7 @@ def test_architecture_defaults_fill_unset_keys():
     (["width=abc"], "bad value for width: 'abc' (expected int)"),
     (["width=1.5"], "bad value for width: '1.5' (expected int)"),
     (["arch=gated"], "bad value for arch: 'gated'; choose one of: relu, jumprelu, topk"),
-    (["penalty=l3"], "bad value for penalty: 'l3'; choose one of: l1, tanh, l0, none"),
+    (["penalty=l3"], "bad value for penalty: 'l3'; choose one of: l1, tanh, lp, l0, none"),
     (["compute_dtype=fp8"], "choose one of: float32, bfloat16"),
     (["k=0"], "k must be > 0"),
     (["width=8", "k=16"], "k=16 must be <= width=8"),
