@@ -29,6 +29,7 @@ import functools
 import itertools
 import os
 import platform
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -42,6 +43,7 @@ from tqdm import tqdm
 
 from sae_jax.corpus import NO_POSITION, TokenSequence, make_corpus, sequences
 from sae_jax.errors import UserError
+from sae_jax.interrupts import signal_flag
 from sae_jax.mesh import batch_sharding, make_mesh, replicated
 
 MODELS = ("minilm",)
@@ -183,9 +185,12 @@ def harvest(activations_fn: ActivationsFn, sequences: Iterable[TokenSequence], w
 
     start = time.perf_counter()
     in_flight = None
-    with tqdm(total=max_tokens, unit="tok", unit_scale=True, dynamic_ncols=True,
-              disable=not progress, desc="harvest") as bar:
+    with (tqdm(total=max_tokens, unit="tok", unit_scale=True, dynamic_ncols=True,
+               disable=not progress, desc="harvest") as bar,
+          signal_flag(signal.SIGINT, repeat_raises=True) as interrupted):
         for batch in _batches(sequences, batch_size):
+            if interrupted.is_set():  # Ctrl-C: stop between batches, never inside JAX
+                raise KeyboardInterrupt("harvest interrupted; nothing was kept")
             ids, mask, _, positions, _ = batch
             result = apply(ids, mask)  # dispatched asynchronously
             if in_flight is not None:

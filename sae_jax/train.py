@@ -7,10 +7,8 @@ The loop around it only feeds batches, logs and checkpoints.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import signal
-import threading
 from functools import partial
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from sae_jax import checkpoint, saes
 from sae_jax.config import TrainConfig
 from sae_jax.distributed import batch_share, host_value
 from sae_jax.errors import Preempted, UserError
+from sae_jax.interrupts import signal_flag
 from sae_jax.loader import BatchSource, batches, estimate_stats
 from sae_jax.mesh import batch_sharding, logical_to_sharding, make_mesh, replicated
 from sae_jax.metrics import MetricsLog
@@ -182,18 +181,9 @@ def estimate_scales(run_widths: tuple[int, int | None], train_rows):
             estimate_stats(train_rows, slice(d_in, None))[0])
 
 
-@contextlib.contextmanager
 def sigterm_flag():
     """A flag set by SIGTERM (how Cloud TPU preemption arrives) while the block runs."""
-    flag = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag  # signal handlers can only be installed from the main thread
-        return
-    previous = signal.signal(signal.SIGTERM, lambda *_: flag.set())
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return signal_flag(signal.SIGTERM)
 
 
 def train(cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path,
