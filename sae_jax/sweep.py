@@ -37,14 +37,15 @@ from tqdm import tqdm
 
 from sae_jax import checkpoint, files
 from sae_jax.config import TrainConfig, make_config, parse_overrides
-from sae_jax.distributed import batch_share, host_value
+from sae_jax.distributed import host_value
 from sae_jax.errors import Preempted, UserError
-from sae_jax.loader import BatchSource, batches
+from sae_jax.loader import batches
 from sae_jax.mesh import auto_mesh_spec, batch_sharding, device_memory_bytes, make_mesh, replicated
 from sae_jax.metrics import MetricsLog
 from sae_jax.run import CONFIG_FILE, RunInfo, data_widths, prepare_run
 from sae_jax.store import open_store
 from sae_jax.train import (
+    batch_feed,
     check_mesh_fits,
     compile_train_step,
     estimate_scales,
@@ -405,15 +406,7 @@ def train_sweep(cfgs: list[TrainConfig], data_dir: str | Path, run_dir: str | Pa
     members = [_open_member(n, c, run_dir, store, train_rows, mesh, scales, (d_in, d_out))
                for n, c in zip(names, cfgs)]
     _write_sweep_file(run_dir, members)
-    x_sharding = batch_sharding(mesh)
-    share_index, share_count = batch_share(x_sharding, shared.batch_size, store.d_in)
-    source = BatchSource(train_rows, shared.batch_size, shared.seed, shared.steps, share_index,
-                         share_count, block_rows=store.meta.get("chunk_rows", 4096))
-
-    def to_global(local_rows):
-        return jax.make_array_from_process_local_data(
-            x_sharding, local_rows, (shared.batch_size, store.d_in))
-
+    source, to_global = batch_feed(store, train_rows, shared, mesh)
     start = max(m.start for m in members)
     bar = tqdm(total=shared.steps, initial=start, unit="step", dynamic_ncols=True,
                disable=not (progress and jax.process_index() == 0),

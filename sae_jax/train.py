@@ -167,6 +167,22 @@ def init_or_restore(cfg: TrainConfig, run: RunInfo, mesh: Mesh, tx, mngr, train_
     return init(jax.random.key(cfg.seed), data_mean=scaled_mean), state_sh
 
 
+def batch_feed(store, train_rows, cfg: TrainConfig, mesh: Mesh):
+    """`(source, to_global)`: this process's share of every global batch of the training rows
+    (a `BatchSource`; batch s is a pure function of (seed, s)), and the function that
+    assembles a share into the global batch array sharded over `data`."""
+    x_sharding = batch_sharding(mesh)
+    share_index, share_count = batch_share(x_sharding, cfg.batch_size, store.d_in)
+    source = BatchSource(train_rows, cfg.batch_size, cfg.seed, cfg.steps, share_index,
+                         share_count, block_rows=store.meta.get("chunk_rows", 4096))
+
+    def to_global(local_rows):
+        return jax.make_array_from_process_local_data(
+            x_sharding, local_rows, (cfg.batch_size, store.d_in))
+
+    return source, to_global
+
+
 def reconstructed_columns(run: RunInfo) -> slice:
     """The columns of a row the SAE reconstructs: all of them, or a transcoder's target."""
     return slice(None) if run.d_out is None else slice(run.d_in, None)
@@ -214,16 +230,8 @@ def train(cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path,
     state, state_sh = init_or_restore(cfg, run, mesh, tx, mngr, train_rows)
     step_fn = compile_train_step(cfg, tx, mesh, state_sh, run.input_scale, run.target_scale)
     start = int(host_value(state.step))
-    x_sharding = batch_sharding(mesh)
-    share_index, share_count = batch_share(x_sharding, cfg.batch_size, store.d_in)
-    source = BatchSource(train_rows, cfg.batch_size, cfg.seed, cfg.steps, share_index,
-                         share_count, block_rows=store.meta.get("chunk_rows", 4096))
+    source, to_global = batch_feed(store, train_rows, cfg, mesh)
     log = MetricsLog(run_dir, cfg, start, progress=progress)
-
-    def to_global(local_rows):
-        return jax.make_array_from_process_local_data(
-            x_sharding, local_rows, (cfg.batch_size, store.d_in))
-
     last = {}
     try:
         with sigterm_flag() as preempted:
