@@ -57,7 +57,6 @@ F_A and F_B may differ.
 from __future__ import annotations
 
 import functools
-import io
 import json
 import math
 import sys
@@ -68,7 +67,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sae_jax import files, saes
+from sae_jax import files, plots, saes
 from sae_jax.errors import UserError
 
 DEFAULT_THRESHOLD = 0.7
@@ -664,18 +663,12 @@ def _run_name(run, default: str) -> str:
 
 def plot_compare(result: dict) -> bytes:
     """Histograms of one-to-one and best cosines (and of activation correlations), PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-
     panels = [("cosine_hist", "decoder cosine", result["cosine_hist"])]
     if result.get("activation"):
         panels.append(("corr_hist", "activation correlation (Pearson)",
                        result["activation"]["corr_hist"]))
-    fig = Figure(figsize=(7 * len(panels), 4), dpi=100)
-    for n, (_, xlabel, hist) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), n + 1)
+    fig, axes = plots.figure(7 * len(panels), 4, len(panels))
+    for n, ((_, xlabel, hist), ax) in enumerate(zip(panels, axes)):
         edges = np.asarray(hist["bin_edges"])
         ax.bar(edges[:-1], hist["one_to_one"], width=np.diff(edges), align="edge",
                color="tab:blue", edgecolor="white", label="one-to-one pairs")
@@ -697,10 +690,7 @@ def plot_compare(result: dict) -> bytes:
              f"({result['width_b']}): {result['n_matched']} matched pairs (cos ≥ "
              f"{result['threshold']:g}) = {result['matched_frac_a']:.1%} of A")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return plots.png(fig)
 
 
 def write_compare_artifacts(result: dict, out_dir) -> dict:

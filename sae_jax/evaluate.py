@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sae_jax import files, saes
+from sae_jax import files, plots, saes
 from sae_jax.errors import UserError
 from sae_jax.sae import SAE
 
@@ -153,17 +153,9 @@ def evaluate(sae: SAE, rows, batch_size: int = 4096) -> dict:
 
 def plot_feature_density(density: dict, title: str | None = None) -> bytes:
     """Bar chart of a `density_histogram` (dead features as a separate red bar), PNG bytes."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-
     edges = np.asarray(density["bin_edges_log10"], float)
     counts = np.asarray(density["counts"], float)
-    fig = Figure(figsize=(7, 4), dpi=100)
-    ax = fig.add_subplot()
+    fig, (ax,) = plots.figure(7, 4)
     width = np.diff(edges)
     ax.bar(edges[:-1], counts, width=width, align="edge", color="tab:blue",
            edgecolor="white", label="alive features")
@@ -175,10 +167,7 @@ def plot_feature_density(density: dict, title: str | None = None) -> bytes:
     ax.set_ylabel("features")
     ax.set_title(title or "Feature density")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return plots.png(fig)
 
 
 def write_eval_artifacts(result: dict, out_dir: str | os.PathLike) -> dict:

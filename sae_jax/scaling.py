@@ -38,7 +38,6 @@ Definitions (what `fit_scaling` returns):
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from pathlib import Path
@@ -46,7 +45,7 @@ from pathlib import Path
 import numpy as np
 from scipy import optimize
 
-from sae_jax import files
+from sae_jax import files, plots
 from sae_jax.errors import UserError
 
 FIT_FILE = "scaling_fit.json"
@@ -379,23 +378,6 @@ def read_fit(path) -> dict:
 # ----------------------------------------------------------------------------- plots
 
 
-def _figure(n_axes: int = 1, width: float = 7.0):
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-
-    fig = Figure(figsize=(width, 4.5), dpi=100)
-    return fig, [fig.add_subplot(1, n_axes, i + 1) for i in range(n_axes)]
-
-
-def _png(fig) -> bytes:
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
 def _compute_grid(values) -> np.ndarray:
     lo, hi = np.log10(min(values)), np.log10(max(values))
     pad = 0.05 * max(hi - lo, 0.1)
@@ -415,7 +397,7 @@ def plot_loss_vs_compute(points, fit: dict) -> bytes:
     points = check_points(points)
     law = fit.get("loss_vs_compute", fit)
     heldout = fit.get("heldout")
-    fig, (ax,) = _figure()
+    fig, (ax,) = plots.figure(7.0, 4.5)
     widths = np.array([p["width"] for p in points], dtype=np.float64)
     norm = colors.LogNorm(widths.min(), widths.max() * (1.0001 if np.ptp(widths) == 0 else 1))
     scatter = ax.scatter([p["flops"] for p in points], [p["loss"] for p in points], c=widths,
@@ -438,7 +420,7 @@ def plot_loss_vs_compute(points, fit: dict) -> bytes:
     ax.set_ylabel("loss")
     ax.set_title("Loss vs compute")
     ax.legend(fontsize=8)
-    return _png(fig)
+    return plots.png(fig)
 
 
 def plot_optimal(result: dict) -> bytes:
@@ -447,7 +429,7 @@ def plot_optimal(result: dict) -> bytes:
     Args:
       result: a `fit_scaling` result.
     """
-    fig, axes = _figure(2, width=11.0)
+    fig, axes = plots.figure(11.0, 4.5, 2)
     groups = result["iso_compute"]
     for ax, key, label in ((axes[0], "width", "optimal width (features)"),
                            (axes[1], "steps", "optimal steps")):
@@ -469,4 +451,4 @@ def plot_optimal(result: dict) -> bytes:
         ax.set_ylabel(label)
         ax.set_title(label.capitalize() + " vs compute")
         ax.legend(fontsize=8)
-    return _png(fig)
+    return plots.png(fig)
