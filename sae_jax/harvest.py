@@ -249,11 +249,17 @@ def minilm_pair_activations(layer: int, site: str, params: dict | None = None) -
     stream before and after block `layer` (`site="block"`), concatenated to `(n, L, 768)`."""
     from sae_jax.models import minilm
 
+    _check_pair_layer(layer)
+    params = minilm.load_params() if params is None else params
+    return Partial(functools.partial(_minilm_pair, layer=layer, site=site), params)
+
+
+def _check_pair_layer(layer) -> None:
+    from sae_jax.models import minilm
+
     if not isinstance(layer, int) or not 1 <= layer <= minilm.N_LAYERS:
         raise UserError(f"--pair needs a block: layer must be in 1..{minilm.N_LAYERS}, "
                         f"got {layer}")
-    params = minilm.load_params() if params is None else params
-    return Partial(functools.partial(_minilm_pair, layer=layer, site=site), params)
 
 
 def _tokenizer_info(tokenizer) -> dict:
@@ -317,8 +323,8 @@ def run_harvest(data_dir: str | os.PathLike, model: str = "minilm", layer: int =
         raise UserError(f"dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype}")
     if pair is not None and pair not in PAIR_HOOKS:
         raise UserError(f"pair must be one of {', '.join(PAIR_HOOKS)}, got {pair!r}")
-    activations = (minilm_activations(layer) if pair is None else
-                   minilm_pair_activations(layer, pair))
+    if pair is not None:
+        _check_pair_layer(layer)
     meta = {
         "source": "harvest",
         "model": "all-MiniLM-L6-v2",
@@ -351,6 +357,8 @@ def run_harvest(data_dir: str | os.PathLike, model: str = "minilm", layer: int =
         if first is None:
             raise UserError(f"the corpus holds no text to harvest ({docs.description})")
         writer.meta.update(corpus=docs.description, tokenizer=_tokenizer_info(tokenizer))
+        activations = (minilm_activations(layer) if pair is None else
+                       minilm_pair_activations(layer, pair))
         stats = harvest(activations, itertools.chain([first], seqs), writer,
                         max_tokens=max_tokens, batch_size=batch_size,
                         keep_special=keep_special, progress=progress, mesh=mesh)

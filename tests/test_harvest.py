@@ -196,6 +196,8 @@ def test_bad_input_is_a_user_error(tmp_path):
         ({"seq_len": 2}, "seq_len"),
         ({"batch_size": 0}, "batch_size"),
         ({"dtype": "float16"}, "dtype"),
+        ({"pair": "attn"}, "pair must be one of mlp, block"),
+        ({"pair": "mlp", "layer": 0}, "--pair needs a block"),
         ({"corpus": [str(tmp_path / "missing.txt")]}, "does not exist"),
         ({"corpus": str(tmp_path / "empty.txt")}, "no text"),
     ]
