@@ -141,6 +141,26 @@ def batches(source: BatchSource, start: int, prefetch: int = 2):
     return iter(ds.to_iter_dataset(options))
 
 
+def stats_sample(span) -> np.ndarray:
+    """`STATS_BLOCKS` evenly spread blocks of rows, float32: what the input scale and the
+    data mean are estimated from."""
+    starts = np.linspace(0, max(0, len(span) - STATS_BLOCK_ROWS), STATS_BLOCKS).astype(int)
+    sample = np.concatenate([span.read(s, s + STATS_BLOCK_ROWS) for s in np.unique(starts)])
+    return sample.astype(np.float32)
+
+
+def scale_and_mean(sample: np.ndarray) -> tuple[float, np.ndarray]:
+    """Scale c with E‖c·x‖² = d over the rows x of `sample (n, d)`, and the mean of c·x."""
+    from sae_jax.errors import UserError
+
+    mean_sq_norm = float(np.mean(np.sum(np.square(sample, dtype=np.float64), axis=1)))
+    if not np.isfinite(mean_sq_norm) or mean_sq_norm == 0:
+        raise UserError("cannot scale the inputs: their mean squared norm is "
+                        f"{mean_sq_norm} (all zeros or non-finite?)")
+    scale = float(np.sqrt(sample.shape[1] / mean_sq_norm))
+    return scale, (sample.mean(0) * scale).astype(np.float32)
+
+
 def estimate_stats(span, columns: slice = slice(None)) -> tuple[float, np.ndarray]:
     """Input scale c with E‖c·x‖² = d_in, and the mean of c·x, from evenly spread blocks.
 
@@ -150,15 +170,5 @@ def estimate_stats(span, columns: slice = slice(None)) -> tuple[float, np.ndarra
     Returns:
       `(scale, scaled_mean)`.
     """
-    from sae_jax.errors import UserError
-
-    starts = np.linspace(0, max(0, len(span) - STATS_BLOCK_ROWS), STATS_BLOCKS).astype(int)
-    sample = np.concatenate([span.read(s, s + STATS_BLOCK_ROWS) for s in np.unique(starts)])
-    sample = sample[:, columns].astype(np.float32)
-    mean_sq_norm = float(np.mean(np.sum(np.square(sample, dtype=np.float64), axis=1)))
-    if not np.isfinite(mean_sq_norm) or mean_sq_norm == 0:
-        raise UserError("cannot scale the inputs: their mean squared norm is "
-                        f"{mean_sq_norm} (all zeros or non-finite?)")
-    scale = float(np.sqrt(sample.shape[1] / mean_sq_norm))
-    return scale, (sample.mean(0) * scale).astype(np.float32)
+    return scale_and_mean(stats_sample(span)[:, columns])
 

@@ -24,7 +24,7 @@ from sae_jax.config import TrainConfig
 from sae_jax.distributed import batch_share, host_value
 from sae_jax.errors import Preempted, UserError
 from sae_jax.interrupts import signal_flag
-from sae_jax.loader import BatchSource, batches, estimate_stats
+from sae_jax.loader import BatchSource, batches, estimate_stats, scale_and_mean, stats_sample
 from sae_jax.mesh import batch_sharding, logical_to_sharding, make_mesh, replicated
 from sae_jax.metrics import MetricsLog
 from sae_jax.run import RunInfo, data_widths, prepare_run
@@ -193,8 +193,8 @@ def estimate_scales(run_widths: tuple[int, int | None], train_rows):
     d_in, d_out = run_widths
     if d_out is None:
         return estimate_stats(train_rows)[0]
-    return (estimate_stats(train_rows, slice(0, d_in))[0],
-            estimate_stats(train_rows, slice(d_in, None))[0])
+    sample = stats_sample(train_rows)  # read once for both halves
+    return scale_and_mean(sample[:, :d_in])[0], scale_and_mean(sample[:, d_in:])[0]
 
 
 def sigterm_flag():
