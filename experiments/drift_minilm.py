@@ -4,8 +4,8 @@
     python experiments/drift_minilm.py --out /tmp/drift --small    # smoke test, ~3 min
 
 1. **Stability.** Harvest the residual stream after block 3 over the standard library's
-   sources (`sae_jax.harvest.run_harvest`), train two TopK SAEs that differ only in `seed`,
-   and compare them (`sae_jax.compare`). The seed-to-seed match is the baseline: what
+   sources (`sae_jax.lm.harvest.run_harvest`), train two TopK SAEs that differ only in `seed`,
+   and compare them (`sae_jax.analysis.compare`). The seed-to-seed match is the baseline: what
    training noise alone changes.
 2. **Drift.** Harvest the same tokens through a perturbed MiniLM: every weight matrix of
    blocks 1..3 (the ones that compute the hooked layer) gets Gaussian noise whose RMS is
@@ -55,16 +55,17 @@ import jax
 import numpy as np
 
 import sae_jax
-from sae_jax import compare, files
+from sae_jax.analysis import compare
+from sae_jax import files
 from sae_jax.config import make_config
-from sae_jax.corpus import make_corpus, sequences
+from sae_jax.lm.corpus import make_corpus, sequences
 from sae_jax.errors import UserError
-from sae_jax.evaluate import evaluate
-from sae_jax.harvest import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN, harvest, minilm_activations
-from sae_jax.harvest import run_harvest as harvest_clean
-from sae_jax.models import minilm
-from sae_jax.store import META_FILE, StoreWriter, open_store
-from sae_jax.train import train
+from sae_jax.analysis.evaluate import evaluate
+from sae_jax.lm.harvest import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN, harvest, minilm_activations
+from sae_jax.lm.harvest import run_harvest as harvest_clean
+from sae_jax.lm import minilm
+from sae_jax.data.store import META_FILE, StoreWriter, open_store
+from sae_jax.training.train import train
 
 LAYER = 3
 SIZES = {

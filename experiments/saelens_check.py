@@ -29,7 +29,7 @@ TRANSCODERS = {"tc_relu": ("relu", False), "tc_batchtopk_skip": ("batchtopk", Tr
 
 def _pair_store(root: str, rows: np.ndarray) -> str:
     """A transcoder store: input x (scale x37) and target = a sparse map of x (scale x5)."""
-    from sae_jax.store import StoreWriter
+    from sae_jax.data.store import StoreWriter
 
     rng = np.random.default_rng(2)
     mix = rng.normal(size=(rows.shape[1], 24)) * (rng.random((rows.shape[1], 24)) < 0.2)
@@ -45,10 +45,10 @@ def _pair_store(root: str, rows: np.ndarray) -> str:
 def export(root: str) -> None:
     import sae_jax
     from sae_jax.config import make_config
-    from sae_jax.export import export_saelens
-    from sae_jax.importers import import_activations
-    from sae_jax.synthetic import sparse_dictionary_data
-    from sae_jax.train import train
+    from sae_jax.saelens import export_saelens
+    from sae_jax.data.importers import import_activations
+    from sae_jax.data.synthetic import sparse_dictionary_data
+    from sae_jax.training.train import train
 
     rows = sparse_dictionary_data(20000, 32, 64, seed=1)[0] * 37
     np.save(f"{root}/x.npy", rows)

@@ -5,20 +5,20 @@
 What it does, as Scaling Monosemanticity did at ~10^6x the compute:
 
 1. **Data**: `--data STORE`, or else MiniLM layer-3 activations over the Python standard
-   library, harvested once into `DIR/store` (`sae_jax.harvest.run_harvest`; reused when the
+   library, harvested once into `DIR/store` (`sae_jax.lm.harvest.run_harvest`; reused when the
    script runs again).
 2. **Grid**: TopK SAEs at a fixed k (the fixed sparsity target), widths F and steps S both
    log-spaced by the same ratio 2, so points of equal compute lie on the grid's diagonals.
-   One `sae_jax.sweep.train_sweep` pass per steps value trains every width at once (each
+   One `sae_jax.training.sweep.train_sweep` pass per steps value trains every width at once (each
    width sees the same batches). Runs land in `DIR/runs/steps=S/width=F` (ordinary run
    directories: rerunning the script resumes or reuses them).
-3. **Point** per SAE: `loss` = held-out FVU (`sae_jax.evaluate.evaluate` on the first
+3. **Point** per SAE: `loss` = held-out FVU (`sae_jax.analysis.evaluate.evaluate` on the first
    `eval_rows` rows of the store's held-out tail; FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖²),
-   `tokens` = S × batch size, `flops` = `sae_jax.cost.run_flops` (the executed matmul
+   `tokens` = S × batch size, `flops` = `sae_jax.planning.cost.run_flops` (the executed matmul
    FLOPs of the train step per token × tokens: 2dF + 10dk for the sparse TopK step that
    runs on an unsplit dictionary, 10dF otherwise), plus mse, l0, dead_frac and the pass's
    wall time. Written to `DIR/points.json`.
-4. **Fit** (`sae_jax.scaling.fit_scaling`, whose docstring defines every number): L(C) =
+4. **Fit** (`sae_jax.planning.scaling.fit_scaling`, whose docstring defines every number): L(C) =
    L_inf + a·C^−alpha on the loss-vs-compute frontier with the largest-compute frontier
    point held out and predicted (`heldout_rel_error`), and the power laws of the
    loss-optimal width and steps vs compute from the iso-compute diagonals.
@@ -106,7 +106,7 @@ def member_config(grid: Grid, width: int, steps: int):
 
 def sparse_step(cfg) -> bool:
     """Whether `cfg`'s train step ran the sparse TopK path (an unsplit dictionary)."""
-    from sae_jax import cost
+    from sae_jax.planning import cost
     from sae_jax.mesh import parse_mesh
 
     return cost.sparse_step_applies(cfg.arch, parse_mesh(cfg.mesh, None).get("model", 1))
@@ -114,7 +114,7 @@ def sparse_step(cfg) -> bool:
 
 def ensure_store(out: Path, data: str | None, grid: Grid, progress: bool) -> str:
     """The store to train on: `data`, else `out/store`, harvested the first time."""
-    from sae_jax.harvest import run_harvest
+    from sae_jax.lm.harvest import run_harvest
 
     if data is not None:
         return data
@@ -128,7 +128,7 @@ def ensure_store(out: Path, data: str | None, grid: Grid, progress: bool) -> str
 
 def train_pass(store: str, runs: Path, grid: Grid, steps: int, progress: bool) -> float:
     """Trains every width at `steps` in one pass; returns its wall seconds."""
-    from sae_jax.sweep import train_sweep
+    from sae_jax.training.sweep import train_sweep
 
     cfgs = [member_config(grid, w, steps) for w in grid.widths]
     start = time.perf_counter()
@@ -140,8 +140,8 @@ def train_pass(store: str, runs: Path, grid: Grid, steps: int, progress: bool) -
 def measure_point(run_dir: Path, heldout, pass_seconds: float) -> dict:
     """One sweep point: the trained SAE's held-out loss, tokens and FLOPs."""
     import sae_jax
-    from sae_jax import cost
-    from sae_jax.evaluate import evaluate
+    from sae_jax.planning import cost
+    from sae_jax.analysis.evaluate import evaluate
 
     sae = sae_jax.load(run_dir)
     cfg = sae.config
@@ -159,8 +159,8 @@ def measure_point(run_dir: Path, heldout, pass_seconds: float) -> dict:
 def heldout_rows(store_dir: str, n_rows: int):
     """The first `n_rows` held-out rows (the split every member trained with), in memory."""
     from sae_jax.config import TrainConfig
-    from sae_jax.loader import ArraySpan
-    from sae_jax.store import open_store
+    from sae_jax.data.loader import ArraySpan
+    from sae_jax.data.store import open_store
 
     _, heldout = open_store(store_dir).split(TrainConfig().holdout)
     return ArraySpan(np.asarray(heldout.read(0, min(n_rows, len(heldout))), np.float32))
@@ -168,7 +168,8 @@ def heldout_rows(store_dir: str, n_rows: int):
 
 def fit_and_plot(points: list[dict], out: Path) -> dict:
     """Fits the scaling laws and writes `scaling_fit.json` and the two PNGs."""
-    from sae_jax import files, scaling
+    from sae_jax import files
+    from sae_jax.planning import scaling
 
     fit = scaling.fit_scaling(points, holdout_largest=True, tol_log10=ISO_TOL_LOG10)
     scaling.write_fit(fit, out)

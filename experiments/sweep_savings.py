@@ -2,7 +2,7 @@
 
     python experiments/sweep_savings.py [--steps 200] [--widths 512,1024] [--ks 16,32]
 
-Builds a synthetic store (d_in=128, 200k rows, `sae_jax.synthetic`) in a temporary folder,
+Builds a synthetic store (d_in=128, 200k rows, `sae_jax.data.synthetic`) in a temporary folder,
 then trains the grid widths × ks (TopK, batch 512) twice, on the default devices: as one
 sweep (one batch read and transfer per step, every member's step in one jitted program) and
 as separate `train` calls in this process, one after the other. Both timings include
@@ -33,10 +33,10 @@ import numpy as np
 
 import sae_jax
 from sae_jax.config import make_config
-from sae_jax.importers import import_activations
-from sae_jax.sweep import expand_grid, run_names, train_sweep
-from sae_jax.synthetic import sparse_dictionary_data
-from sae_jax.train import train
+from sae_jax.data.importers import import_activations
+from sae_jax.training.sweep import expand_grid, run_names, train_sweep
+from sae_jax.data.synthetic import sparse_dictionary_data
+from sae_jax.training.train import train
 
 
 def make_store(root: Path, n_rows: int = 200_000, d_in: int = 128) -> str:

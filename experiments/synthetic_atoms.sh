@@ -9,8 +9,8 @@
 # (the dictionary has twice as many latents as atoms); atoms recovered (cos >= 0.9) 100%.
 set -euo pipefail
 out=${1:-runs/synthetic_atoms}
-python -m sae_jax.synthetic make "$out/synthetic"
+python -m sae_jax.data.synthetic make "$out/synthetic"
 sae-jax import "$out/synthetic/rows.npy" "$out/data"
 sae-jax train "$out/data" "$out/topk" arch=topk width=512 k=4 steps=3000 batch_size=1024
 sae-jax eval "$out/topk" "$out/data"
-python -m sae_jax.synthetic check "$out/topk" "$out/synthetic/atoms.npy"
+python -m sae_jax.data.synthetic check "$out/topk" "$out/synthetic/atoms.npy"

@@ -2,7 +2,7 @@
 
 `sae_jax.load(RUN_DIR)` returns a trained `SAE` whose `.encode` / `.decode` take raw
 activations; `sae_jax.saes` holds the pure-function core (`init`, `encode`, `decode`,
-`loss`) and `sae_jax.train` the sharded trainer.
+`loss`) and `sae_jax.training.train` the sharded trainer.
 """
 
 __version__ = "0.1.0"

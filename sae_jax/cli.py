@@ -16,23 +16,23 @@ PREEMPTED_EXIT = 143  # 128 + SIGTERM: the run stopped early but resumably
 
 
 def _cmd_import(args) -> dict:
-    from sae_jax.importers import import_activations
+    from sae_jax.data.importers import import_activations
 
     store = import_activations(args.src, args.data_dir, args.tensor)
     return {"data_dir": store.path, **store.meta}
 
 
 def _cmd_harvest(args) -> dict:
-    from sae_jax import harvest
+    from sae_jax.lm import harvest
 
     return harvest.run_harvest(**harvest.harvest_kwargs(args))
 
 
 def _cmd_train(args) -> dict:
     from sae_jax.config import make_config
-    from sae_jax.distributed import initialize
-    from sae_jax.sweep import is_sweep, run_sweep_command
-    from sae_jax.train import train
+    from sae_jax.training.distributed import initialize
+    from sae_jax.training.sweep import is_sweep, run_sweep_command
+    from sae_jax.training.train import train
 
     overrides = args.overrides + ([f"sweep={args.sweep}"] if args.sweep else [])
     if is_sweep(overrides):  # lists of values: the whole grid in one pass over the data
@@ -45,11 +45,11 @@ def _cmd_train(args) -> dict:
 
 
 def _cmd_eval(args) -> dict:
-    from sae_jax.evaluate import evaluate, write_eval_artifacts
-    from sae_jax.fidelity import downstream_fidelity
+    from sae_jax.analysis.evaluate import evaluate, write_eval_artifacts
+    from sae_jax.analysis.fidelity import downstream_fidelity
     from sae_jax.files import join
     from sae_jax.sae import load
-    from sae_jax.store import open_store
+    from sae_jax.data.store import open_store
 
     sae = load(args.run_dir)
     store = open_store(args.data_dir)
@@ -69,7 +69,7 @@ def _cmd_eval(args) -> dict:
 
 
 def _cmd_dashboard(args) -> dict:
-    from sae_jax.dashboard import write_dashboard
+    from sae_jax.analysis.dashboard import write_dashboard
 
     result = write_dashboard(args.run_dir, args.data_dir, args.out_dir, split=args.split,
                              features=args.features, batch_size=args.batch_size,
@@ -79,19 +79,19 @@ def _cmd_dashboard(args) -> dict:
 
 
 def _cmd_export(args) -> dict:
-    from sae_jax.export import export_saelens
+    from sae_jax.saelens import export_saelens
 
     return export_saelens(args.run_dir, args.out_dir, args.step)
 
 
 def _cmd_import_sae(args) -> dict:
-    from sae_jax.export import import_saelens
+    from sae_jax.saelens import import_saelens
 
     return import_saelens(args.sae_dir, args.run_dir)
 
 
 def _cmd_bench(args) -> dict:
-    from sae_jax.bench import run_bench
+    from sae_jax.planning.bench import run_bench
 
     return run_bench(args.overrides, compare_torch=args.compare_torch)
 
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_import)
 
     p = sub.add_parser("harvest", help="harvest model activations into a new store")
-    from sae_jax.harvest import add_arguments
+    from sae_jax.lm.harvest import add_arguments
 
     add_arguments(p)
     p.set_defaults(fn=_cmd_harvest)
@@ -172,15 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time the equivalent PyTorch step (if torch is installed)")
     p.set_defaults(fn=_cmd_bench)
     _add_module_command(sub, "steer", "clamp a feature in MiniLM and measure the effect; "
-                        "last line is JSON", "sae_jax.steer")
+                        "last line is JSON", "sae_jax.analysis.steer")
     _add_module_command(sub, "features", "per-token active features of texts, with catalog "
-                        "labels; last line is JSON", "sae_jax.features")
+                        "labels; last line is JSON", "sae_jax.analysis.features")
     _add_module_command(sub, "audit", "faithfulness (causal, explanatory) and coverage "
-                        "audit of a run; last line is JSON", "sae_jax.audit")
+                        "audit of a run; last line is JSON", "sae_jax.analysis.audit")
     _add_module_command(sub, "compare", "drift between two SAEs: matched features, "
-                        "appear/vanish/split; last line is JSON", "sae_jax.compare")
+                        "appear/vanish/split; last line is JSON", "sae_jax.analysis.compare")
     _add_module_command(sub, "cost", "FLOPs, hours and memory per chip of a planned run; "
-                        "last line is JSON", "sae_jax.cost")
+                        "last line is JSON", "sae_jax.planning.cost")
     return parser
 
 

@@ -15,7 +15,9 @@ import types
 import typing
 from typing import Any
 
+from sae_jax import saes
 from sae_jax.errors import UserError
+from sae_jax.saes import penalties
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "auto")
 
@@ -88,8 +90,6 @@ class TrainConfig:
     """How many recent checkpoints to keep."""
 
     def __post_init__(self):
-        from sae_jax import penalties, saes  # late: both modules are pure and import-light
-
         _check_choice("arch", self.arch, saes.ARCHITECTURES)
         arch = saes.ARCHITECTURES[self.arch]
         for key, value in arch.defaults.items():

@@ -13,11 +13,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from sae_jax import checkpoint, saes
+from sae_jax.training import checkpoint
+from sae_jax import saes
 from sae_jax.config import TrainConfig
 from sae_jax.errors import UserError
 from sae_jax.mesh import make_mesh
-from sae_jax.run import read_run
+from sae_jax.rundir import read_run
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ class SAE:
 
 def load(run_dir: str | Path, step: int | None = None) -> SAE:
     """Loads the latest (or `step`'s) checkpoint of a run onto the default device."""
-    from sae_jax.train import make_optimizer, state_shardings
+    from sae_jax.training.train import make_optimizer, state_shardings
 
     run = read_run(run_dir)
     mngr = checkpoint.manager(run_dir)

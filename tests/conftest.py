@@ -13,7 +13,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from sae_jax.synthetic import sparse_dictionary_data  # noqa: E402
+from sae_jax.data.synthetic import sparse_dictionary_data  # noqa: E402
 
 MESHES = ["data:1,model:1", "data:8,model:1", "data:2,model:4", "data:1,model:8"]
 
@@ -33,7 +33,7 @@ def synthetic():
 @pytest.fixture(scope="session")
 def synthetic_store(tmp_path_factory, synthetic):
     """A store directory holding the `synthetic` rows."""
-    from sae_jax.importers import import_activations
+    from sae_jax.data.importers import import_activations
 
     tmp = tmp_path_factory.mktemp("synthetic")
     np.save(tmp / "x.npy", synthetic[0])
@@ -43,7 +43,7 @@ def synthetic_store(tmp_path_factory, synthetic):
 @pytest.fixture(scope="session")
 def params():
     """all-MiniLM-L6-v2's weights, loaded once per test session."""
-    from sae_jax.models import minilm
+    from sae_jax.lm import minilm
 
     return minilm.load_params()
 
@@ -51,13 +51,13 @@ def params():
 @pytest.fixture(scope="session")
 def tokenizer():
     """all-MiniLM-L6-v2's tokenizer, loaded once per test session."""
-    from sae_jax.models import minilm
+    from sae_jax.lm import minilm
 
     return minilm.load_tokenizer()
 
 
 def batch_at(rows: np.ndarray, cfg, step: int) -> np.ndarray:
     """The training batch of `step` for in-memory rows, exactly as `train` would load it."""
-    from sae_jax.loader import ArraySpan, BatchSource
+    from sae_jax.data.loader import ArraySpan, BatchSource
 
     return BatchSource(ArraySpan(rows), cfg.batch_size, cfg.seed, cfg.steps)[step]

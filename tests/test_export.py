@@ -19,8 +19,8 @@ from safetensors.numpy import load_file, save_file
 import sae_jax
 from sae_jax.config import make_config
 from sae_jax.errors import UserError
-from sae_jax.export import export_saelens, import_saelens, saelens_tensors
-from sae_jax.train import train
+from sae_jax.saelens import export_saelens, import_saelens, saelens_tensors
+from sae_jax.training.train import train
 
 ARCHS = ["relu", "jumprelu", "topk", "batchtopk", "matryoshka"]
 SCALE = 37.0
@@ -77,7 +77,7 @@ def assert_same_codes(f, f_ref, x_hat, x_hat_ref, x):
 @pytest.fixture(scope="module")
 def scaled(synthetic, tmp_path_factory):
     """(store path, rows): the synthetic rows times 37."""
-    from sae_jax.importers import import_activations
+    from sae_jax.data.importers import import_activations
 
     tmp = tmp_path_factory.mktemp("scaled")
     rows = (synthetic[0] * SCALE).astype(np.float32)

@@ -9,7 +9,7 @@ import sae_jax
 from sae_jax import saes
 from sae_jax.config import make_config
 from sae_jax.errors import UserError
-from sae_jax.train import train
+from sae_jax.training.train import train
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from sae_jax.saes.common import (
     squared_error,
     transcoder_params,
 )
+from sae_jax.saes.penalties import PENALTIES
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.name: a for a in (relu.ARCH, jumprelu.ARCH, topk.ARCH, batchtopk.ARCH, matryoshka.ARCH)
@@ -75,8 +76,6 @@ def loss(params: Params, x, cfg, ctx: LossContext | None = None, mesh=None, targ
       `(loss, aux)`: aux holds the loss terms, the batch's L0 and FVU, the per-feature
       `fired` mask (F,), and the architecture's statistics.
     """
-    from sae_jax.penalties import PENALTIES  # penalties import the jumprelu STE from here
-
     arch = get(cfg)
     if ctx is None:
         ctx = LossContext(jnp.float32(cfg.sparsity_coeff), jnp.zeros((cfg.width,), bool))

@@ -3,7 +3,7 @@ decoder-norm helpers.
 
 Params are a plain dict (SAELens names and layouts, so export is a rename):
 `W_enc (d_in, F)`, `b_enc (F,)`, `W_dec (F, d_in)`, `b_dec (d_in,)`, plus whatever an
-architecture adds. Inputs here are already scaled (E‖x‖² = d_in); see `sae_jax.run`.
+architecture adds. Inputs here are already scaled (E‖x‖² = d_in); see `sae_jax.rundir`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""What a trained SAE does: eval, fidelity, catalog, dashboard, steering, audit, compare."""

@@ -1,0 +1,134 @@
+"""A static, server-less feature dashboard: `write_dashboard(RUN_DIR, DATA_DIR, OUT_DIR)`.
+
+OUT_DIR gets `index.html`, `app.js`, `style.css` (copied from `sae_jax/analysis/dashboard_assets/`),
+`data.js` (the catalog assigned to the global `window.SAE_CATALOG`, so opening index.html
+from disk works without fetch() or a web server), `audit.js` (the run's `sae-jax audit`
+report as `window.SAE_AUDIT`, or null) and `feature_catalog.json`. The run directory gets
+`feature_catalog.json` too, so exports can ship it.
+
+The page: a feature table (id, frequency, mean/max activation, top tokens, label) with search
+by id, token or label and sort by any column, a global feature-density histogram (log10
+firing frequency), and per feature (`index.html#feature-<id>`) the highlighted token
+contexts of its top activations and of samples across its activation distribution, its
+log10 activation histogram, its place in the density histogram and its top tokens. When the
+run has an audit (`RUN_DIR/audit/audit.json`), the index also shows an Audit section (score
+medians and real-vs-random histograms, best/worst features linking to their pages, coverage
+and dark-matter contexts), the table gets causal and explanatory columns, and each audited
+feature's page its scores. Plain HTML/CSS/JS, no dependencies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from importlib import resources
+from pathlib import Path
+
+from sae_jax import files
+from sae_jax.errors import UserError
+from sae_jax.analysis.interpret import CATALOG_FILE, FeatureCatalog, catalog_for_run, write_catalog
+
+ASSETS = ("index.html", "app.js", "style.css")
+DATA_JS = "data.js"
+AUDIT_JS = "audit.js"
+
+
+def _asset_dir():
+    return resources.files("sae_jax.analysis").joinpath("dashboard_assets")
+
+
+def _script(name: str, text: str) -> str:
+    """`window.NAME = <JSON>;`. JSON is JavaScript, except that U+2028/U+2029 end lines in
+    older engines: escape them."""
+    text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    return f"window.{name} = {text};\n"
+
+
+def _copy_assets(out: Path) -> None:
+    assets = _asset_dir()
+    for name in ASSETS:
+        with resources.as_file(assets.joinpath(name)) as src:
+            shutil.copyfile(src, out / name)
+
+
+def write_site(catalog: FeatureCatalog, out_dir: str | os.PathLike,
+               audit: dict | None = None) -> dict:
+    """Writes the static site for an existing catalog (and audit report) into `out_dir`."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    _copy_assets(out)
+    files.write_text(out / DATA_JS, _script("SAE_CATALOG", catalog.to_json()))
+    files.write_text(out / AUDIT_JS, _script("SAE_AUDIT", json.dumps(
+        audit, allow_nan=False, ensure_ascii=False)))
+    write_catalog(catalog, out / CATALOG_FILE)
+    return {"index": str(out / "index.html"), "out_dir": str(out),
+            "data_js_bytes": (out / DATA_JS).stat().st_size}
+
+
+def read_audit(run_dir: str | os.PathLike) -> dict | None:
+    """The run's `sae-jax audit` report (`RUN_DIR/audit/audit.json`), or None."""
+    from sae_jax.analysis.audit import AUDIT_DIR, AUDIT_FILE
+
+    text = files.read_text(files.join(str(run_dir), AUDIT_DIR, AUDIT_FILE))
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"the audit report of {run_dir} is damaged: {e}") from None
+
+
+def write_audit_js(audit: dict, site_dir: str | os.PathLike) -> str:
+    """Adds an audit report to an existing dashboard site (its assets are refreshed, so a
+    site written before audits existed shows it too). Returns the `audit.js` path."""
+    out = Path(site_dir)
+    if not (out / DATA_JS).is_file():
+        raise UserError(f"{out} is not a dashboard site (no {DATA_JS}); write one with "
+                        "`sae-jax dashboard` first")
+    _copy_assets(out)
+    files.write_text(out / AUDIT_JS, _script("SAE_AUDIT", json.dumps(
+        audit, allow_nan=False, ensure_ascii=False)))
+    return str(out / AUDIT_JS)
+
+
+def write_dashboard(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None,
+                    out_dir: str | os.PathLike, *, split: str = "all", features=None,
+                    top_k: int = 10, batch_size: int = 4096, progress: bool = False,
+                    **catalog_kwargs) -> dict:
+    """`sae-jax dashboard RUN_DIR DATA_DIR OUT_DIR`: catalog + static site.
+
+    Args:
+      run_dir: a trained run (`sae_jax.load` must open it).
+      data_dir: the activation store to interpret (None: the run's training store).
+      out_dir: local directory for the site (created; existing site files are replaced).
+      split: "all" rows (default), "train" or "heldout".
+      features: None (all), N (features 0..N-1) or a list of feature ids.
+      top_k, batch_size, progress, catalog_kwargs: passed to `interpret.build_catalog`.
+
+    Returns:
+      A summary dict: `index` (path of index.html), `out_dir`, `catalog` (OUT_DIR's JSON),
+      `run_catalog` (RUN_DIR's JSON), `n_features`, `n_rows`, `dead` (features that never
+      fired), `audit` (whether the run's audit is shown), `seconds`.
+    """
+    if files.is_remote(str(out_dir)):
+        raise UserError("the dashboard OUT_DIR must be a local directory")
+    t0 = time.perf_counter()
+    catalog = catalog_for_run(run_dir, data_dir, split=split, features=features, top_k=top_k,
+                              batch_size=batch_size, progress=progress, **catalog_kwargs)
+    run_catalog = write_catalog(catalog, files.join(str(run_dir), CATALOG_FILE))
+    audit = read_audit(run_dir)
+    site = write_site(catalog, out_dir, audit)
+    return {
+        **site,
+        "catalog": str(Path(out_dir) / CATALOG_FILE),
+        "run_catalog": run_catalog,
+        "n_features": len(catalog.features),
+        "n_rows": catalog.header["n_rows"],
+        "dead": sum(1 for f in catalog.features if f["count"] == 0),
+        "audit": audit is not None,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }

@@ -1,0 +1,274 @@
+"""Downstream fidelity: does the model still work when the SAE stands in for its layer?
+
+For a store harvested from all-MiniLM-L6-v2 (`sae-jax harvest`), `downstream_fidelity`
+re-creates a sample of the **held-out** sequences (the store's tail, never trained on: the
+corpus and its cut into sequences are deterministic; of a document cut by the train/held-out
+split only the sequences wholly after the split count; sequences past the harvest's last row,
+never stored, count as held out too), runs MiniLM on them, and compares the
+sentence embedding (mean-pooled, L2-normalised last layer) of the clean run with runs in
+which the residual stream after the harvested layer is replaced, at the spliced positions,
+by
+
+* `spliced`: the SAE reconstruction x̂ = decode(encode(x));
+* `zero_ablation`: zeros;
+* `mean_ablation`: the mean activation of the store's training rows;
+* `spliced_with_error`: x̂ + (x − x̂), which is x up to float32 rounding: a built-in sanity
+  check of the splicing (its cosine to clean must be 1 within float tolerance).
+
+For a **transcoder** (a store of `harvest --pair` rows) what is replaced is the output of
+block `layer`'s MLP (`--pair mlp`) or of the whole block (`--pair block`): by the
+transcoder's prediction from that sub-layer's clean input, by zeros, by the mean target, and
+by the prediction plus its error. Everything downstream of the block is the model's own.
+
+**Spliced positions** are exactly the tokens the store holds rows for: document tokens
+only, *not* `[CLS]`, `[SEP]` or padding (the SAE never saw those; they are left unchanged),
+unless the store was harvested with `keep_special`, in which case `[CLS]`/`[SEP]` are
+spliced too. Padding is never touched (it is masked out of attention and pooling anyway).
+
+Loss of a run = 1 − cos(embedding, clean embedding), averaged over the sequences (clean = 0).
+**Fidelity recovered** = (L_ablated − L_spliced) / (L_ablated − L_clean) = 1 − L_spliced /
+L_ablated, with mean ablation as the reference (`fidelity_recovered`) and with zero ablation
+(`fidelity_recovered_zero`): 1 means the SAE loses nothing downstream, 0 means it is no
+better than ablating the layer.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sae_jax import saes
+from sae_jax.lm.corpus import NO_POSITION, make_corpus, sequences
+from sae_jax.errors import UserError
+from sae_jax.sae import SAE
+
+MODEL_NAME = "all-MiniLM-L6-v2"
+NOT_MODEL_BACKED = "fidelity needs a store harvested with sae-jax harvest"
+BATCH_SEQUENCES = 16  # sequences per model call (each call runs 5 variants of them)
+MEAN_BATCH_ROWS = 65536
+VARIANTS = ("spliced", "zero_ablation", "mean_ablation", "spliced_with_error")
+
+
+def _reconstruct(params, x, input_scale, cfg, output_scale=None):
+    """The SAE reconstruction of raw activations `x (n, d)` (a transcoder's predicted
+    target, divided by its `output_scale`), traceable inside `jit`."""
+    output_scale = input_scale if output_scale is None else output_scale
+    return saes.reconstruct(params, x * input_scale, cfg) / output_scale
+
+
+def check_store(store) -> None:
+    meta = store.meta
+    if (meta.get("source") != "harvest" or meta.get("model") != MODEL_NAME
+            or "layer" not in meta or "seq_len" not in meta or store.positions is None):
+        raise UserError(f"{NOT_MODEL_BACKED} (store {store.path} has source "
+                        f"{meta.get('source')!r}, model {meta.get('model')!r})")
+
+
+def rebuild_corpus(store, corpus):
+    """The store's corpus rebuilt (default stdlib, or `corpus` paths), checked by description."""
+    docs = make_corpus(corpus)
+    want = store.meta.get("corpus")
+    if docs.description != want:
+        hint = ("pass the corpus paths it was harvested from" if corpus is None else
+                "these paths are not the corpus the store was harvested from")
+        raise UserError(f"cannot rebuild the corpus of store {store.path}: it was harvested "
+                        f"from {want!r}, not {docs.description!r}; {hint}")
+    return docs
+
+
+def _heldout_documents(store, heldout) -> tuple[np.ndarray, tuple[int, int], dict]:
+    """The sorted indices of the documents with held-out rows; `(doc, pos)` of the last
+    training row (the held-out part of a document cut by the split starts after it; (-1, -1)
+    if nothing precedes); and the held-out rows' (doc, pos) keys and token ids (to check the
+    rebuilt sequences against the store)."""
+    start, stop = heldout.start, heldout.stop
+    pos = np.asarray(store.positions[start:stop].read().result(), np.int64)
+    ids = np.asarray(store.token_ids[start:stop].read().result(), np.int64)
+    boundary = (-1, -1)
+    if start > 0:
+        b = store.positions[start - 1].read().result()
+        boundary = (int(b[0]), int(b[1]))
+    return np.unique(pos[:, 0]), boundary, {"keys": pos[:, 0] * (1 << 32) + pos[:, 1],
+                                            "ids": ids}
+
+
+def _store_mean(train_rows, columns: slice = slice(None)) -> np.ndarray:
+    """Mean activation of the training rows (`columns` of them), float64 (centred-batch
+    merge, see evaluate)."""
+    count, mean = 0, 0.0
+    for i in range(0, len(train_rows), MEAN_BATCH_ROWS):
+        x = np.asarray(train_rows.read(i, i + MEAN_BATCH_ROWS)[:, columns], np.float64)
+        count += len(x)
+        mean += (x.mean(0) - mean) * (len(x) / count)
+    return mean
+
+
+@functools.lru_cache(maxsize=8)
+def _make_runner(layer: int, cfg, site: str = "resid"):
+    """The jitted spliced pass. `site` "resid" splices the residual stream after `layer`;
+    "mlp"/"block" (a transcoder) replace block `layer`'s MLP / whole-block output with the
+    transcoder's prediction from that sub-layer's input."""
+    from sae_jax.lm import minilm
+
+    def run(params, sae_params, input_scale, output_scale, mean, ids, mask, splice):
+        """Embeddings (5, n, 384): clean, then `VARIANTS`; and the batch's SAE sq-error sums."""
+        n = ids.shape[0]
+        if site == "resid":
+            inp = clean_h = minilm.forward(params, ids, mask, n_layers=layer)[layer]
+        else:
+            inp, clean_h = minilm.sublayer_io(params, ids, mask, layer, site)
+        x = inp.reshape(-1, inp.shape[-1])
+        x_hat = _reconstruct(sae_params, x, input_scale, cfg, output_scale).reshape(
+            clean_h.shape)
+        sel = splice[..., None]
+        err = jnp.where(sel, jnp.square(clean_h - x_hat), 0.0).sum()
+        dev = jnp.where(sel, jnp.square(clean_h - mean.astype(jnp.float32)), 0.0).sum()
+
+        def replace(h):  # h: (4n, L, d), the clean stream of the 4 stacked copies
+            hs = h.reshape(4, n, *h.shape[1:])
+            new = jnp.stack([
+                x_hat,                              # spliced
+                jnp.zeros_like(x_hat),              # zero ablation
+                jnp.broadcast_to(mean.astype(h.dtype), x_hat.shape),  # mean ablation
+                x_hat + (hs[3] - x_hat),            # spliced with the error term
+            ])
+            return jnp.where(sel[None], new, hs).reshape(h.shape)
+
+        tile = lambda a: jnp.concatenate([a] * 4)  # noqa: E731
+        clean = minilm.embed(params, ids, mask)
+        hook = ((layer, replace) if site == "resid" else
+                (layer, lambda _inp, out: replace(out), site))
+        variants = minilm.embed(params, tile(ids), tile(mask), replace=hook)
+        return jnp.concatenate([clean[None], variants.reshape(4, n, -1)]), err, dev
+
+    return jax.jit(run)
+
+
+def downstream_fidelity(sae: SAE, store, n_sequences: int = 128, seed: int = 0,
+                        corpus: None | str | os.PathLike | list = None,
+                        batch_sequences: int = BATCH_SEQUENCES,
+                        per_sequence: bool = False) -> dict:
+    """Cosine similarity of MiniLM sentence embeddings to the clean run when the SAE's layer
+    is spliced / ablated on held-out sequences (see the module docstring).
+
+    Args:
+      sae: a trained SAE on the store's layer (raw activations, as `sae_jax.load` gives).
+      store: an opened store (`store.open_store`) made by `sae-jax harvest`.
+      n_sequences: held-out sequences to sample (all of them if there are fewer).
+      seed: picks the sample; the result is a deterministic function of the arguments.
+      corpus: the `--corpus` paths the store was harvested from (None: the stdlib default).
+      batch_sequences: sequences per model call (memory/speed only, not the result beyond
+        float rounding).
+      per_sequence: also return `per_sequence`: per sampled sequence its `doc`, `text` and
+        `loss_<name>` (1 − cos) for each variant (what `coverage` reports per sequence).
+
+    Returns:
+      A JSON-friendly dict: `n_sequences`, `n_tokens_spliced`, `layer`, `seed`, for each of
+      clean/spliced/zero_ablation/mean_ablation/spliced_with_error `cos_<name>` (mean cosine
+      to clean) and `loss_<name>` (mean 1 − cos), `cos_min_spliced_with_error`,
+      `fidelity_recovered` (vs mean ablation), `fidelity_recovered_zero` (vs zero ablation),
+      and `fvu_spliced` (the SAE's FVU on the spliced tokens, against the store mean).
+
+    Raises:
+      UserError: the store is not a MiniLM harvest, its corpus cannot be rebuilt or does not
+        match the stored tokens, its width differs from the SAE's, or no whole held-out
+        sequence exists.
+    """
+    from sae_jax.lm import minilm
+
+    check_store(store)
+    if store.d_in != sae.row_width:
+        raise UserError(f"store {store.path} has d_in={store.d_in}, but the SAE expects "
+                        f"d_in={sae.row_width}")
+    site = store.meta["pair"]["site"] if sae.transcoder else "resid"
+    if n_sequences < 1:
+        raise UserError(f"n_sequences must be at least 1, got {n_sequences}")
+    layer, seq_len = int(store.meta["layer"]), int(store.meta["seq_len"])
+    keep_special = bool(store.meta.get("keep_special", False))
+    train_rows, heldout = store.split(sae.config.holdout)
+    docs = rebuild_corpus(store, corpus)
+    doc_ids, boundary, stored = _heldout_documents(store, heldout)
+
+    # Re-create every sequence of the held-out documents (read the corpus only up to them).
+    wanted = set(doc_ids.tolist())
+    last = int(doc_ids[-1])
+    held_docs = (d for d in itertools.takewhile(lambda d: d.index <= last, docs)
+                 if d.index in wanted)
+    # A document cut by the split: only its sequences wholly after the last training row.
+    seqs = [s for s in sequences(held_docs, minilm.load_tokenizer(), seq_len)
+            if s.doc != boundary[0] or s.positions[s.positions != NO_POSITION].min()
+            > boundary[1]]
+    if not seqs:
+        raise UserError(f"the held-out rows of {store.path} hold no whole sequence (too few "
+                        "rows held out?)")
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(seqs), size=min(n_sequences, len(seqs)), replace=False))
+    ids = np.stack([seqs[i].input_ids for i in pick]).astype(np.int32)
+    mask = np.stack([seqs[i].attention_mask for i in pick]).astype(np.int32)
+    positions = np.stack([seqs[i].positions for i in pick]).astype(np.int64)
+    doc_of = np.array([seqs[i].doc for i in pick], np.int64)
+
+    # The rebuilt tokens must be the stored ones wherever the store has them.
+    real = positions != NO_POSITION
+    keys = (doc_of[:, None] * (1 << 32) + positions)[real]
+    order = np.argsort(stored["keys"], kind="stable")
+    at = np.searchsorted(stored["keys"], keys, sorter=order)
+    found = at < len(order)
+    hit = order[np.minimum(at, len(order) - 1)]
+    found &= stored["keys"][hit] == keys
+    if not np.array_equal(stored["ids"][hit[found]], ids[real][found]):
+        raise UserError(f"the rebuilt corpus does not match the tokens stored in {store.path} "
+                        "(was it harvested from other text or with another tokenizer?)")
+
+    splice = (mask.astype(bool) & ((positions != NO_POSITION) | keep_special))
+    target = slice(sae.d_in, None) if sae.transcoder else slice(None)
+    mean = jnp.asarray(_store_mean(train_rows, target), jnp.float32)
+    run = _make_runner(layer, sae.config, site)
+    params = minilm.load_params()
+    # Pad to whole batches (all-padding rows are dropped below) so `run` compiles once.
+    b = min(batch_sequences, len(pick))
+    n = len(pick)
+    n_pad = -(-n // b) * b - n
+    pad = lambda a: np.concatenate([a, np.zeros((n_pad, *a.shape[1:]), a.dtype)])  # noqa: E731
+    ids_p, mask_p, splice_p = pad(ids), pad(mask), pad(splice)
+    mask_p[n:, 0] = 1  # a padding row still needs one key to attend to
+    embs, sq_err, sq_dev = [], 0.0, 0.0
+    for i in range(0, n + n_pad, b):
+        e, err, dev = run(params, sae.params, jnp.float32(sae.input_scale),
+                          jnp.float32(sae.output_scale), mean,
+                          ids_p[i:i + b], mask_p[i:i + b], splice_p[i:i + b])
+        embs.append(np.asarray(e, np.float64))
+        sq_err += float(err)
+        sq_dev += float(dev)
+    emb = np.concatenate(embs, axis=1)[:, :n]  # (5, n, 384)
+    emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
+    cos = np.einsum("vnd,nd->vn", emb, emb[0])
+    names = ("clean",) + VARIANTS
+    loss = {name: float(np.mean(1.0 - cos[i])) for i, name in enumerate(names)}
+
+    def recovered(ablated: str) -> float | None:
+        ref = loss[ablated] - loss["clean"]
+        return (loss[ablated] - loss["spliced"]) / ref if ref > 0 else None
+
+    out = {"n_sequences": int(n), "n_tokens_spliced": int(splice.sum()), "layer": layer,
+           "seed": int(seed), "seq_len": seq_len, "n_heldout_documents": int(len(doc_ids))}
+    for i, name in enumerate(names):
+        out[f"cos_{name}"] = float(np.mean(cos[i]))
+    for name in names:
+        out[f"loss_{name}"] = loss[name]
+    out["cos_min_spliced_with_error"] = float(np.min(cos[4]))
+    out["fidelity_recovered"] = recovered("mean_ablation")
+    out["fidelity_recovered_zero"] = recovered("zero_ablation")
+    out["fvu_spliced"] = sq_err / sq_dev if sq_dev > 0 else None
+    if per_sequence:
+        tokenizer = minilm.load_tokenizer()
+        out["per_sequence"] = {
+            "doc": doc_of.tolist(),
+            "text": [tokenizer.decode(ids[i][mask[i] == 1].tolist()) for i in range(n)],
+            **{f"loss_{name}": (1.0 - cos[i]).tolist() for i, name in enumerate(names)}}
+    return out

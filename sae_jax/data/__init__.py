@@ -1,0 +1,1 @@
+"""Activation stores, the training loader, importers and synthetic data."""

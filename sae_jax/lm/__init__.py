@@ -1,0 +1,1 @@
+"""Language models in JAX, the text corpus, and harvesting their activations."""

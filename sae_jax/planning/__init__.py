@@ -1,0 +1,1 @@
+"""Before and around a run: cost, scaling-law fits and the benchmark."""

@@ -1,0 +1,1 @@
+"""Sharded training: the step and loop, sweeps, checkpoints, metrics, multi-host."""

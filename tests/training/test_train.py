@@ -1,0 +1,116 @@
+"""The training loop: it learns known atoms, trains in bf16, compiles once, keeps its
+run directory consistent, resumes, and refuses a NaN loss."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from conftest import batch_at
+
+import sae_jax
+from sae_jax.config import make_config
+from sae_jax.errors import UserError
+from sae_jax.mesh import batch_sharding, make_mesh
+from sae_jax.data.synthetic import atoms_recovered
+from sae_jax.training.train import (
+    compile_train_step,
+    init_state,
+    make_optimizer,
+    state_shardings,
+    train,
+)
+
+ONE_DEVICE = jax.devices()[:1]
+
+
+@pytest.mark.parametrize("arch, min_recovered", [
+    ("topk", 0.95), ("batchtopk", 0.9), ("relu", 0.9), ("jumprelu", 0.8)])
+def test_recovers_known_sparse_atoms(arch, min_recovered, synthetic, synthetic_store,
+                                     tmp_path):
+    """64 true atoms, 3 active per row on average; default hyper-parameters."""
+    cfg = make_config(arch=arch, width=128, k=3, steps=1500, batch_size=512, log_every=500)
+    metrics = train(cfg, synthetic_store, tmp_path / "run", progress=False, devices=ONE_DEVICE)
+    sae = sae_jax.load(tmp_path / "run")
+    recovered = atoms_recovered(np.asarray(sae.params["W_dec"]), synthetic[1])
+    assert recovered >= min_recovered, (recovered, metrics)
+    assert metrics["fvu"] < 0.35
+
+
+def test_bf16_compute_trains(synthetic_store, tmp_path):
+    cfg = make_config(arch="topk", width=128, k=3, steps=400, batch_size=512, log_every=50,
+                      compute_dtype="bfloat16")
+    train(cfg, synthetic_store, tmp_path / "run", progress=False, devices=ONE_DEVICE)
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").open()]
+    assert records[-1]["fvu"] < 0.5 * records[0]["fvu"]
+    assert sae_jax.load(tmp_path / "run").params["W_enc"].dtype == np.float32  # f32 master
+
+
+def test_bf16_really_runs_bf16_matmuls(synthetic):
+    cfg = make_config(arch="topk", width=64, k=4, batch_size=64, compute_dtype="bfloat16")
+    mesh = make_mesh("", ONE_DEVICE)
+    tx = make_optimizer(cfg)
+    _, sh = state_shardings(cfg, 32, tx, mesh)
+    state = jax.jit(lambda k: init_state(k, cfg, 32, None, tx), out_shardings=sh)(
+        jax.random.key(0))
+    step = compile_train_step(cfg, tx, mesh, sh, 1.0)
+    x = jax.device_put(batch_at(synthetic[0], cfg, 0), batch_sharding(mesh))
+    hlo = step.lower(state, x).as_text()
+    assert "bf16" in hlo and "dot_general" in hlo
+
+
+def test_step_compiles_once(synthetic):
+    cfg = make_config(arch="batchtopk", width=64, k=4, batch_size=64)
+    mesh = make_mesh("data:2,model:4")
+    tx = make_optimizer(cfg)
+    _, sh = state_shardings(cfg, 32, tx, mesh)
+    state = jax.jit(lambda k: init_state(k, cfg, 32, None, tx), out_shardings=sh)(
+        jax.random.key(0))
+    step = compile_train_step(cfg, tx, mesh, sh, 1.0)
+    for s in range(4):
+        state, _ = step(state, jax.device_put(batch_at(synthetic[0], cfg, s),
+                                              batch_sharding(mesh)))
+    assert step._cache_size() == 1
+
+
+def test_run_directory_and_resume(synthetic_store, tmp_path):
+    run = tmp_path / "run"
+    cfg = make_config(arch="topk", width=64, k=4, steps=20, batch_size=128, log_every=10,
+                      ckpt_every=10)
+    train(cfg, synthetic_store, run, progress=False)
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["config"]["width"] == 64 and saved["d_in"] == 32 and saved["input_scale"] > 0
+    assert sae_jax.load(run).step == 20
+    # Extending `steps` resumes from step 20; the scale is kept, not re-estimated.
+    train(make_config(**{**cfg.to_dict(), "steps": 30}), synthetic_store, run, progress=False)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").open()]
+    assert steps == [10, 20, 30]
+    assert sae_jax.load(run).step == 30
+    assert json.loads((run / "config.json").read_text())["input_scale"] == saved["input_scale"]
+
+
+def test_resume_with_different_math_is_refused(synthetic_store, tmp_path):
+    cfg = make_config(arch="topk", width=64, k=4, steps=10, batch_size=128)
+    train(cfg, synthetic_store, tmp_path / "run", progress=False)
+    with pytest.raises(UserError, match=r"different config \(k: 4 -> 8, lr: "):
+        train(make_config(arch="topk", width=64, k=8, steps=10, batch_size=128, lr=1e-3),
+              synthetic_store, tmp_path / "run", progress=False)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(synthetic_store, tmp_path):
+    cfg = make_config(arch="relu", width=64, steps=5, batch_size=128, ckpt_every=1, log_every=1)
+    train(cfg, synthetic_store, tmp_path / "run", progress=False)
+    good = sae_jax.load(tmp_path / "run")
+    bad = make_config(**{**cfg.to_dict(), "steps": 40})
+    # Blow up the run by resuming it on a learning rate of 1e30 (lr is a math key, so
+    # edit the saved config the way a careless user might).
+    path = tmp_path / "run/config.json"
+    saved = json.loads(path.read_text())
+    saved["config"]["lr"] = 1e30
+    path.write_text(json.dumps(saved))
+    with pytest.raises(UserError, match="loss is (nan|inf) at step"):
+        train(make_config(**{**bad.to_dict(), "lr": 1e30}), synthetic_store, tmp_path / "run",
+              progress=False)
+    survivor = sae_jax.load(tmp_path / "run")
+    assert np.isfinite(np.asarray(survivor.params["W_dec"])).all()
+    assert survivor.step >= good.step
