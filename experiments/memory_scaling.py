@@ -14,9 +14,9 @@ needs model:128 on v5p (25.5 GiB of state per chip). README "Scale".
 
 import jax
 
-from sae_jax.planning.bench import step_memory
 from sae_jax.config import make_config
 from sae_jax.mesh import STATE_BYTES_PER_WEIGHT, auto_mesh_spec, make_mesh
+from sae_jax.planning.bench import step_memory
 
 GIB = 2**30
 

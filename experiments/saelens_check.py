@@ -45,9 +45,9 @@ def _pair_store(root: str, rows: np.ndarray) -> str:
 def export(root: str) -> None:
     import sae_jax
     from sae_jax.config import make_config
-    from sae_jax.saelens import export_saelens
     from sae_jax.data.importers import import_activations
     from sae_jax.data.synthetic import sparse_dictionary_data
+    from sae_jax.saelens import export_saelens
     from sae_jax.training.train import train
 
     rows = sparse_dictionary_data(20000, 32, 64, seed=1)[0] * 37

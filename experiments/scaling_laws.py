@@ -106,8 +106,8 @@ def member_config(grid: Grid, width: int, steps: int):
 
 def sparse_step(cfg) -> bool:
     """Whether `cfg`'s train step ran the sparse TopK path (an unsplit dictionary)."""
-    from sae_jax.planning import cost
     from sae_jax.mesh import parse_mesh
+    from sae_jax.planning import cost
 
     return cost.sparse_step_applies(cfg.arch, parse_mesh(cfg.mesh, None).get("model", 1))
 
@@ -140,8 +140,8 @@ def train_pass(store: str, runs: Path, grid: Grid, steps: int, progress: bool) -
 def measure_point(run_dir: Path, heldout, pass_seconds: float) -> dict:
     """One sweep point: the trained SAE's held-out loss, tokens and FLOPs."""
     import sae_jax
-    from sae_jax.planning import cost
     from sae_jax.analysis.evaluate import evaluate
+    from sae_jax.planning import cost
 
     sae = sae_jax.load(run_dir)
     cfg = sae.config

@@ -34,8 +34,9 @@ import numpy as np
 import sae_jax
 from sae_jax.config import make_config
 from sae_jax.data.importers import import_activations
-from sae_jax.training.sweep import expand_grid, run_names, train_sweep
 from sae_jax.data.synthetic import sparse_dictionary_data
+from sae_jax.training.grid import expand_grid, run_names
+from sae_jax.training.sweep import train_sweep
 from sae_jax.training.train import train
 
 

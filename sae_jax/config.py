@@ -201,18 +201,24 @@ def _parse_value(key: str, raw: str, hints: Any = None) -> Any:
         raise UserError(f"bad value for {key}: {raw!r} (expected {expected})") from None
 
 
+def split_pair(pair: str) -> tuple[str, str]:
+    """`"key=value"` -> `("key", "value")`, stripped: the one `key=value` grammar of the
+    command line (config keys, sweep lists, bench keys)."""
+    key, sep, value = pair.partition("=")
+    if not sep:
+        raise UserError(f"expected key=value, got {pair!r}")
+    return key.strip(), value.strip()
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """Parses `key=value` strings into typed overrides, rejecting unknown keys."""
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     overrides = {}
     for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        key = key.strip()
-        if not sep:
-            raise UserError(f"expected key=value, got {pair!r}")
+        key, raw = split_pair(pair)
         if key not in fields:
             raise UserError(f"unknown config key {key!r}; valid keys: {', '.join(fields)}")
-        overrides[key] = _parse_value(key, raw.strip())
+        overrides[key] = _parse_value(key, raw)
     return overrides
 
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from sae_jax.training import checkpoint
 from sae_jax import saes
 from sae_jax.config import TrainConfig
 from sae_jax.errors import UserError
 from sae_jax.mesh import make_mesh
 from sae_jax.rundir import read_run
+from sae_jax.training import checkpoint
 
 
 @dataclass(frozen=True)

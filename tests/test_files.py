@@ -8,9 +8,9 @@ import pytest
 
 from sae_jax import files
 from sae_jax.config import make_config
+from sae_jax.data.store import StoreWriter, open_store
 from sae_jax.errors import UserError
 from sae_jax.rundir import prepare_run, read_run
-from sae_jax.data.store import StoreWriter, open_store
 
 
 def test_small_files_round_trip():

@@ -35,10 +35,10 @@ import time
 
 import numpy as np
 
-from sae_jax.analysis import coverage, faithfulness
 from sae_jax import files
-from sae_jax.errors import UserError
+from sae_jax.analysis import coverage, faithfulness
 from sae_jax.analysis.faithfulness import MIN_CONTEXTS
+from sae_jax.errors import UserError
 
 AUDIT_DIR = "audit"
 AUDIT_FILE = "audit.json"
@@ -135,8 +135,8 @@ def _select(counts: np.ndarray, n: int, seed: int) -> np.ndarray:
 def _concepts(params, entries: list[dict], tokenizer) -> np.ndarray:
     """Unit mean sentence embedding of each feature's top-example texts (`steer`'s concept
     texts), embedded at one fixed shape so MiniLM compiles once."""
-    from sae_jax.lm import minilm
     from sae_jax.analysis.steer import concept_texts
+    from sae_jax.lm import minilm
 
     texts = [concept_texts(e, tokenizer) for e in entries]
     flat = [t for ts in texts for t in ts]
@@ -260,9 +260,9 @@ def audit(run_dir, data_dir=None, *, n_features: int = 256, n_windows: int = 512
     """
     import sae_jax
     from sae_jax.analysis.fidelity import MODEL_NAME, NOT_MODEL_BACKED
+    from sae_jax.data.store import RowSpan, open_store
     from sae_jax.lm import minilm
     from sae_jax.rundir import read_run
-    from sae_jax.data.store import RowSpan, open_store
 
     log = log or (lambda msg: None)
     t0 = time.perf_counter()
@@ -418,7 +418,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def run_command(args) -> dict:
+def run(args) -> dict:
     """Runs `sae-jax audit`; progress goes to stderr, the summary dict is returned."""
     def log(msg):
         print(f"sae-jax: {msg}", file=sys.stderr)

@@ -618,8 +618,8 @@ def compare(run_a, run_b, data_dir=None, data_b=None, *, threshold: float = DEFA
       `compare_saes`'s result, preceded by `run_a`, `run_b`, `step_a`, `step_b`, `data`,
       `data_b` and `split`.
     """
-    from sae_jax.sae import load
     from sae_jax.data.store import open_store
+    from sae_jax.sae import load
 
     if data_b is not None and data_dir is None:
         raise UserError("DATA_B needs DATA: give the store for A too")
@@ -744,7 +744,7 @@ def default_out_dir(run_a, run_b) -> str:
 
 
 def add_arguments(parser) -> None:
-    """`sae-jax compare RUN_A RUN_B [DATA] [options]`; run with `run_command(args)`."""
+    """`sae-jax compare RUN_A RUN_B [DATA] [options]`; run with `run(args)`."""
     parser.add_argument("run_a", help="first run directory (A)")
     parser.add_argument("run_b", help="second run directory (B), same d_in as A")
     parser.add_argument("data_dir", nargs="?", default=None,
@@ -766,7 +766,7 @@ def add_arguments(parser) -> None:
                              "(default: RUN_A/compare/<name of RUN_B>)")
 
 
-def run_command(args) -> dict:
+def run(args) -> dict:
     """Runs `sae-jax compare` from parsed `add_arguments` arguments; returns `summary`."""
     if args.batch_size < 1 or args.examples < 0:
         raise UserError("--batch-size must be >= 1 and --examples >= 0")

@@ -22,13 +22,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from importlib import resources
 from pathlib import Path
 
 from sae_jax import files
-from sae_jax.errors import UserError
 from sae_jax.analysis.interpret import CATALOG_FILE, FeatureCatalog, catalog_for_run, write_catalog
+from sae_jax.errors import UserError
 
 ASSETS = ("index.html", "app.js", "style.css")
 DATA_JS = "data.js"
@@ -132,3 +133,23 @@ def write_dashboard(run_dir: str | os.PathLike, data_dir: str | os.PathLike | No
         "audit": audit is not None,
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("run_dir")
+    parser.add_argument("data_dir", help="a harvested store (token contexts need its metadata)")
+    parser.add_argument("out_dir", help="where to write index.html")
+    parser.add_argument("--split", choices=("all", "train", "heldout"), default="all",
+                        help="rows to scan for examples (default: all)")
+    parser.add_argument("--features", type=int,
+                        help="only the first N features (default: all)")
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args) -> dict:
+    result = write_dashboard(args.run_dir, args.data_dir, args.out_dir, split=args.split,
+                             features=args.features, batch_size=args.batch_size,
+                             progress=not args.quiet)
+    print(f"dashboard: open {result['index']} in a browser", file=sys.stderr)
+    return result

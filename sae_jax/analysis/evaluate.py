@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import jax
@@ -192,3 +193,38 @@ def write_eval_artifacts(result: dict, out_dir: str | os.PathLike) -> dict:
                           plot_feature_density(result["feature_density"], title))
         png = files.join(out, DENSITY_PNG)
     return {"json": files.join(out, EVAL_JSON), "png": png}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("run_dir")
+    parser.add_argument("data_dir")
+    parser.add_argument("--split", choices=("heldout", "all"), default="heldout",
+                        help="rows to evaluate on (default: the held-out tail of the store)")
+    parser.add_argument("--fidelity-sequences", type=int, default=128,
+                        help="held-out sequences for downstream fidelity (default 128)")
+    parser.add_argument("--corpus", nargs="+", metavar="PATH",
+                        help="the corpus the store was harvested from, if not the default")
+
+
+def run(args) -> dict:
+    """`sae-jax eval`: core metrics on the held-out rows, downstream fidelity where the store
+    was harvested from a model we can run, written to RUN_DIR/eval."""
+    from sae_jax.analysis.fidelity import downstream_fidelity
+    from sae_jax.data.store import open_store
+    from sae_jax.sae import load
+
+    sae = load(args.run_dir)
+    store = open_store(args.data_dir)
+    if store.d_in != sae.row_width:
+        raise UserError(f"store {args.data_dir} has d_in={store.d_in}, but the SAE in "
+                        f"{args.run_dir} was trained on d_in={sae.row_width}")
+    rows = store.span() if args.split == "all" else store.split(sae.config.holdout)[1]
+    result = {"step": sae.step, "split": args.split, **evaluate(sae, rows)}
+    try:
+        result["fidelity"] = downstream_fidelity(sae, store, n_sequences=args.fidelity_sequences,
+                                                 corpus=args.corpus)
+    except UserError as e:  # not a harvested store, or its corpus cannot be rebuilt
+        result["fidelity"] = None
+        print(f"sae-jax: warning: fidelity skipped: {e}", file=sys.stderr)
+    write_eval_artifacts(result, files.join(args.run_dir, "eval"))
+    return result

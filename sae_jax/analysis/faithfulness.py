@@ -62,8 +62,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sae_jax import saes
-from sae_jax.errors import UserError
 from sae_jax.analysis.steer import add_direction, random_directions
+from sae_jax.errors import UserError
 
 OutputFn = Callable[[object, jax.Array, jax.Array], jax.Array]
 """`output_fn(model_params, h (n, T, d), mask (n, T)) -> (n, m)`: the model's output computed

@@ -32,9 +32,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from sae_jax import saes
-from sae_jax.lm.corpus import untruncated_copy
+from sae_jax.analysis.steer import (
+    check_not_transcoder,
+    feature_label,
+    special_ids,
+    steered_positions,
+)
 from sae_jax.errors import UserError
-from sae_jax.analysis.steer import check_not_transcoder, feature_label, special_ids, steered_positions
+from sae_jax.lm.corpus import untruncated_copy
 
 DEFAULT_TOP = 5
 DEFAULT_MAX_LEN = 128
@@ -212,8 +217,8 @@ def bench_feature_extraction(sae=None, *, width: int = 3072, arch: str = "topk",
       shapes, and `features_compile_s` (both shapes).
     """
     from sae_jax.config import make_config
-    from sae_jax.lm.harvest import minilm_activations
     from sae_jax.lm import minilm
+    from sae_jax.lm.harvest import minilm_activations
     from sae_jax.sae import SAE
 
     if sae is None:
@@ -283,15 +288,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"tokens per text incl. [CLS]/[SEP] (default {DEFAULT_MAX_LEN})")
 
 
-def run_command(args) -> dict:
+def run(args) -> dict:
     """Runs `sae-jax features`; prints the per-token table to stderr."""
     import sae_jax
     from sae_jax import files
     from sae_jax.analysis.fidelity import MODEL_NAME
     from sae_jax.analysis.interpret import CATALOG_FILE, read_catalog
+    from sae_jax.data.store import open_store
     from sae_jax.lm import minilm
     from sae_jax.rundir import read_run
-    from sae_jax.data.store import open_store
 
     run = read_run(args.run_dir)
     check_not_transcoder(run.config, "feature extraction")

@@ -43,8 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sae_jax import saes
-from sae_jax.lm.corpus import NO_POSITION, make_corpus, sequences
 from sae_jax.errors import UserError
+from sae_jax.lm.corpus import NO_POSITION, make_corpus, sequences
 from sae_jax.sae import SAE
 
 MODEL_NAME = "all-MiniLM-L6-v2"

@@ -591,8 +591,8 @@ def catalog_for_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike | No
       kwargs: passed to `build_catalog`.
     """
     import sae_jax
-    from sae_jax.rundir import read_run
     from sae_jax.data.store import open_store
+    from sae_jax.rundir import read_run
 
     sae = sae_jax.load(run_dir)
     store = open_store(data_dir if data_dir is not None else read_run(run_dir).data_dir)

@@ -236,8 +236,8 @@ def reference_sequences(store, holdout: float, tokenizer, n: int, seed: int,
     is the original source, not lower-cased WordPiece."""
     import itertools
 
-    from sae_jax.lm.corpus import Specials, untruncated_copy
     from sae_jax.analysis.fidelity import check_store, rebuild_corpus
+    from sae_jax.lm.corpus import Specials, untruncated_copy
 
     check_store(store)
     heldout = store.split(holdout)[1]
@@ -469,9 +469,9 @@ def steer_run(run_dir, texts, feature: int, value: float | None = None,
     """
     import sae_jax
     from sae_jax.analysis.fidelity import MODEL_NAME
+    from sae_jax.data.store import open_store
     from sae_jax.lm import minilm
     from sae_jax.rundir import read_run
-    from sae_jax.data.store import open_store
 
     log = log or (lambda msg: None)
     run = read_run(run_dir)
@@ -567,7 +567,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seeds the reference sample and random directions")
 
 
-def run_command(args) -> dict:
+def run(args) -> dict:
     """Runs `sae-jax steer` from parsed arguments; prints the summary to stderr."""
     if args.n_reference < 0 or args.n_random < 0:
         raise UserError("--n-reference and --n-random must be at least 0")

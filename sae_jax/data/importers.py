@@ -14,8 +14,8 @@ import ml_dtypes
 import numpy as np
 
 from sae_jax.data import safetensors_io
-from sae_jax.errors import UserError
 from sae_jax.data.store import StoreWriter
+from sae_jax.errors import UserError
 
 SUFFIXES = (".npy", ".safetensors")
 CHUNK_ROWS = 65536
@@ -106,3 +106,16 @@ def import_activations(src: str | os.PathLike, data_dir: str | os.PathLike,
         writer.abort()
         raise
     return writer.close()
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("src",
+                        help="a .npy or .safetensors file of shape (N, d), or a folder of them")
+    parser.add_argument("data_dir", help="new store (a local path or gs://bucket/path)")
+    parser.add_argument("--tensor",
+                        help="which tensor of a .safetensors file (default: the only one)")
+
+
+def run(args) -> dict:
+    store = import_activations(args.src, args.data_dir, args.tensor)
+    return {"data_dir": store.path, **store.meta}

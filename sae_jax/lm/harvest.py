@@ -41,9 +41,9 @@ from jax.sharding import PartitionSpec as P
 from jax.tree_util import Partial
 from tqdm import tqdm
 
-from sae_jax.lm.corpus import NO_POSITION, TokenSequence, make_corpus, sequences
 from sae_jax.errors import UserError
 from sae_jax.interrupts import signal_flag
+from sae_jax.lm.corpus import NO_POSITION, TokenSequence, make_corpus, sequences
 from sae_jax.mesh import batch_sharding, make_mesh, replicated
 
 MODELS = ("minilm",)
@@ -305,8 +305,8 @@ def run_harvest(data_dir: str | os.PathLike, model: str = "minilm", layer: int =
     Returns:
       The store's `meta.json` contents plus `data_dir`.
     """
-    from sae_jax.lm import minilm
     from sae_jax.data.store import STORE_DTYPES, StoreWriter
+    from sae_jax.lm import minilm
 
     data_dir = str(data_dir)
     if model not in MODELS:
@@ -372,8 +372,7 @@ def run_harvest(data_dir: str | os.PathLike, model: str = "minilm", layer: int =
 
 
 def add_arguments(parser) -> None:
-    """Adds `sae-jax harvest DATA_DIR [options]` arguments to an argparse (sub)parser; call
-    `run_harvest(**harvest_kwargs(args))` with the parsed namespace."""
+    """Adds `sae-jax harvest DATA_DIR [options]` arguments to an argparse (sub)parser."""
     parser.add_argument("data_dir", help="new store directory")
     parser.add_argument("--model", default="minilm", choices=MODELS,
                         help="model to harvest (default: minilm = all-MiniLM-L6-v2)")
@@ -407,3 +406,7 @@ def harvest_kwargs(args) -> dict:
             "batch_size": args.batch_size, "corpus": args.corpus, "dtype": args.dtype,
             "keep_special": args.keep_special, "progress": not args.quiet,
             "pair": args.pair}
+
+
+def run(args) -> dict:
+    return run_harvest(**harvest_kwargs(args))

@@ -104,8 +104,8 @@ def step_memory(cfg, d_in: int, mesh) -> dict:
     """Per-device bytes of the compiled train step, from XLA's memory analysis of a step
     lowered on abstract (shape-only) arrays: nothing is allocated, so any size can be
     checked on a laptop before it is launched on a pod."""
-    from sae_jax.training import checkpoint
     from sae_jax.mesh import batch_sharding
+    from sae_jax.training import checkpoint
     from sae_jax.training.train import compile_train_step, make_optimizer, state_shardings
 
     tx = make_optimizer(cfg)
@@ -126,7 +126,12 @@ def step_memory(cfg, d_in: int, mesh) -> dict:
 def bench_train_step(cfg, d_in: int, n_steps: int) -> dict:
     """Compiles the train step on random data and times `n_steps` steps."""
     from sae_jax.mesh import batch_sharding, make_mesh
-    from sae_jax.training.train import compile_train_step, init_state, make_optimizer, state_shardings
+    from sae_jax.training.train import (
+        compile_train_step,
+        init_state,
+        make_optimizer,
+        state_shardings,
+    )
 
     mesh = make_mesh(cfg.mesh)
     tx = make_optimizer(cfg)
@@ -155,13 +160,13 @@ def bench_train_step(cfg, d_in: int, n_steps: int) -> dict:
 
 
 def run_bench(pairs: list[str], compare_torch: bool = False) -> dict:
-    from sae_jax.config import make_config
+    from sae_jax.config import make_config, split_pair
     from sae_jax.errors import UserError
 
     extra = dict(BENCH_KEYS)
     rest = []
     for pair in pairs:
-        key, _, value = pair.partition("=")
+        key, value = split_pair(pair)
         if key in extra:
             try:
                 extra[key] = int(float(value))
@@ -242,3 +247,13 @@ def format_table(result: dict) -> str:
             f"{result['devices']} {result['backend']} device(s)")
     return "\n".join([head] + [f"  {a:<{width}}  {b:>16}  {c}" for a, b, c in rows])
 
+
+def add_arguments(parser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config keys, plus d_in, bench_steps, store_rows")
+    parser.add_argument("--compare-torch", action="store_true",
+                        help="also time the equivalent PyTorch step (if torch is installed)")
+
+
+def run(args) -> dict:
+    return run_bench(args.overrides, compare_torch=args.compare_torch)

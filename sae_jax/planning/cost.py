@@ -471,7 +471,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="wall-clock budget on the accelerator for --from-fit")
 
 
-def run_command(args) -> dict:
+def run(args) -> dict:
     """Runs `sae-jax cost`: prints the table to stderr, returns the JSON-able result."""
     kwargs = {"arch": args.arch, "k": args.k, "batch_size": args.batch_size, "mfu": args.mfu,
               "mesh": args.mesh}

@@ -363,7 +363,8 @@ def read_fit(path) -> dict:
         path = files.join(path, FIT_FILE)
     fit = files.read_json(path, f"no scaling fit at {path}")
     if not isinstance(fit, dict) or fit.get("kind") != FIT_KIND:
-        raise UserError(f"{path} is not a scaling fit (written by sae_jax.planning.scaling.write_fit)")
+        raise UserError(f"{path} is not a scaling fit (written by "
+                        "sae_jax.planning.scaling.write_fit)")
     if fit.get("version") != FIT_VERSION:
         raise UserError(f"scaling fit {path} has version {fit.get('version')!r}; "
                         f"this sae_jax reads version {FIT_VERSION}")

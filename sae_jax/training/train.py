@@ -19,18 +19,18 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from sae_jax.training import checkpoint
 from sae_jax import saes
 from sae_jax.config import TrainConfig
-from sae_jax.training.distributed import batch_share, host_value
+from sae_jax.data.loader import BatchSource, batches, estimate_stats, scale_and_mean, stats_sample
+from sae_jax.data.store import open_store
 from sae_jax.errors import Preempted, UserError
 from sae_jax.interrupts import signal_flag
-from sae_jax.data.loader import BatchSource, batches, estimate_stats, scale_and_mean, stats_sample
 from sae_jax.mesh import batch_sharding, logical_to_sharding, make_mesh, replicated
-from sae_jax.training.metrics import MetricsLog
 from sae_jax.rundir import RunInfo, data_widths, prepare_run
 from sae_jax.saes.common import LossContext, normalize_decoder, remove_parallel_grad
-from sae_jax.data.store import open_store
+from sae_jax.training import checkpoint
+from sae_jax.training.distributed import batch_share, host_value
+from sae_jax.training.metrics import MetricsLog
 
 
 @flax.struct.dataclass

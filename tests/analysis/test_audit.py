@@ -22,8 +22,8 @@ SMALL = ["--features", "6", "--windows", "16", "--window", "16", "--contexts", "
 def audited(tmp_path_factory, params):  # `params` loads MiniLM once for the session
     import jax
 
-    from sae_jax.config import make_config
     from sae_jax.analysis.dashboard import write_dashboard
+    from sae_jax.config import make_config
     from sae_jax.lm.harvest import run_harvest
     from sae_jax.training.train import train
 
@@ -36,7 +36,7 @@ def audited(tmp_path_factory, params):  # `params` loads MiniLM once for the ses
     audit.add_arguments(parser)
     args = parser.parse_args([str(tmp / "run"), str(tmp / "store"), *SMALL,
                               "--dashboard", str(tmp / "site")])
-    result = audit.run_command(args)
+    result = audit.run(args)
     report = json.loads((tmp / "run" / "audit" / "audit.json").read_text(encoding="utf-8"))
     return tmp, result, report
 
@@ -63,8 +63,8 @@ def test_report_scores_features_and_controls(audited):
 def test_coverage_agrees_with_eval_and_fidelity(audited):
     from sae_jax.analysis.evaluate import evaluate
     from sae_jax.analysis.fidelity import downstream_fidelity
-    from sae_jax.sae import load
     from sae_jax.data.store import open_store
+    from sae_jax.sae import load
 
     tmp, result, report = audited
     sae, store = load(tmp / "run"), open_store(tmp / "store")

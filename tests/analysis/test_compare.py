@@ -8,11 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from sae_jax.analysis import compare
 from sae_jax import saes
+from sae_jax.analysis import compare
 from sae_jax.config import make_config
-from sae_jax.errors import UserError
 from sae_jax.data.loader import ArraySpan
+from sae_jax.errors import UserError
 from sae_jax.sae import SAE
 
 D = 24
@@ -212,7 +212,7 @@ def parse(argv):
 
 def test_cli_on_two_seeds(two_runs, synthetic_store, tmp_path, capsys):
     run_a, run_b = two_runs
-    out = compare.run_command(parse([run_a, run_b, synthetic_store, "--max-rows", "1500"]))
+    out = compare.run(parse([run_a, run_b, synthetic_store, "--max-rows", "1500"]))
     out_dir = run_a / "compare" / "seed1"
     assert out["out"]["json"] == str(out_dir / compare.COMPARE_JSON)
     saved = json.loads((out_dir / compare.COMPARE_JSON).read_text())
@@ -230,7 +230,7 @@ def test_cli_on_two_seeds(two_runs, synthetic_store, tmp_path, capsys):
 
 def test_cli_decoders_only_and_data_b(two_runs, synthetic_store, tmp_path):
     run_a, run_b = two_runs
-    out = compare.run_command(parse([run_a, run_b, "--out", tmp_path / "c"]))
+    out = compare.run(parse([run_a, run_b, "--out", tmp_path / "c"]))
     assert out["activation"] is None and (tmp_path / "c" / compare.COMPARE_JSON).exists()
     same = compare.compare(run_a, run_b, synthetic_store, synthetic_store, max_rows=500)
     alone = compare.compare(run_a, run_b, synthetic_store, max_rows=500)

@@ -7,8 +7,8 @@ import pytest
 
 from sae_jax.analysis import coverage
 from sae_jax.config import make_config
-from sae_jax.sae import SAE
 from sae_jax.data.store import open_store
+from sae_jax.sae import SAE
 
 
 def perfect_sae(d: int) -> SAE:

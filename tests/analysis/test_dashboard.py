@@ -50,8 +50,8 @@ def _console_errors(stderr: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    from sae_jax.config import make_config
     from sae_jax.analysis.dashboard import write_dashboard
+    from sae_jax.config import make_config
     from sae_jax.lm.harvest import run_harvest
     from sae_jax.training.train import train
 

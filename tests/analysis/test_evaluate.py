@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pytest
 
-from sae_jax.config import make_config
 from sae_jax.analysis.evaluate import (
     DENSITY_PNG,
     EVAL_JSON,
@@ -15,6 +14,7 @@ from sae_jax.analysis.evaluate import (
     l0_histogram,
     write_eval_artifacts,
 )
+from sae_jax.config import make_config
 from sae_jax.data.loader import ArraySpan
 from sae_jax.sae import SAE
 

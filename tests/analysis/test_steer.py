@@ -260,7 +260,7 @@ def test_minilm_clamp_to_current_activation_keeps_the_embedding(minilm_case):
 def _steer_cli(*argv) -> dict:
     parser = argparse.ArgumentParser()
     steer.add_arguments(parser)
-    return steer.run_command(parser.parse_args([str(a) for a in argv]))
+    return steer.run(parser.parse_args([str(a) for a in argv]))
 
 
 def test_cli_builds_a_catalog_entry_and_steers_both_ways(minilm_case, capsys):
@@ -296,8 +296,8 @@ def _busiest_feature(sae, run) -> int:
 
 
 def _store(run):
-    from sae_jax.rundir import read_run
     from sae_jax.data.store import open_store
+    from sae_jax.rundir import read_run
 
     return open_store(read_run(run).data_dir)
 

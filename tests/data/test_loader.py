@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from conftest import batch_at
 
-from sae_jax.data import loader
 from sae_jax.config import make_config
-from sae_jax.errors import UserError
+from sae_jax.data import loader
 from sae_jax.data.loader import ArraySpan, BatchOrder, BatchSource, batches, estimate_stats
 from sae_jax.data.store import open_store
+from sae_jax.errors import UserError
 
 
 def index_rows(n: int, d: int = 3) -> np.ndarray:

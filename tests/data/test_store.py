@@ -1,4 +1,5 @@
-"""`sae_jax.data.store` (StoreWriter, open_store, split) and `sae_jax.data.importers` (import_activations).
+"""`sae_jax.data.store` (StoreWriter, open_store, split) and `sae_jax.data.importers`
+(import_activations).
 
 Every failure must be a `UserError` with a clear message, and a failed write must leave
 nothing on disk: neither the store directory nor the writer's hidden temporary directory.
@@ -14,9 +15,9 @@ import pytest
 from safetensors.numpy import save_file
 
 from sae_jax.data import importers
-from sae_jax.errors import UserError
 from sae_jax.data.importers import import_activations, open_source
 from sae_jax.data.store import StoreWriter, open_store
+from sae_jax.errors import UserError
 
 BF16 = ml_dtypes.bfloat16
 

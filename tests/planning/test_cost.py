@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from sae_jax.planning import cost, scaling
 from sae_jax.errors import UserError
+from sae_jax.planning import cost, scaling
 
 GIB = 2**30
 F34M = 34 * 2**20  # Scaling Monosemanticity's largest SAE, as README "Scale" counts it
@@ -36,9 +36,9 @@ def test_bad_accelerator_names_fail(spec):
 
 
 def test_flops_per_token_is_the_bench_formula():
-    from sae_jax.planning.bench import flops_per_token
     from sae_jax.config import make_config
     from sae_jax.mesh import make_mesh
+    from sae_jax.planning.bench import flops_per_token
 
     d, width, k = 384, 24576, 32
     assert cost.step_flops_per_token("relu", d, width, k, sparse=True) == 10 * d * width
@@ -124,9 +124,9 @@ def test_max_batch_size_is_the_largest_that_fits():
                                         ("relu", "data:2,model:4")])
 def test_memory_estimate_matches_the_compiled_step(arch, mesh):
     """Against XLA's memory analysis of the real f32 step (abstract shapes, no allocation)."""
-    from sae_jax.planning.bench import step_memory
     from sae_jax.config import make_config
     from sae_jax.mesh import make_mesh, parse_mesh
+    from sae_jax.planning.bench import step_memory
 
     d, width, batch = 64, 8192, 1024
     cfg = make_config([f"arch={arch}", f"width={width}", "k=16", f"batch_size={batch}",
@@ -139,7 +139,7 @@ def test_memory_estimate_matches_the_compiled_step(arch, mesh):
 
 
 def test_cli_prints_a_table_and_returns_json(capsys):
-    result = cost.run_command(parse(["--d-model", "4096", "--width", str(F34M), "--tokens",
+    result = cost.run(parse(["--d-model", "4096", "--width", str(F34M), "--tokens",
                                      "8e9", "--k", "64", "--accelerator", "v5p-256"]))
     table = capsys.readouterr().err
     assert "sae-jax cost" in table and "110.5 h" in table and "data:1,model:128" in table
@@ -158,7 +158,7 @@ def fit_file(tmp_path):
 def test_from_fit_prices_the_compute_optimal_run(tmp_path, capsys):
     fit, path = fit_file(tmp_path)
     budget = 1e18
-    r = cost.run_command(parse(["--d-model", "64", "--accelerator", "h100-8", "--arch", "relu",
+    r = cost.run(parse(["--d-model", "64", "--accelerator", "h100-8", "--arch", "relu",
                                 "--from-fit", path, "--budget-flops", "1e18"]))
     plan = r["from_fit"]
     raw = scaling.predict_pure(fit["optimal_width"], budget)
@@ -173,7 +173,7 @@ def test_from_fit_prices_the_compute_optimal_run(tmp_path, capsys):
     assert r["tokens"] == pytest.approx(budget / (10 * 64 * r["width"]))
     assert "predicted loss" in capsys.readouterr().err
     # a wall-clock budget buys hours × chips × peak × MFU
-    r = cost.run_command(parse(["--d-model", "64", "--accelerator", "h100-8", "--arch", "relu",
+    r = cost.run(parse(["--d-model", "64", "--accelerator", "h100-8", "--arch", "relu",
                                 "--from-fit", path, "--budget-hours", "2", "--mfu", "0.4"]))
     assert r["from_fit"]["budget_flops"] == pytest.approx(2 * 3600 * 8 * 989e12 * 0.4)
     assert r["wall_hours"] == pytest.approx(2)
@@ -194,19 +194,19 @@ def test_from_fit_prices_the_compute_optimal_run(tmp_path, capsys):
 ])
 def test_bad_input_is_a_user_error(argv, message):
     with pytest.raises(UserError, match=message):
-        cost.run_command(parse(["--d-model", "512", *argv]))
+        cost.run(parse(["--d-model", "512", *argv]))
 
 
 def test_fit_without_the_needed_laws_is_a_user_error(tmp_path):
     fit, _ = fit_file(tmp_path)
     path = scaling.write_fit({**fit, "optimal_width": None}, tmp_path / "no_width")
     with pytest.raises(UserError, match="no optimal_width law"):
-        cost.run_command(parse(["--d-model", "64", "--accelerator", "h100-8", "--from-fit",
+        cost.run(parse(["--d-model", "64", "--accelerator", "h100-8", "--from-fit",
                                 path, "--budget-flops", "1e18"]))
     with pytest.raises(UserError, match="exactly one of"):
-        cost.run_command(parse(["--d-model", "64", "--accelerator", "h100-8", "--from-fit",
+        cost.run(parse(["--d-model", "64", "--accelerator", "h100-8", "--from-fit",
                                 str(tmp_path)]))
     with pytest.raises(UserError, match="no scaling fit"):
-        cost.run_command(parse(["--d-model", "64", "--accelerator", "h100-8", "--from-fit",
+        cost.run(parse(["--d-model", "64", "--accelerator", "h100-8", "--from-fit",
                                 str(tmp_path / "missing.json"), "--budget-flops", "1e18"]))
     assert np.isfinite(fit["optimal_steps"]["exponent"])

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from sae_jax.planning import scaling
 from sae_jax.errors import UserError
+from sae_jax.planning import scaling
 
 TRUE = {"L_inf": 0.05, "a": 40.0, "alpha": 0.15}
 D_IN, BATCH = 64, 256

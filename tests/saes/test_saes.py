@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sae_jax.saes import penalties
 from sae_jax import saes
 from sae_jax.config import make_config
+from sae_jax.saes import penalties
 from sae_jax.saes.common import Code, LossContext
 from sae_jax.saes.select import kth_largest, topk_mask
 

@@ -9,14 +9,20 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sae_jax
-from sae_jax.config import make_config
-from sae_jax.errors import UserError
 from sae_jax.analysis.evaluate import evaluate
-from sae_jax.saelens import export_saelens
-from sae_jax.mesh import make_mesh
+from sae_jax.config import make_config
 from sae_jax.data.store import StoreWriter, open_store
 from sae_jax.data.synthetic import atoms_recovered, sparse_transcoder_data
-from sae_jax.training.train import compile_train_step, init_state, make_optimizer, state_shardings, train
+from sae_jax.errors import UserError
+from sae_jax.mesh import make_mesh
+from sae_jax.saelens import export_saelens
+from sae_jax.training.train import (
+    compile_train_step,
+    init_state,
+    make_optimizer,
+    state_shardings,
+    train,
+)
 from tests.conftest import batch_at, mesh_devices
 from tests.test_export import read_export
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 import sae_jax
-from sae_jax.training import checkpoint
 from sae_jax.cli import PREEMPTED_EXIT
 from sae_jax.config import make_config
 from sae_jax.mesh import make_mesh
 from sae_jax.rundir import read_run
+from sae_jax.training import checkpoint
 from sae_jax.training.train import make_optimizer, state_shardings, train
 
 TRAIN_ARGS = ["arch=topk", "width=64", "k=4", "steps=400", "batch_size=256", "ckpt_every=25",

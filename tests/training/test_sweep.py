@@ -20,16 +20,8 @@ import pytest
 import sae_jax
 from sae_jax.config import TrainConfig, make_config
 from sae_jax.errors import Preempted, UserError
-from sae_jax.training.sweep import (
-    SHARED_KEYS,
-    SWEEP_FILE,
-    SWEEPABLE,
-    expand_grid,
-    is_sweep,
-    run_names,
-    run_sweep_command,
-    train_sweep,
-)
+from sae_jax.training.grid import SHARED_KEYS, SWEEPABLE, expand_grid, is_sweep, run_names
+from sae_jax.training.sweep import SWEEP_FILE, run_sweep_command, train_sweep
 from sae_jax.training.train import train
 
 BASE = ["arch=topk", "steps=20", "batch_size=128", "log_every=10", "ckpt_every=10"]

@@ -10,9 +10,9 @@ from conftest import batch_at
 
 import sae_jax
 from sae_jax.config import make_config
+from sae_jax.data.synthetic import atoms_recovered
 from sae_jax.errors import UserError
 from sae_jax.mesh import batch_sharding, make_mesh
-from sae_jax.data.synthetic import atoms_recovered
 from sae_jax.training.train import (
     compile_train_step,
     init_state,

@@ -1,0 +1,163 @@
+"""`sae-jax export RUN_DIR OUT_DIR`: a run as a SAELens folder (see `sae_jax.saelens` for the
+folding of the input scale and the architecture mapping)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from sae_jax import files
+from sae_jax.errors import UserError
+from sae_jax.saelens.format import (
+    CATALOG_FILE,
+    CFG_FILE,
+    EXPORT_ARCH,
+    SAELENS_VERSION,
+    THRESHOLD_ARCHS,
+    TRAINING_ARCH,
+    TRANSCODER_ARCH,
+    WEIGHTS_FILE,
+)
+
+
+def saelens_tensors(params: dict, arch: str, input_scale: float,
+                    target_scale: float | None = None) -> dict[str, np.ndarray]:
+    """Our params (scaled units) -> SAELens's tensors on raw inputs, float32.
+
+    A transcoder's outputs are divided by its `target_scale` c_t instead of c, and its skip
+    map becomes W_skip·c/c_t."""
+    import jax.numpy as jnp
+
+    c = np.float64(input_scale)
+    c_out = c if target_scale is None else np.float64(target_scale)
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    out = {"W_enc": p["W_enc"] * c, "b_enc": p["b_enc"], "W_dec": p["W_dec"] / c_out,
+           "b_dec": p["b_dec"] / c_out}
+    if "W_skip" in p:
+        out["W_skip"] = p["W_skip"] * (c / c_out)
+    width = p["b_enc"].shape[0]
+    if arch == "jumprelu":  # XLA's exp, bit for bit the θ our encoder compares with
+        out["threshold"] = np.asarray(jnp.exp(jnp.asarray(params["log_threshold"])))
+    elif arch in THRESHOLD_ARCHS:
+        out["threshold"] = np.full((width,), np.float32(params["threshold"]))
+    return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
+
+
+def saelens_cfg(arch: str, d_in: int, d_sae: int, k: int, details: dict,
+                transcoder: tuple[int, bool] | None = None) -> dict:
+    """SAELens's cfg.json; `transcoder` = (d_out, has a skip connection) for a transcoder."""
+    architecture = EXPORT_ARCH[arch]
+    if transcoder is not None:
+        if architecture not in TRANSCODER_ARCH:
+            raise UserError(f"SAELens has no {arch} transcoder (its transcoders are relu, "
+                            "jumprelu and their skip variants); train a transcoder with "
+                            "arch=batchtopk or matryoshka (exported as jumprelu) to share it")
+        architecture = TRANSCODER_ARCH[architecture][int(transcoder[1])]
+    cfg = {
+        "architecture": architecture,
+        "d_in": int(d_in),
+        "d_sae": int(d_sae),
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": transcoder is None,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+    }
+    if transcoder is not None:
+        cfg["d_out"] = int(transcoder[0])
+    if arch == "topk":
+        cfg["k"] = int(k)
+        cfg["rescale_acts_by_decoder_norm"] = False
+    cfg["metadata"] = {"sae_lens_version": SAELENS_VERSION,
+                       "training_architecture": TRAINING_ARCH[arch],
+                       "training_architecture_details": details}
+    return cfg
+
+
+def _store_provenance(data_dir: str) -> dict:
+    """The store's producer (model, layer, hook), best effort, for the export's metadata."""
+    if not data_dir or "://" in data_dir:
+        return {}
+    try:
+        meta = json.loads((Path(data_dir) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: meta[k] for k in ("source", "model", "layer", "hook") if k in meta}
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / CFG_FILE).exists():
+        raise UserError(f"{out} exists, is not empty and holds no SAELens export; "
+                        "choose a new directory")
+
+
+def export_saelens(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                   step: int | None = None) -> dict:
+    """Writes the run's SAE (latest or `step`'s checkpoint) as a SAELens 6.x folder.
+
+    Returns:
+      `{"architecture", "training_architecture", "d_in", "d_sae", "input_scale", "step",
+      "out_dir", "files"}` (files: names inside out_dir).
+
+    Raises:
+      UserError: no run / checkpoint, an unusable out_dir, non-finite params or scale.
+    """
+    import safetensors.numpy
+
+    import sae_jax
+    from sae_jax.rundir import read_run
+
+    run_dir, out = Path(run_dir), Path(out_dir)
+    run = read_run(run_dir)
+    _check_out_dir(out)
+    sae = sae_jax.load(run_dir, step)
+    arch, c = sae.config.arch, float(sae.input_scale)
+    if not (np.isfinite(c) and c > 0):
+        raise UserError(f"run {run_dir} has input_scale {c}; it must be finite and > 0")
+    params = {k: np.asarray(v) for k, v in sae.params.items()}
+    bad = [k for k, v in params.items() if not np.all(np.isfinite(v))]
+    if bad:
+        raise UserError(f"run {run_dir} step {sae.step} has non-finite values in "
+                        f"{', '.join(sorted(bad))}; nothing exported")
+    tensors = saelens_tensors(params, arch, c, sae.target_scale)
+    details = {"library": "sae_jax", "sae_jax_version": sae_jax.__version__, "arch": arch,
+               "input_scale": c, "step": sae.step, "config": sae.config.to_dict()}
+    if sae.transcoder:
+        details["target_scale"] = float(sae.target_scale)
+    data = _store_provenance(run.data_dir)
+    if data:
+        details["data"] = data
+    if arch in THRESHOLD_ARCHS:
+        details["threshold"] = float(params["threshold"])
+    transcoder = (sae.d_out, "W_skip" in params) if sae.transcoder else None
+    cfg = saelens_cfg(arch, sae.d_in, sae.width, sae.config.k, details, transcoder)
+
+    out.mkdir(parents=True, exist_ok=True)
+    files.write_bytes(out / WEIGHTS_FILE, safetensors.numpy.save(tensors))
+    files.write_text(out / CFG_FILE, json.dumps(cfg, indent=2) + "\n")
+    written = [CFG_FILE, WEIGHTS_FILE]
+    catalog = run_dir / CATALOG_FILE
+    if catalog.is_file():
+        files.write_bytes(out / CATALOG_FILE, Path(catalog).read_bytes())
+        written.append(CATALOG_FILE)
+    elif (out / CATALOG_FILE).exists():  # a stale catalog from an earlier export
+        (out / CATALOG_FILE).unlink()
+    return {"architecture": cfg["architecture"], "training_architecture": arch,
+            "d_in": sae.d_in, "d_sae": sae.width, "input_scale": c, "step": sae.step,
+            "out_dir": str(out.absolute()), "files": written}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("run_dir")
+    parser.add_argument("out_dir")
+    parser.add_argument("--format", choices=("saelens",), default="saelens")
+    parser.add_argument("--step", type=int, help="checkpoint to export (default: the latest)")
+
+
+def run(args) -> dict:
+    return export_saelens(args.run_dir, args.out_dir, args.step)

@@ -1,0 +1,238 @@
+"""`sae-jax import-sae SAE_DIR RUN_DIR`: a SAELens folder as a new sae_jax run (the reverse of
+`saelens.export`, see `sae_jax.saelens`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from sae_jax.data import safetensors_io
+from sae_jax.errors import UserError
+from sae_jax.saelens.format import (
+    CATALOG_FILE,
+    CFG_DTYPES,
+    CFG_FILE,
+    IMPORT_ARCH,
+    WEIGHTS_FILE,
+)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """All tensors of a safetensors file, which must all be floating point."""
+    tensors = safetensors_io.read_all(path)
+    for name, tensor in tensors.items():
+        if tensor.dtype.kind != "f" and tensor.dtype != ml_dtypes.bfloat16:
+            names = ", ".join(k for k, v in safetensors_io.DTYPES.items()
+                              if np.dtype(v).kind == "f" or v is ml_dtypes.bfloat16)
+            raise UserError(f"{path}: tensor {name!r} has dtype {tensor.dtype}; expected a "
+                            f"float type ({names})")
+    return tensors
+
+
+def _read_cfg(sae_dir: Path) -> dict:
+    if not sae_dir.is_dir():
+        raise UserError(f"no SAELens folder at {sae_dir}")
+    path = sae_dir / CFG_FILE
+    if not path.is_file():
+        raise UserError(f"{sae_dir} has no {CFG_FILE}; not a SAELens SAE folder")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path} must hold a JSON object")
+    return cfg
+
+
+def _check_cfg(cfg: dict, path: Path) -> dict:
+    """Validated fields of a SAELens cfg.json that matter for inference."""
+    arch = cfg.get("architecture")
+    if arch not in IMPORT_ARCH:
+        hint = ("; SAELens saves BatchTopK for inference as jumprelu" if arch == "batchtopk"
+                else "")
+        raise UserError(f"{path}: unsupported architecture {arch!r}; supported: "
+                        f"{', '.join(IMPORT_ARCH)}{hint}")
+    for key in ("d_in", "d_sae"):
+        if not _is_int(cfg.get(key)) or cfg[key] < 1:
+            raise UserError(f"{path}: {key} must be a positive integer, got {cfg.get(key)!r}")
+    dtype = cfg.get("dtype", "float32")
+    if not isinstance(dtype, str) or dtype.removeprefix("torch.") not in CFG_DTYPES:
+        raise UserError(f"{path}: unsupported dtype {dtype!r}; expected one of "
+                        f"{', '.join(CFG_DTYPES)}")
+    norm = cfg.get("normalize_activations", "none")
+    if norm != "none":
+        raise UserError(f"{path}: normalize_activations is {norm!r}; only 'none' can be "
+                        "imported (fold the normalisation into the weights first)")
+    if cfg.get("reshape_activations", "none") != "none":
+        raise UserError(f"{path}: reshape_activations is {cfg['reshape_activations']!r}; "
+                        "only 'none' can be imported")
+    apply_b_dec = cfg.get("apply_b_dec_to_input", True)
+    if not isinstance(apply_b_dec, bool):
+        raise UserError(f"{path}: apply_b_dec_to_input must be true or false, got "
+                        f"{apply_b_dec!r}")
+    out = {"arch": arch, "d_in": cfg["d_in"], "d_sae": cfg["d_sae"],
+           "dtype": CFG_DTYPES[dtype.removeprefix("torch.")], "apply_b_dec": apply_b_dec,
+           "rescale": False, "k": None}
+    if arch == "topk":
+        k = cfg.get("k")
+        if k is None:
+            raise UserError(f"{path}: topk SAE without k (SAELens would silently use 100)")
+        if not _is_int(k) or not 1 <= k <= cfg["d_sae"]:
+            raise UserError(f"{path}: k must be an integer in 1..d_sae={cfg['d_sae']}, "
+                            f"got {k!r}")
+        rescale = cfg.get("rescale_acts_by_decoder_norm", False)
+        if not isinstance(rescale, bool):
+            raise UserError(f"{path}: rescale_acts_by_decoder_norm must be true or false, "
+                            f"got {rescale!r}")
+        out.update(k=k, rescale=rescale)
+    return out
+
+
+def _check_tensors(tensors: dict, info: dict, path: Path) -> dict[str, np.ndarray]:
+    d_in, d_sae = info["d_in"], info["d_sae"]
+    expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in),
+                "b_dec": (d_in,)}
+    if info["arch"] == "jumprelu":
+        expected["threshold"] = (d_sae,)
+    tensors = dict(tensors)
+    scaling = tensors.pop("scaling_factor", None)  # SAELens drops it when it is all ones
+    if scaling is not None and not np.all(np.asarray(scaling, np.float64) == 1.0):
+        raise UserError(f"{path}: a scaling_factor other than all ones is not supported")
+    if "log_threshold" in tensors and info["arch"] == "jumprelu":
+        raise UserError(f"{path}: has log_threshold; SAELens's inference jumprelu needs "
+                        "threshold (linear units)")
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise UserError(f"{path}: missing tensor(s) {', '.join(missing)} for "
+                        f"{info['arch']} (has: {', '.join(sorted(tensors))})")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise UserError(f"{path}: unexpected tensor(s) {', '.join(extra)} for {info['arch']}")
+    for name, shape in expected.items():
+        got = tuple(tensors[name].shape)
+        if got != shape:
+            how = " (stored transposed?)" if len(got) == 2 and got == shape[::-1] else ""
+            raise UserError(f"{path}: {name} has shape {got}, expected {shape} for "
+                            f"d_in={d_in}, d_sae={d_sae}{how}")
+        if not np.all(np.isfinite(tensors[name].astype(np.float32))):
+            raise UserError(f"{path}: {name} has non-finite values")
+    # SAELens casts every tensor to cfg dtype, then computes in it; we keep that rounding.
+    return {k: tensors[k].astype(info["dtype"]).astype(np.float64) for k in expected}
+
+
+def our_params(t: dict[str, np.ndarray], info: dict, batchtopk: bool) -> tuple[str, dict]:
+    """SAELens tensors (float64) -> (our arch, our float32 params on raw inputs, scale 1)."""
+    W_enc, b_enc, W_dec, b_dec = t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"]
+    if info["rescale"]:  # rank h·n and decode f/n  ==  unit rows, W_enc·n, b_enc·n
+        n = np.linalg.norm(W_dec, axis=1)
+        W_enc, b_enc = W_enc * n, b_enc * n
+        W_dec = W_dec / np.where(n > 0, n, 1.0)[:, None]
+    if not info["apply_b_dec"]:  # x @ W + b_e  ==  (x - b_dec) @ W + (b_e + b_dec @ W)
+        b_enc = b_enc + b_dec @ W_enc
+    params = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    arch = IMPORT_ARCH[info["arch"]]
+    if arch == "jumprelu":
+        theta = t["threshold"].astype(np.float32)
+        if batchtopk:
+            arch, params["threshold"] = "batchtopk", np.float32(theta[0])
+        else:
+            tiny = np.finfo(np.float32).tiny
+            params["log_threshold"] = np.log(np.maximum(theta, tiny))
+    return arch, {k: np.asarray(v, np.float32) for k, v in params.items()}
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} exists and is not a directory")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        raise UserError(f"{run_dir} exists and is not empty; choose a new RUN_DIR")
+
+
+def import_saelens(sae_dir: str | os.PathLike, run_dir: str | os.PathLike) -> dict:
+    """Reads a SAELens folder (standard/jumprelu/topk) into a new sae_jax run directory.
+
+    `sae_jax.load(run_dir)` then encodes/decodes raw activations as SAELens's
+    `SAE.load_from_disk(sae_dir)` does.
+
+    Returns:
+      `{"arch", "source_architecture", "d_in", "d_sae", "k", "run_dir", "files"}`.
+
+    Raises:
+      UserError: a folder SAELens could not load, or a variant sae_jax cannot represent.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from sae_jax.config import make_config
+    from sae_jax.rundir import CONFIG_FILE, RunInfo, write_run
+    from sae_jax.training import checkpoint
+    from sae_jax.training.train import init_state, make_optimizer
+
+    sae_dir, run_dir = Path(sae_dir), Path(run_dir)
+    cfg_json = _read_cfg(sae_dir)
+    info = _check_cfg(cfg_json, sae_dir / CFG_FILE)
+    weights = sae_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        raise UserError(f"{sae_dir} has no {WEIGHTS_FILE}")
+    tensors = _check_tensors(read_safetensors(weights), info, weights)
+    _check_run_dir(run_dir)
+
+    meta = cfg_json.get("metadata") if isinstance(cfg_json.get("metadata"), dict) else {}
+    details = meta.get("training_architecture_details")
+    details = details if isinstance(details, dict) else {}
+    theta = tensors.get("threshold")
+    batchtopk = (info["arch"] == "jumprelu"
+                 and meta.get("training_architecture") in ("batchtopk", "matryoshka_batchtopk")
+                 and bool(np.all(theta.astype(np.float32) == np.float32(theta[0]))))
+    arch, params = our_params(tensors, info, batchtopk)
+    k = info["k"]
+    if k is None:  # not used at inference; keep a valid config (k <= width)
+        saved_k = details.get("config", {}).get("k") if isinstance(
+            details.get("config"), dict) else None
+        k = saved_k if _is_int(saved_k) and 1 <= saved_k <= info["d_sae"] else min(
+            32, info["d_sae"])
+    cfg = make_config(arch=arch, width=info["d_sae"], k=k)
+
+    tx = make_optimizer(cfg)
+    state = init_state(jax.random.key(cfg.seed), cfg, info["d_in"], None, tx)
+    new = {name: jnp.asarray(v) for name, v in params.items()}
+    want = jax.tree.map(lambda a: (a.shape, a.dtype), state.params)
+    if jax.tree.map(lambda a: (a.shape, a.dtype), new) != want:  # a bug here, not user input
+        raise AssertionError(f"imported params {new.keys()} do not match {want}")
+    state = state.replace(params=new, opt_state=tx.init(new))
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_run(run_dir, RunInfo(cfg, info["d_in"], 1.0, ""))
+    source = {"sae_dir": str(sae_dir.absolute()), "cfg": cfg_json}
+    (run_dir / "imported_from.json").write_text(json.dumps(source, indent=2) + "\n")
+    mngr = checkpoint.manager(run_dir, cfg)
+    try:
+        checkpoint.save(mngr, 0, state)
+        mngr.wait_until_finished()
+    finally:
+        mngr.close()
+    written = [CONFIG_FILE, "imported_from.json", checkpoint.CHECKPOINT_DIR]
+    if (sae_dir / CATALOG_FILE).is_file():
+        shutil.copyfile(sae_dir / CATALOG_FILE, run_dir / CATALOG_FILE)
+        written.append(CATALOG_FILE)
+    return {"arch": arch, "source_architecture": info["arch"], "d_in": info["d_in"],
+            "d_sae": info["d_sae"], "k": cfg.k, "run_dir": str(run_dir.absolute()),
+            "files": written}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("sae_dir", help="folder with cfg.json and sae_weights.safetensors")
+    parser.add_argument("run_dir", help="new run directory (for eval, load, ...)")
+
+
+def run(args) -> dict:
+    return import_saelens(args.sae_dir, args.run_dir)
