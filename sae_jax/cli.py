@@ -14,7 +14,7 @@ import importlib
 import json
 import sys
 
-from sae_jax.errors import Preempted, UserError
+from sae_jax.errors import Preempted, UserError, disk_full
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: the run stopped early but resumably
 
@@ -73,8 +73,28 @@ def strict_json(result) -> str:
     return json.dumps(json_safe(result), allow_nan=False)
 
 
+def quiet_library_logs() -> None:
+    """Orbax and tensorstore log every failed background write with full tracebacks (absl,
+    asyncio), hundreds of lines for one full disk. The CLI reports each failure itself, in
+    one line, when it reaches the main thread; unexpected errors keep their traceback."""
+    import logging
+
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    # After a failed async save, tensorstore completes pending writes into Orbax's closed
+    # event loop; each one prints "Event loop is closed" through sys.excepthook.
+    default_hook = sys.excepthook
+
+    def hook(kind, value, tb):
+        if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+            default_hook(kind, value, tb)
+
+    sys.excepthook = hook
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    quiet_library_logs()
     parser = build_parser(_command_of(argv))
     args, extra = parser.parse_known_args(argv)
     if extra and getattr(args, "overrides", None) is not None and all("=" in e for e in extra):
@@ -92,6 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sae-jax: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        full = disk_full(e)
+        if full is None:
+            raise  # a bug: keep its traceback
+        print(f"sae-jax: error: {full}; free some space and rerun (what was saved before is "
+              "kept: a run resumes from its last checkpoint)", file=sys.stderr)
+        return 2
     print(strict_json(result))
     return 0
 

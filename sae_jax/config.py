@@ -101,10 +101,18 @@ class TrainConfig:
         _check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         for key in ("width", "k", "steps", "batch_size", "log_every", "ckpt_every",
                     "keep_checkpoints", "dead_tokens"):
-            _check(getattr(self, key) > 0, f"{key} must be > 0, got {getattr(self, key)}")
-        for key in ("sparsity_coeff", "aux_coeff", "grad_clip", "bandwidth", "threshold_init",
-                    "init_norm", "lr"):
+            value = getattr(self, key)
+            _check(0 < value < 2**31, f"{key} must be > 0 and < 2^31, got {value}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            _check(not isinstance(value, float) or math.isfinite(value),
+                   f"{f.name} must be finite, got {value}")
+        for key in ("sparsity_coeff", "aux_coeff", "grad_clip", "lr"):
             _check(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
+        # The JumpReLU STE divides by the bandwidth and takes log(threshold); a relu decoder
+        # of norm 0 has no direction: all three must be strictly positive.
+        for key in ("bandwidth", "threshold_init", "init_norm"):
+            _check(getattr(self, key) > 0, f"{key} must be > 0, got {getattr(self, key)}")
         for key in ("sparsity_warmup", "lr_warmup", "lr_decay", "beta1", "beta2"):
             _check(0 <= getattr(self, key) <= 1, f"{key} must be in [0, 1]")
         _check(0 < self.holdout < 1, f"holdout must be in (0, 1), got {self.holdout}")

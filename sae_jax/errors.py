@@ -12,3 +12,24 @@ class UserError(Exception):
 
 class Preempted(Exception):
     """Training stopped on SIGTERM after saving a checkpoint; rerunning resumes it."""
+
+
+def disk_full(error: BaseException) -> str | None:
+    """The message of a full-disk error anywhere in `error`'s chain (an OSError ENOSPC, or
+    tensorstore/Orbax wrapping one as RESOURCE_EXHAUSTED), else None.
+
+    A full disk is the environment, not a bug: the CLI reports it in one line, where the
+    libraries would print hundreds of lines of wrapped tracebacks."""
+    import errno
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return f"no space left on device{f': {error.filename}' if error.filename else ''}"
+        text = str(error)
+        if "No space left on device" in text or "ENOSPC" in text:
+            first = next((ln for ln in text.splitlines() if "No space left" in ln), text)
+            return f"no space left on device ({first.strip()[:300]})"
+        error = error.__cause__ or error.__context__
+    return None

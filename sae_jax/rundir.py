@@ -1,7 +1,8 @@
-"""The run directory's record of what was trained on what: `config.json`.
+"""The run directory's record of what was trained on what (`config.json`), and the data
+statistics a new run starts from.
 
-It holds the training config plus what was derived from the data (`d_in`, the input
-scale that makes E‖x‖² = d_in). Re-running `train` on the same directory resumes, so a
+`config.json` holds the training config plus what was derived from the data (`d_in`, the
+input scale that makes E‖x‖² = d_in). Re-running `train` on the same directory resumes, so a
 changed config is checked here: keys that change the math must match the saved run.
 """
 
@@ -13,9 +14,11 @@ from pathlib import Path
 from typing import Callable
 
 import jax
+import numpy as np
 
 from sae_jax import files
 from sae_jax.config import TrainConfig, config_from_dict
+from sae_jax.data.loader import scale_and_mean, stats_sample
 from sae_jax.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -34,12 +37,41 @@ class RunInfo:
     d_out: int | None = None
     target_scale: float | None = None
 
+    def scaled_mean(self, stats: DataStats) -> np.ndarray:
+        """The mean of what the SAE reconstructs (the input, or a transcoder's target), in
+        this run's scaled units: where a fresh decoder bias starts."""
+        if self.d_out is None:
+            return (stats.input_mean * self.input_scale).astype(np.float32)
+        return (stats.target_mean * self.target_scale).astype(np.float32)
+
     def to_dict(self) -> dict:
         out = {"config": self.config.to_dict(), "d_in": self.d_in,
                "input_scale": self.input_scale, "data_dir": self.data_dir}
         if self.d_out is not None:
             out.update(d_out=self.d_out, target_scale=self.target_scale)
         return out
+
+
+@dataclass(frozen=True)
+class DataStats:
+    """One read of the stats sample: the input scale c (E‖c·x‖² = d) and the raw mean of the
+    input, and a transcoder's target scale and mean."""
+
+    input_scale: float
+    input_mean: np.ndarray
+    target_scale: float | None = None
+    target_mean: np.ndarray | None = None
+
+
+def read_data_stats(train_rows, d_in: int, d_out: int | None = None) -> DataStats:
+    """Reads evenly spread blocks of the training rows once (`loader.stats_sample`) and
+    derives the scale and mean of the input, and of a transcoder's target (`d_out`)."""
+    sample = stats_sample(train_rows)
+    halves = [sample[:, :d_in]] + ([sample[:, d_in:]] if d_out is not None else [])
+    stats = []
+    for half in halves:
+        stats += [scale_and_mean(half)[0], half.mean(0)]
+    return DataStats(*stats)
 
 
 def data_widths(cfg: TrainConfig, store) -> tuple[TrainConfig, int, int | None]:
@@ -78,18 +110,21 @@ def read_run(run_dir: str | Path) -> RunInfo:
         raise UserError(f"{path} is damaged: {type(e).__name__}: {e}") from None
 
 
-def prepare_run(run_dir: str | Path, cfg: TrainConfig, store,
-                estimate_scale: Callable[[], float | tuple[float, float]],
-                widths: tuple[int, int | None] | None = None) -> RunInfo:
+def prepare_run(run_dir: str | Path, cfg: TrainConfig, store, stats: Callable[[], DataStats],
+                widths: tuple[int, int | None] | None = None,
+                has_checkpoints: bool = True) -> RunInfo:
     """Creates the run record, or checks a resumed run against it.
 
     Args:
-      estimate_scale: computes the input scale (a transcoder's: `(input, target)` scales);
-        only called for a new run, so a resumed run keeps exactly the scales it had.
+      stats: the data statistics (read on first call); only called for a new run, so a
+        resumed run keeps exactly the scales it had.
       widths: `(d_in, d_out)` from `data_widths` (default: the store's rows, no target).
+      has_checkpoints: False when the run directory holds no checkpoint at all: then a
+        record left by a run that failed before its first save is replaced, not enforced
+        (there is nothing to resume, so nothing to protect).
     """
     d_in, d_out = widths or (store.d_in, None)
-    if files.exists(files.join(run_dir, CONFIG_FILE)):
+    if has_checkpoints and files.exists(files.join(run_dir, CONFIG_FILE)):
         saved = read_run(run_dir)
         if (d_in, d_out) != (saved.d_in, saved.d_out):
             what = f"d_in={d_in}" + ("" if d_out is None else f", d_out={d_out}")
@@ -108,9 +143,8 @@ def prepare_run(run_dir: str | Path, cfg: TrainConfig, store,
         data_dir = store.path
         if not files.is_remote(data_dir):
             data_dir = str(Path(data_dir).absolute())
-        scales = estimate_scale()
-        input_scale, target_scale = scales if isinstance(scales, tuple) else (scales, None)
-        info = RunInfo(cfg, d_in, input_scale, data_dir, d_out, target_scale)
+        s = stats()
+        info = RunInfo(cfg, d_in, s.input_scale, data_dir, d_out, s.target_scale)
     if jax.process_index() == 0:
         write_run(run_dir, info)
     return info

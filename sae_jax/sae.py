@@ -115,7 +115,7 @@ class SAE:
 
 def load(run_dir: str | Path, step: int | None = None) -> SAE:
     """Loads the latest (or `step`'s) checkpoint of a run onto the default device."""
-    from sae_jax.training.train import make_optimizer, state_shardings
+    from sae_jax.training.step import make_optimizer, state_shardings
 
     run = read_run(run_dir)
     mngr = checkpoint.manager(run_dir)

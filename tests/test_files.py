@@ -10,7 +10,7 @@ from sae_jax import files
 from sae_jax.config import make_config
 from sae_jax.data.store import StoreWriter, open_store
 from sae_jax.errors import UserError
-from sae_jax.rundir import prepare_run, read_run
+from sae_jax.rundir import DataStats, prepare_run, read_run
 
 
 def test_small_files_round_trip():
@@ -48,8 +48,9 @@ def test_run_record_on_an_object_store():
         writer.append(store_rows)
     store = open_store("memory://bucket/s3")
     cfg = make_config(width=16, k=2)
-    info = prepare_run("memory://bucket/runs/r1", cfg, store, lambda: 2.0)
+    stats = lambda: DataStats(2.0, np.zeros(3, np.float32))  # noqa: E731
+    info = prepare_run("memory://bucket/runs/r1", cfg, store, stats)
     assert read_run("memory://bucket/runs/r1") == info
     assert info.data_dir == "memory://bucket/s3"
     with pytest.raises(UserError, match="different config"):
-        prepare_run("memory://bucket/runs/r1", make_config(width=16, k=3), store, lambda: 2.0)
+        prepare_run("memory://bucket/runs/r1", make_config(width=16, k=3), store, stats)

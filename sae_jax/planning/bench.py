@@ -9,11 +9,12 @@ the Grain loader's rows/s against the step's consumption (`loader_over_step` mus
 The last stdout line is one JSON object.
 
 FLOPs are counted analytically, as executed, by `cost.step_flops_per_token` (the one
-formula, shared with `sae-jax cost`): a dense step costs 10·d·F per token (encoder forward
-2dF; decoder forward 2dF; decoder backward 2dF for W_dec and 2dF for f; encoder backward 2dF
-for W_enc; the input needs no gradient). The sparse TopK step (`saes.sparse`) runs only the
-encoder forward densely: 2dF + 10dk per token. Elementwise work, top-k and the optimizer are
-not counted.
+formula, shared with `sae-jax cost`): a dense SAE step costs 12·d·F per token (encoder
+forward 2dF; decoder forward 2dF; decoder backward 2dF for W_dec and 2dF for f; encoder
+backward 2dF for W_enc and 2dF for its input x − b_dec, through which b_dec's gradient
+flows). The sparse TopK step (`saes.sparse`) runs only the encoder forward densely: 2dF +
+10dk per token. Elementwise work, top-k, AuxK (behind a cond, off while no latent is dead)
+and the optimizer are not counted.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def flops_per_token(cfg, d_in: int, mesh) -> int:
 
     inner = len(matryoshka.levels(cfg)) - 1 if cfg.arch == "matryoshka" else None
     return step_flops_per_token(cfg.arch, d_in, cfg.width, cfg.k, sparse=sparse.usable(mesh),
-                                inner_levels=inner)
+                                inner_levels=inner, transcoder=bool(cfg.transcoder))
 
 
 def bench_encode(cfg, d_in: int, params, x, repeat: int) -> dict:
@@ -106,7 +107,7 @@ def step_memory(cfg, d_in: int, mesh) -> dict:
     checked on a laptop before it is launched on a pod."""
     from sae_jax.mesh import batch_sharding
     from sae_jax.training import checkpoint
-    from sae_jax.training.train import compile_train_step, make_optimizer, state_shardings
+    from sae_jax.training.step import compile_train_step, make_optimizer, state_shardings
 
     tx = make_optimizer(cfg)
     shapes, state_sh = state_shardings(cfg, d_in, tx, mesh)
@@ -126,7 +127,7 @@ def step_memory(cfg, d_in: int, mesh) -> dict:
 def bench_train_step(cfg, d_in: int, n_steps: int) -> dict:
     """Compiles the train step on random data and times `n_steps` steps."""
     from sae_jax.mesh import batch_sharding, make_mesh
-    from sae_jax.training.train import (
+    from sae_jax.training.step import (
         compile_train_step,
         init_state,
         make_optimizer,

@@ -175,7 +175,7 @@ def import_saelens(sae_dir: str | os.PathLike, run_dir: str | os.PathLike) -> di
     from sae_jax.config import make_config
     from sae_jax.rundir import CONFIG_FILE, RunInfo, write_run
     from sae_jax.training import checkpoint
-    from sae_jax.training.train import init_state, make_optimizer
+    from sae_jax.training.step import init_state, make_optimizer
 
     sae_dir, run_dir = Path(sae_dir), Path(run_dir)
     cfg_json = _read_cfg(sae_dir)

@@ -26,13 +26,25 @@ class MetricsLog:
         self.cfg = cfg
         self.writer = jax.process_index() == 0
         self.path = files.join(run_dir, METRICS_FILE)
+        kept = self._records_up_to(start_step) if self.writer else ""
         # Object stores cannot append: keep the text and rewrite it (it stays small).
-        self.text = (files.read_text(self.path) or "") if files.is_remote(run_dir) else None
+        self.text = kept if files.is_remote(run_dir) else None
         self.file = open(self.path, "a") if self.writer and self.text is None else None
         self.events = SummaryWriter(str(run_dir)) if self.writer else None
         self.bar = tqdm(total=cfg.steps, initial=start_step, unit="step", dynamic_ncols=True,
                         disable=not (progress and self.writer))
         self.last_step, self.last_time = start_step, time.perf_counter()
+
+    def _records_up_to(self, step: int) -> str:
+        """The log's records of steps <= `step`, rewritten in place if it held later ones: a
+        resumed run repeats the steps between its checkpoint and the interruption, and they
+        must not be logged twice."""
+        text = files.read_text(self.path) or ""
+        lines = text.splitlines(keepends=True)
+        kept = [line for line in lines if _step_of(line) <= step]
+        if len(kept) != len(lines):
+            files.write_text(self.path, "".join(kept))
+        return "".join(kept)
 
     def record(self, step: int, metrics: dict) -> dict:
         """Logs the metrics of `step` (arrays -> floats) and returns them with tokens/s."""
@@ -43,10 +55,10 @@ class MetricsLog:
         self.last_step, self.last_time = step, now
         if self.writer:
             if self.file:
-                self.file.write(json.dumps(record) + "\n")
+                self.file.write(json.dumps(files.json_safe(record), allow_nan=False) + "\n")
                 self.file.flush()
             else:
-                self.text += json.dumps(record) + "\n"
+                self.text += json.dumps(files.json_safe(record), allow_nan=False) + "\n"
                 files.write_text(self.path, self.text)
             for key, value in record.items():
                 if key != "step":
@@ -63,3 +75,12 @@ class MetricsLog:
             self.file.close()
         if self.events:
             self.events.close()
+
+
+def _step_of(line: str) -> float:
+    """The step of one metrics.jsonl line; a torn last line (a crash mid-write) counts as
+    later than everything, so it is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")

