@@ -195,9 +195,16 @@ class RowSpan:
 
     def read(self, i: int, j: int) -> np.ndarray:
         """Rows [i, j) of this span as a numpy array in the store's dtype."""
-        i = min(max(0, i), len(self))
-        j = max(i, min(len(self), j))
-        return self.store.read(ROWS, self.start + i, self.start + j)
+        return self.read_many([(i, j)])[0]
+
+    def read_many(self, ranges: list[tuple[int, int]]) -> list[np.ndarray]:
+        """`read(i, j)` of every range, the reads running concurrently."""
+        bounded = []
+        for i, j in ranges:
+            i = min(max(0, i), len(self))
+            j = max(i, min(len(self), j))
+            bounded.append((self.start + i, self.start + j))
+        return self.store.read_many(ROWS, bounded)
 
 
 @dataclass(frozen=True)
@@ -244,11 +251,20 @@ class Store:
           UserError: a chunk in the range is missing, truncated, fails its checksum or
             cannot be decoded; the message names the store, the chunk and its rows.
         """
+        return self.read_many(name, [(start, stop)])[0]
+
+    def read_many(self, name: str, ranges: list[tuple[int, int]]) -> list[np.ndarray]:
+        """`read(name, start, stop)` of every range, issued at once so that the chunks are
+        read, checksummed and decoded concurrently."""
         array = getattr(self, name)
-        try:
-            return array[start:stop].read().result()
-        except ValueError as e:
-            raise UserError(self._read_failure(name, start, stop, e)) from None
+        pending = [array[start:stop].read() for start, stop in ranges]
+        done = []
+        for (start, stop), read in zip(ranges, pending):
+            try:
+                done.append(read.result())
+            except ValueError as e:
+                raise UserError(self._read_failure(name, start, stop, e)) from None
+        return done
 
     def _read_failure(self, name: str, start: int, stop: int, error: ValueError) -> str:
         """The message for a failed read: the first damaged chunk in the range if one is
