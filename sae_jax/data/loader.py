@@ -94,7 +94,7 @@ class BatchSource:
     """Grain random-access source: element `s` is this process's share of batch `s`.
 
     Args:
-      span: the training rows (a `store.RowSpan` or `ArraySpan`).
+      span: the training rows (a `store.RowSpan` or `ArraySpan`: `len`, `d_in`, `read_many`).
       batch_size: rows per *global* batch.
       seed: data-order seed.
       num_batches: length of the source (the run's steps).

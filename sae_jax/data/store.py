@@ -257,6 +257,9 @@ class Store:
         """`read(name, start, stop)` of every range, issued at once so that the chunks are
         read, checksummed and decoded concurrently."""
         array = getattr(self, name)
+        if array is None:
+            raise UserError(f"store {self.path} has no {name} (stores made by `sae-jax "
+                            "harvest` have them; imported ones do not)")
         pending = [array[start:stop].read() for start, stop in ranges]
         done = []
         for (start, stop), read in zip(ranges, pending):
@@ -331,7 +334,7 @@ def _checked_meta(path: str, text: str) -> dict:
     try:
         meta = json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"{where} is damaged: not valid JSON ({e.msg}, line {e.lineno})") from None
+        raise UserError(f"{where} is damaged: JSONDecodeError: {e}") from None
     if not isinstance(meta, dict):
         raise UserError(f"{where} is damaged: expected a JSON object")
     for key in ("d_in", "n_rows", "chunk_rows"):

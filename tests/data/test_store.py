@@ -232,12 +232,12 @@ def test_unfinished_store_is_never_opened(tmp_path):
 
 
 @pytest.mark.parametrize("text, error", [
-    ("{not json", "not valid JSON"),
+    ("{not json", "JSONDecodeError"),
     ('{"n_rows": 6}', "it has no 'd_in'"),
     ('{"d_in": 3}', "it has no 'n_rows'"),
     ("[3, 6]", "expected a JSON object"),
     ('{"d_in": "three", "n_rows": 6}', "d_in must be a positive integer, got 'three'"),
-    ("", "not valid JSON"),
+    ("", "JSONDecodeError"),
 ])
 def test_damaged_meta_is_refused(tmp_path, text, error):
     write_store(tmp_path / "store", randn(6, 3))

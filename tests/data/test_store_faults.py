@@ -109,6 +109,22 @@ def test_a_missing_chunk_is_an_error_not_zeros(tmp_path, kind):
         store.span().read(9, 10)
 
 
+def test_a_missing_chunk_on_an_object_store():
+    """Object stores (`gs://`, here tensorstore's `memory://`) are checked the same way."""
+    import tensorstore as ts
+
+    from sae_jax.files import CONTEXT, kvstore_url
+
+    with StoreWriter("memory://faults/s", d_in=3, chunk_rows=4) as w:
+        w.append(np.ones((10, 3), np.float32))
+    rows = ts.KvStore.open(kvstore_url("memory://faults/s/rows"), context=CONTEXT).result()
+    rows.delete_range(ts.KvStore.KeyRange("c/1/0", "c/1/1")).result()
+    with one_line_error(r"store memory://faults/s is damaged: rows/c/1/0 \(rows 4\.\.7\) is "
+                        "missing"):
+        open_store("memory://faults/s").span().read(0, 10)
+    assert verify_store("memory://faults/s") == ["rows/c/1/0 (rows 4..7) is missing"]
+
+
 def test_the_loader_stops_on_a_missing_chunk(tmp_path):
     """Training reads batches in Grain's prefetch thread: the error still arrives as one
     UserError line in the caller, not as zeros in a batch."""
@@ -226,6 +242,14 @@ def test_every_store_has_its_own_id(tmp_path):
     assert len(set(ids)) == 3 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
     assert open_store(a.path).id == a.id == json.loads(
         (Path(a.path) / "meta.json").read_text())["id"]
+
+
+def test_reading_an_array_the_store_lacks_is_one_line(tmp_path):
+    np.save(tmp_path / "x.npy", np.ones((5, 3), np.float32))
+    store = import_activations(tmp_path / "x.npy", tmp_path / "s")
+    assert store.array_names == [ROWS]
+    with one_line_error("store .* has no token_ids"):
+        store.read(TOKEN_IDS, 0, 5)
 
 
 def test_provenance_meta_cannot_overwrite_the_layout(tmp_path):
