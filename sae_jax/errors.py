@@ -11,7 +11,8 @@ class UserError(Exception):
 
 
 class Preempted(Exception):
-    """Training stopped on SIGTERM after saving a checkpoint; rerunning resumes it."""
+    """A command stopped on SIGTERM, leaving nothing half-done: training after saving a
+    checkpoint (rerunning resumes it), an import after removing what it wrote."""
 
 
 def disk_full(error: BaseException) -> str | None:

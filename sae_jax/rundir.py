@@ -36,6 +36,8 @@ class RunInfo:
     data_dir: str
     d_out: int | None = None
     target_scale: float | None = None
+    store_id: str | None = None
+    """The id of the store it was trained on (None for runs and stores that predate ids)."""
 
     def scaled_mean(self, stats: DataStats) -> np.ndarray:
         """The mean of what the SAE reconstructs (the input, or a transcoder's target), in
@@ -49,6 +51,8 @@ class RunInfo:
                "input_scale": self.input_scale, "data_dir": self.data_dir}
         if self.d_out is not None:
             out.update(d_out=self.d_out, target_scale=self.target_scale)
+        if self.store_id is not None:
+            out["store_id"] = self.store_id
         return out
 
 
@@ -102,10 +106,12 @@ def read_run(run_dir: str | Path) -> RunInfo:
     try:
         raw = json.loads(text)
         d_out = raw.get("d_out")
+        store_id = raw.get("store_id")
         return RunInfo(config_from_dict(raw["config"]), int(raw["d_in"]),
                        float(raw["input_scale"]), str(raw["data_dir"]),
                        None if d_out is None else int(d_out),
-                       None if d_out is None else float(raw["target_scale"]))
+                       None if d_out is None else float(raw["target_scale"]),
+                       None if store_id is None else str(store_id))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path} is damaged: {type(e).__name__}: {e}") from None
 
@@ -137,14 +143,19 @@ def prepare_run(run_dir: str | Path, cfg: TrainConfig, store, stats: Callable[[]
             details = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
             raise UserError(f"{run_dir} holds a run with a different config ({details}); "
                             "use a new RUN_DIR or the saved values")
+        if saved.store_id is not None and store.id is not None and saved.store_id != store.id:
+            raise UserError(f"run {run_dir} was trained on store {saved.store_id} "
+                            f"({saved.data_dir}), but {store.path} is store {store.id}: a "
+                            "different store of the same width; resume on the same store, or "
+                            "use a new RUN_DIR")
         info = RunInfo(cfg, saved.d_in, saved.input_scale, saved.data_dir, saved.d_out,
-                       saved.target_scale)
+                       saved.target_scale, saved.store_id)
     else:
         data_dir = store.path
         if not files.is_remote(data_dir):
             data_dir = str(Path(data_dir).absolute())
         s = stats()
-        info = RunInfo(cfg, d_in, s.input_scale, data_dir, d_out, s.target_scale)
+        info = RunInfo(cfg, d_in, s.input_scale, data_dir, d_out, s.target_scale, store.id)
     if jax.process_index() == 0:
         write_run(run_dir, info)
     return info

@@ -2,12 +2,16 @@
 
 Accepts a `.npy`, a `.safetensors` (a chosen tensor, by default the only one) or a folder
 of such files (concatenated in name order). Files are memory-mapped and copied in chunks,
-never loaded whole; bad input is rejected with one line and leaves no store behind.
+never loaded whole; bad input is rejected with one line and leaves no store behind. So do
+Ctrl-C and SIGTERM: both stop the copy between chunks and remove what was written (a
+kill -9 cannot be caught; the next import or harvest into the same folder removes what it
+left, see `staging`).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import ml_dtypes
@@ -15,10 +19,12 @@ import numpy as np
 
 from sae_jax.data import safetensors_io
 from sae_jax.data.store import StoreWriter
-from sae_jax.errors import UserError
+from sae_jax.errors import Preempted, UserError
+from sae_jax.interrupts import signal_flag
 
 SUFFIXES = (".npy", ".safetensors")
 CHUNK_ROWS = 65536
+
 
 def _open_npy(path: Path) -> np.ndarray:
     try:
@@ -89,23 +95,36 @@ def import_activations(src: str | os.PathLike, data_dir: str | os.PathLike,
     bf16 = all(a.dtype == ml_dtypes.bfloat16 for a in arrays)
     meta = {"source": str(Path(src).absolute()), "files": [f.name for f in files],
             "tensor": tensor}
+    with (signal_flag(signal.SIGTERM) as terminated,
+          signal_flag(signal.SIGINT, repeat_raises=True) as interrupted):
+        writer = StoreWriter(data_dir, d_in=widths.pop(),
+                             dtype="bfloat16" if bf16 else "float32", meta=meta)
+        try:
+            _copy(arrays, writer, src, terminated, interrupted)
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.close()
+
+
+def _copy(arrays: list[np.ndarray], writer: StoreWriter, src, terminated, interrupted) -> None:
+    """Appends the arrays in chunks of `CHUNK_ROWS`, stopping between chunks when a signal
+    flag is set; NaN/Inf rows are counted over everything before failing."""
     bad = total = 0
-    writer = StoreWriter(data_dir, d_in=widths.pop(), dtype="bfloat16" if bf16 else "float32",
-                         meta=meta)
-    try:
-        for rows in arrays:
-            for start in range(0, len(rows), CHUNK_ROWS):
-                chunk = np.asarray(rows[start:start + CHUNK_ROWS]).astype(np.float32)
-                bad += int((~np.isfinite(chunk)).any(axis=1).sum())
-                total += len(chunk)
-                if not bad:
-                    writer.append(chunk)
-        if bad:
-            raise UserError(f"{src}: {bad} of {total} rows contain NaN or Inf")
-    except BaseException:
-        writer.abort()
-        raise
-    return writer.close()
+    for rows in arrays:
+        for start in range(0, len(rows), CHUNK_ROWS):
+            if terminated.is_set():
+                raise Preempted(f"import stopped by SIGTERM; nothing was written to "
+                                f"{writer.final} (rerun the command to import)")
+            if interrupted.is_set():
+                raise KeyboardInterrupt
+            chunk = np.asarray(rows[start:start + CHUNK_ROWS]).astype(np.float32)
+            bad += int((~np.isfinite(chunk)).any(axis=1).sum())
+            total += len(chunk)
+            if not bad:
+                writer.append(chunk)
+    if bad:
+        raise UserError(f"{src}: {bad} of {total} rows contain NaN or Inf")
 
 
 def add_arguments(parser) -> None:

@@ -43,6 +43,9 @@ class ArraySpan:
     def read(self, i: int, j: int) -> np.ndarray:
         return np.asarray(self.array[max(0, i):min(len(self), j)])
 
+    def read_many(self, ranges: list[tuple[int, int]]) -> list[np.ndarray]:
+        return [self.read(i, j) for i, j in ranges]
+
 
 @dataclass(frozen=True)
 class BatchOrder:
@@ -91,7 +94,7 @@ class BatchSource:
     """Grain random-access source: element `s` is this process's share of batch `s`.
 
     Args:
-      span: the training rows (a `store.RowSpan` or `ArraySpan`).
+      span: the training rows (a `store.RowSpan` or `ArraySpan`: `len`, `d_in`, `read_many`).
       batch_size: rows per *global* batch.
       seed: data-order seed.
       num_batches: length of the source (the run's steps).
@@ -127,7 +130,8 @@ class BatchSource:
             if key not in self._cache:
                 blocks = self.order.window_blocks_of(epoch, window)
                 b = self.order.block_rows
-                rows = np.concatenate([self.span.read(k * b, (k + 1) * b) for k in blocks])
+                # all blocks at once: checksumming and decoding run on every core
+                rows = np.concatenate(self.span.read_many([(k * b, (k + 1) * b) for k in blocks]))
                 self._cache[key] = rows[self.order.window_permutation(epoch, window, len(rows))]
                 while len(self._cache) > 2:
                     self._cache.pop(next(iter(self._cache)))
@@ -145,7 +149,7 @@ def stats_sample(span) -> np.ndarray:
     """`STATS_BLOCKS` evenly spread blocks of rows, float32: what the input scale and the
     data mean are estimated from."""
     starts = np.linspace(0, max(0, len(span) - STATS_BLOCK_ROWS), STATS_BLOCKS).astype(int)
-    sample = np.concatenate([span.read(s, s + STATS_BLOCK_ROWS) for s in np.unique(starts)])
+    sample = np.concatenate(span.read_many([(s, s + STATS_BLOCK_ROWS) for s in np.unique(starts)]))
     return sample.astype(np.float32)
 
 

@@ -4,9 +4,9 @@ Measures, for one SAE size: this machine's matmul peak (a large f32 and bf16 mat
 the train step's tokens/s and its FLOP/s as a fraction of that peak, encode-only
 (inference) throughput, feature extraction end to end on MiniLM (text -> layer -> SAE ->
 top features; latency in ms/token for one short text, tokens/s for a batch; at d_in=384),
-compile time and per-device memory from the compiled step, the store's read bandwidth, and
-the Grain loader's rows/s against the step's consumption (`loader_over_step` must be ≥ 10).
-The last stdout line is one JSON object.
+compile time and per-device memory from the compiled step, the store's read bandwidth (with
+and without chunk checksums), and the Grain loader's rows/s against the step's consumption
+(`loader_over_step` must be ≥ 10). The last stdout line is one JSON object.
 
 FLOPs are counted analytically, as executed, by `cost.step_flops_per_token` (the one
 formula, shared with `sae-jax cost`): a dense SAE step costs 12·d·F per token (encoder
@@ -101,6 +101,31 @@ def bench_store(d_in: int, n_rows: int, batch_size: int, n_batches: int, seed: i
             "loader_rows_per_s": rows / loader_s}
 
 
+def bench_store_checksums(d_in: int, n_rows: int, seed: int, repeat: int = 3) -> dict:
+    """Full-read GiB/s of the same rows stored with crc32c chunk checksums (what stores
+    are written with) and without, reads interleaved and the best of `repeat` kept for each,
+    so their ratio is what checking every chunk costs."""
+    from sae_jax.data.store import StoreWriter, open_store
+
+    rng = np.random.default_rng(seed)
+    best = {True: np.inf, False: np.inf}
+    with tempfile.TemporaryDirectory() as tmp:
+        with (StoreWriter(f"{tmp}/crc32c", d_in=d_in) as checked,
+              StoreWriter(f"{tmp}/plain", d_in=d_in, checksum=False) as plain):
+            for start in range(0, n_rows, 65536):
+                block = rng.standard_normal((min(65536, n_rows - start), d_in), np.float32)
+                checked.append(block)
+                plain.append(block)
+        spans = {True: open_store(f"{tmp}/crc32c").span(), False: open_store(f"{tmp}/plain").span()}
+        for _ in range(repeat):
+            for checksum, span in spans.items():
+                best[checksum] = min(best[checksum], _timed(lambda: span.read(0, n_rows)))
+    gib = n_rows * d_in * 4 / 2**30
+    return {"store_read_crc32c_gib_per_s": gib / best[True],
+            "store_read_unchecked_gib_per_s": gib / best[False],
+            "crc32c_read_ratio": best[False] / best[True]}
+
+
 def step_memory(cfg, d_in: int, mesh) -> dict:
     """Per-device bytes of the compiled train step, from XLA's memory analysis of a step
     lowered on abstract (shape-only) arrays: nothing is allocated, so any size can be
@@ -190,6 +215,7 @@ def run_bench(pairs: list[str], compare_torch: bool = False) -> dict:
                         **bench_top_k(cfg.batch_size, cfg.width, cfg.k)}
     data = bench_store(extra["d_in"], extra["store_rows"], cfg.batch_size,
                        n_batches=max(8, extra["store_rows"] // cfg.batch_size), seed=cfg.seed)
+    data.update(bench_store_checksums(extra["d_in"], extra["store_rows"], cfg.seed))
     result = {
         "arch": cfg.arch, "d_in": extra["d_in"], "width": cfg.width, "k": cfg.k,
         "batch_size": cfg.batch_size, "compute_dtype": cfg.compute_dtype,
@@ -229,6 +255,10 @@ def format_table(result: dict) -> str:
             ("store read", f"{result['store_read_gib_per_s']:.2f} GiB/s", ""),
             ("loader", f"{result['loader_rows_per_s']:,.0f} rows/s",
              f"{result['loader_over_step']:.1f}x the step's consumption")]
+    if "crc32c_read_ratio" in result:
+        rows.insert(6, ("store checksums", f"{result['store_read_crc32c_gib_per_s']:.2f} GiB/s",
+                        f"crc32c-checked reads; {result['store_read_unchecked_gib_per_s']:.2f}"
+                        f" GiB/s unchecked ({result['crc32c_read_ratio']:.2f}x)"))
     if "features_tokens_per_s" in result:
         rows.append(("feature extraction", f"{result['features_latency_ms_per_token']:.2f} "
                      "ms/token", f"{result['features_tokens_per_s']:,.0f} tok/s (MiniLM layer "

@@ -108,7 +108,7 @@ def batch_feed(store, train_rows, cfg: TrainConfig, mesh):
                         "training rows of the store; use a smaller batch_size")
     share_index, share_count = batch_share(x_sharding, cfg.batch_size, store.d_in)
     source = BatchSource(train_rows, cfg.batch_size, cfg.seed, cfg.steps, share_index,
-                         share_count, block_rows=store.meta.get("chunk_rows", 4096))
+                         share_count, block_rows=store.chunk_rows)
 
     def to_global(local_rows):
         return jax.make_array_from_process_local_data(

@@ -187,3 +187,17 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(synthetic_store, 
     assert "no space left on device for checkpoint 10" in line, line
     assert "checkpoint 5 is kept" in line
     assert sae_jax.load(run).step == 5  # the checkpoint saved before the disk filled
+
+
+def test_resuming_on_another_store_of_the_same_width_is_refused(synthetic, tmp_path):
+    """Two stores of the same width: the run records its store's id and refuses the other."""
+    for name in ("a", "b"):
+        np.save(tmp_path / f"{name}.npy", synthetic[0][:8192])
+        assert sae_jax_cli("import", tmp_path / f"{name}.npy", tmp_path / name).returncode == 0
+    run = tmp_path / "run"
+    assert sae_jax_cli("train", tmp_path / "a", run, *TINY, "steps=5").returncode == 0
+    store_id = json.loads((tmp_path / "a" / "meta.json").read_text())["id"]
+    assert json.loads((run / "config.json").read_text())["store_id"] == store_id
+    line = one_error_line(sae_jax_cli("train", tmp_path / "b", run, *TINY, "steps=10"))
+    assert f"was trained on store {store_id}" in line and "same width" in line
+    assert sae_jax.load(run).step == 5  # untouched
