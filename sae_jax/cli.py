@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "faithfulness (causal, explanatory) and coverage audit of a run; last line is JSON"),
     "compare": ("sae_jax.analysis.compare",
                 "drift between two SAEs: matched features, appear/vanish/split; last line is JSON"),
+    "check": ("sae_jax.check", "read a store or run through; report what is damaged"),
     "cost": ("sae_jax.planning.cost",
              "FLOPs, hours and memory per chip of a planned run; last line is JSON"),
     "bench": ("sae_jax.planning.bench",
