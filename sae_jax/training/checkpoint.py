@@ -327,12 +327,21 @@ def restore_latest_good(mngr: ocp.CheckpointManager, abstract_state):
         skipped.append(step)
         print(f"sae-jax: warning: checkpoint {step} is damaged ({damage}); {where}; "
               "trying the previous one", file=sys.stderr)
-    if steps or _quarantine_dir(mngr).is_dir() and any(_quarantine_dir(mngr).iterdir()):
+    if steps or _has_quarantined(mngr):
+        where = (f"marked {QUARANTINE_MARKER}" if files.is_remote(mngr.directory)
+                 else f"moved to {_quarantine_dir(mngr)}")
         raise UserError(
-            f"no usable checkpoint in {mngr.directory} (damaged ones are in "
-            f"{_quarantine_dir(mngr)} or marked {QUARANTINE_MARKER}); refusing to start over "
-            "from step 0: to start a new run use a new RUN_DIR, or move both folders aside")
+            f"no usable checkpoint in {mngr.directory} (damaged ones are {where}); refusing "
+            "to start over from step 0: to start a new run use a new RUN_DIR, or move the "
+            "checkpoints aside")
     return None
+
+
+def _has_quarantined(mngr) -> bool:
+    """Whether a local run has checkpoints moved aside (on object stores they stay in
+    `checkpoints/`, marked, so they count among its steps)."""
+    q = _quarantine_dir(mngr)
+    return not files.is_remote(mngr.directory) and q.is_dir() and any(q.iterdir())
 
 
 def read_params(mngr: ocp.CheckpointManager, abstract_params,
