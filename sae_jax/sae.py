@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from sae_jax import saes
 from sae_jax.config import TrainConfig
 from sae_jax.errors import UserError
-from sae_jax.mesh import make_mesh
+from sae_jax.mesh import logical_to_sharding, make_mesh
 from sae_jax.rundir import read_run
 from sae_jax.training import checkpoint
 
@@ -113,10 +113,17 @@ class SAE:
             *x.shape[:-1], self.d_out)
 
 
-def load(run_dir: str | Path, step: int | None = None) -> SAE:
-    """Loads the latest (or `step`'s) checkpoint of a run onto the default device."""
-    from sae_jax.training.step import make_optimizer, state_shardings
+def param_shapes(cfg: TrainConfig, d_in: int, d_out: int | None = None) -> dict:
+    """The params' shapes and dtypes (`jax.ShapeDtypeStruct`s) for a config, computed
+    without allocating them."""
+    return jax.eval_shape(lambda key: saes.init(key, cfg, d_in, None, d_out),
+                          jax.random.key(0))
 
+
+def load(run_dir: str | Path, step: int | None = None) -> SAE:
+    """Loads the latest intact (or `step`'s) checkpoint of a run onto the default device.
+
+    Only the checkpoint's params are read: no optimizer or train state is built."""
     run = read_run(run_dir)
     mngr = checkpoint.manager(run_dir)
     try:
@@ -126,10 +133,10 @@ def load(run_dir: str | Path, step: int | None = None) -> SAE:
         if step is not None and step not in steps:
             raise UserError(f"run {run_dir} has no checkpoint at step {step} (has {steps})")
         mesh = make_mesh("", devices=jax.devices()[:1])
-        shapes, shardings = state_shardings(run.config, run.d_in, make_optimizer(run.config),
-                                            mesh, run.d_out)
-        state = checkpoint.restore(
-            mngr, checkpoint.abstract_with_shardings(shapes, shardings), step)
+        shardings = logical_to_sharding(saes.param_axes(run.config), mesh)
+        abstract = checkpoint.abstract_with_shardings(
+            param_shapes(run.config, run.d_in, run.d_out), shardings)
+        params, step = checkpoint.read_params(mngr, abstract, step)
     finally:
         mngr.close()
-    return SAE(run.config, state.params, run.input_scale, int(state.step), run.target_scale)
+    return SAE(run.config, params, run.input_scale, step, run.target_scale)

@@ -9,6 +9,9 @@ it cannot pass.
 import json
 import shutil
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import ml_dtypes
@@ -202,11 +205,17 @@ def test_feature_catalog_travels(runs, tmp_path):
     imported = import_saelens(tmp_path / "out", tmp_path / "back")
     assert "feature_catalog.json" in imported["files"]
     assert json.loads((tmp_path / "back" / "feature_catalog.json").read_text()) == catalog
-    # Re-exporting into the same folder overwrites it and drops a catalog the run lost.
+    # Re-exporting into the same folder needs --force, replaces the whole folder and so
+    # drops a catalog the run lost (and any other stale file).
     (run_copy / "feature_catalog.json").unlink()
-    assert export_saelens(run_copy, tmp_path / "out")["files"] == ["cfg.json",
-                                                                    "sae_weights.safetensors"]
-    assert not (tmp_path / "out" / "feature_catalog.json").exists()
+    with pytest.raises(UserError, match="already holds a SAELens export; pass --force"):
+        export_saelens(run_copy, tmp_path / "out")
+    (tmp_path / "out" / "sparsity.safetensors").write_bytes(b"stale")
+    assert export_saelens(run_copy, tmp_path / "out", force=True)["files"] == [
+        "cfg.json", "sae_weights.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "cfg.json", "sae_weights.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["back", "out", "run"]  # no temp left
 
 
 def test_export_errors(runs, tmp_path):
@@ -219,7 +228,38 @@ def test_export_errors(runs, tmp_path):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="not empty"):
-        export_saelens(run, tmp_path / "busy")
+        export_saelens(run, tmp_path / "busy", force=True)  # --force replaces exports only
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.entry
+def test_export_refuses_to_overwrite_and_a_failed_replace_keeps_the_old(runs, tmp_path,
+                                                                         monkeypatch):
+    out = tmp_path / "sae"
+    cmd = [sys.executable, "-m", "sae_jax", "export", str(runs["relu"]), str(out)]
+    assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    refused = subprocess.run(cmd, capture_output=True, text=True)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().endswith("pass --force to replace it (the whole folder), or "
+                                           "choose a new directory")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # --force, failing half way (disk full while writing the weights): the old one is intact
+    real_write = Path.write_bytes
+
+    def disk_full(self, data):
+        if self.name == "sae_weights.safetensors":
+            raise OSError(28, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_saelens(runs["jumprelu"], out, force=True)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["sae"]  # no temporary folder left
+    forced = subprocess.run([*cmd, "--force"], capture_output=True, text=True)
+    assert forced.returncode == 0, forced.stderr
 
 
 # --- importing SAELens folders made by hand -------------------------------------------------
@@ -351,6 +391,10 @@ BAD = {  # name: (arch, cfg edit, tensor edit, error pattern)
     "integer_tensor": ("standard", {}, lambda c, t: t.update(b_dec=np.zeros(16, np.int32)),
                        "has dtype int32; expected a float type"),
     "nan": ("standard", {}, _nan, "W_dec has non-finite values"),
+    "float16_overflow": ("standard", {"dtype": "float16"},
+                         lambda c, t: t["W_dec"].__setitem__((3, 2), 7e4),
+                         r"W_dec overflows cfg.json's dtype float16 \(max \|value\| 7e\+04 > "
+                         r"6.55e\+04; SAELens would compute with Inf\)"),
     "scaling_factor": ("standard", {},
                        lambda c, t: t.update(scaling_factor=np.full(48, 2, np.float32)),
                        "scaling_factor"),

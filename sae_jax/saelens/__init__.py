@@ -38,8 +38,9 @@ SAELens saves its own `matryoshka_batchtopk`). Transcoders (`apply_b_dec_to_inpu
 the decoder (W_d / c_t, b / c_t) and the skip map (W_skip · c / c_t). SAELens has no TopK
 transcoder, so exporting one is refused with a hint.
 
-Import reverses this into a new run directory (input_scale 1.0, params in an Orbax checkpoint
-of a full, fresh train state at step 0). SAELens variants are folded into our form exactly:
+Import reverses this into a new run directory (input_scale 1.0, step 0, an Orbax checkpoint
+of the params alone: the run loads, evaluates and exports, but has no optimizer state to resume
+training from). SAELens variants are folded into our form exactly:
 `apply_b_dec_to_input: false` (h = x @ W + b_e) becomes b_e' = b_e + b_dec @ W; topk with
 `rescale_acts_by_decoder_norm: true` (rank h·n, decode f/n, n = ‖W_dec_i‖) becomes W_enc·n,
 b_enc·n, W_dec/n (SAELens's `_fold_norm_topk`); a jumprelu threshold θ becomes

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
 
-from sae_jax import files
 from sae_jax.errors import UserError
 from sae_jax.saelens.format import (
     CATALOG_FILE,
@@ -88,17 +89,60 @@ def _store_provenance(data_dir: str) -> dict:
     return {k: meta[k] for k in ("source", "model", "layer", "hook") if k in meta}
 
 
-def _check_out_dir(out: Path) -> None:
+def _check_out_dir(out: Path, force: bool) -> None:
+    """An export goes to a new or empty folder, or replaces an earlier export with --force;
+    a folder that is not an export is never replaced."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / CFG_FILE).exists():
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / CFG_FILE).exists():
         raise UserError(f"{out} exists, is not empty and holds no SAELens export; "
                         "choose a new directory")
+    if not force:
+        raise UserError(f"{out} already holds a SAELens export; pass --force to replace it "
+                        "(the whole folder), or choose a new directory")
+
+
+def _new_sibling(out: Path, kind: str) -> Path:
+    """A new hidden folder next to `out` (same file system, so renames are atomic), with the
+    usual permissions (unlike `tempfile.mkdtemp`'s 0700)."""
+    path = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.{kind}"
+    path.mkdir()
+    return path
+
+
+def _write_folder(out: Path, contents: dict[str, bytes]) -> None:
+    """Writes `contents` (name -> bytes) as the folder `out`, replacing any folder there:
+    everything goes to a temporary folder next to it first, which is then renamed into place,
+    so a failure leaves the old folder as it was and the new one never holds stale files."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _new_sibling(out, "tmp")
+    try:
+        for name, data in contents.items():
+            (tmp / name).write_bytes(data)
+        if not out.exists():
+            os.replace(tmp, out)
+            return
+        aside = _new_sibling(out, "old")
+        os.replace(out, aside / out.name)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(aside / out.name, out)
+            aside.rmdir()
+            raise
+        shutil.rmtree(aside)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when it became `out`
 
 
 def export_saelens(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                   step: int | None = None) -> dict:
+                   step: int | None = None, force: bool = False) -> dict:
     """Writes the run's SAE (latest or `step`'s checkpoint) as a SAELens 6.x folder.
+
+    An existing export in `out_dir` is refused unless `force`, which replaces the whole
+    folder (no stale file of the old export survives); the new folder appears at once.
 
     Returns:
       `{"architecture", "training_architecture", "d_in", "d_sae", "input_scale", "step",
@@ -114,7 +158,7 @@ def export_saelens(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
     run_dir, out = Path(run_dir), Path(out_dir)
     run = read_run(run_dir)
-    _check_out_dir(out)
+    _check_out_dir(out, force)
     sae = sae_jax.load(run_dir, step)
     arch, c = sae.config.arch, float(sae.input_scale)
     if not (np.isfinite(c) and c > 0):
@@ -137,16 +181,13 @@ def export_saelens(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
     transcoder = (sae.d_out, "W_skip" in params) if sae.transcoder else None
     cfg = saelens_cfg(arch, sae.d_in, sae.width, sae.config.k, details, transcoder)
 
-    out.mkdir(parents=True, exist_ok=True)
-    files.write_bytes(out / WEIGHTS_FILE, safetensors.numpy.save(tensors))
-    files.write_text(out / CFG_FILE, json.dumps(cfg, indent=2) + "\n")
-    written = [CFG_FILE, WEIGHTS_FILE]
+    contents = {CFG_FILE: (json.dumps(cfg, indent=2) + "\n").encode(),
+                WEIGHTS_FILE: safetensors.numpy.save(tensors)}
     catalog = run_dir / CATALOG_FILE
     if catalog.is_file():
-        files.write_bytes(out / CATALOG_FILE, Path(catalog).read_bytes())
-        written.append(CATALOG_FILE)
-    elif (out / CATALOG_FILE).exists():  # a stale catalog from an earlier export
-        (out / CATALOG_FILE).unlink()
+        contents[CATALOG_FILE] = catalog.read_bytes()
+    _write_folder(out, contents)
+    written = list(contents)
     return {"architecture": cfg["architecture"], "training_architecture": arch,
             "d_in": sae.d_in, "d_sae": sae.width, "input_scale": c, "step": sae.step,
             "out_dir": str(out.absolute()), "files": written}
@@ -157,7 +198,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--format", choices=("saelens",), default="saelens")
     parser.add_argument("--step", type=int, help="checkpoint to export (default: the latest)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an earlier export in OUT_DIR (the whole folder)")
 
 
 def run(args) -> dict:
-    return export_saelens(args.run_dir, args.out_dir, args.step)
+    return export_saelens(args.run_dir, args.out_dir, args.step, args.force)

@@ -126,7 +126,16 @@ def _check_tensors(tensors: dict, info: dict, path: Path) -> dict[str, np.ndarra
         if not np.all(np.isfinite(tensors[name].astype(np.float32))):
             raise UserError(f"{path}: {name} has non-finite values")
     # SAELens casts every tensor to cfg dtype, then computes in it; we keep that rounding.
-    return {k: tensors[k].astype(info["dtype"]).astype(np.float64) for k in expected}
+    with np.errstate(over="ignore"):  # an overflow is reported below, as one line
+        cast = {k: tensors[k].astype(info["dtype"]).astype(np.float64) for k in expected}
+    for name, value in cast.items():
+        if not np.all(np.isfinite(value)):
+            top = float(np.abs(tensors[name].astype(np.float64)).max())
+            dtype = np.dtype(info["dtype"])
+            raise UserError(f"{path}: {name} overflows cfg.json's dtype {dtype.name} (max "
+                            f"|value| {top:.4g} > {float(ml_dtypes.finfo(dtype).max):.4g}; "
+                            "SAELens would compute with Inf): fix the dtype in cfg.json")
+    return cast
 
 
 def our_params(t: dict[str, np.ndarray], info: dict, batchtopk: bool) -> tuple[str, dict]:
@@ -174,8 +183,8 @@ def import_saelens(sae_dir: str | os.PathLike, run_dir: str | os.PathLike) -> di
 
     from sae_jax.config import make_config
     from sae_jax.rundir import CONFIG_FILE, RunInfo, write_run
+    from sae_jax.sae import param_shapes
     from sae_jax.training import checkpoint
-    from sae_jax.training.step import init_state, make_optimizer
 
     sae_dir, run_dir = Path(sae_dir), Path(run_dir)
     cfg_json = _read_cfg(sae_dir)
@@ -202,13 +211,10 @@ def import_saelens(sae_dir: str | os.PathLike, run_dir: str | os.PathLike) -> di
             32, info["d_sae"])
     cfg = make_config(arch=arch, width=info["d_sae"], k=k)
 
-    tx = make_optimizer(cfg)
-    state = init_state(jax.random.key(cfg.seed), cfg, info["d_in"], None, tx)
     new = {name: jnp.asarray(v) for name, v in params.items()}
-    want = jax.tree.map(lambda a: (a.shape, a.dtype), state.params)
+    want = jax.tree.map(lambda a: (a.shape, a.dtype), param_shapes(cfg, info["d_in"]))
     if jax.tree.map(lambda a: (a.shape, a.dtype), new) != want:  # a bug here, not user input
         raise AssertionError(f"imported params {new.keys()} do not match {want}")
-    state = state.replace(params=new, opt_state=tx.init(new))
 
     run_dir.mkdir(parents=True, exist_ok=True)
     write_run(run_dir, RunInfo(cfg, info["d_in"], 1.0, ""))
@@ -216,8 +222,7 @@ def import_saelens(sae_dir: str | os.PathLike, run_dir: str | os.PathLike) -> di
     (run_dir / "imported_from.json").write_text(json.dumps(source, indent=2) + "\n")
     mngr = checkpoint.manager(run_dir, cfg)
     try:
-        checkpoint.save(mngr, 0, state)
-        mngr.wait_until_finished()
+        checkpoint.save_params(mngr, 0, new)
     finally:
         mngr.close()
     written = [CONFIG_FILE, "imported_from.json", checkpoint.CHECKPOINT_DIR]

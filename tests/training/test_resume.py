@@ -95,7 +95,7 @@ def test_corrupt_latest_checkpoint_falls_back(synthetic_store, tmp_path, capsys)
     longer = make_config(**{**cfg.to_dict(), "steps": 30})
     train(longer, synthetic_store, run, progress=False)
     err = capsys.readouterr().err
-    assert "checkpoint 20 is unreadable" in err and "falling back to the previous one" in err
+    assert "checkpoint 20 is damaged" in err and "trying the previous one" in err
     assert (run / "corrupt_checkpoints/20").is_dir()  # moved aside, not deleted
     assert sae_jax.load(run).step == 30
 
