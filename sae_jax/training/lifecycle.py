@@ -10,6 +10,7 @@ single run stops (there is nothing else to go on with).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import os
@@ -220,6 +221,31 @@ def end_of_step(live: list[Member], done: int, metrics, cfg: TrainConfig, stop: 
             m.lock.check()
 
 
+MAX_STEPS_IN_FLIGHT = 4
+"""How many dispatched steps may be unfinished before the loop waits for the oldest.
+
+Unbounded run-ahead deadlocks XLA:CPU: it launches each device's share of a step from one
+thread pool of max(cores, devices) threads, a launch blocks its thread while its device has
+32 computations in flight, and a step's all-reduce needs a thread for every device at once.
+With 8 devices on a 2-core host, a loop many steps ahead leaves launches of later steps
+holding the threads the current step's last participants need ("Termination timeout for all
+reduce"). A few steps of lead still overlap the host's batch loading with device work."""
+
+
+class StepWindow:
+    """Bounds the steps in flight: `add` each step's metrics right after dispatching it."""
+
+    def __init__(self, limit: int = MAX_STEPS_IN_FLIGHT):
+        self.limit, self.pending = limit, collections.deque()
+
+    def add(self, metrics) -> None:
+        """Records a dispatched step by an output it never donates (its metrics), then waits
+        until at most `limit` recorded steps are unfinished."""
+        self.pending.append(metrics)
+        while len(self.pending) > self.limit:
+            jax.block_until_ready(self.pending.popleft())
+
+
 def check_space_for_checkpoint(m: Member, step: int) -> None:
     """Refuses a save that cannot fit on a local disk, before anything is written: a save
     that fills the disk halfway fails in Orbax's background threads with pages of noise.
@@ -253,9 +279,10 @@ def catch_up(members: list[Member], mesh, source, to_global, until: int, cfg: Tr
     for m in members:
         if m.start >= until:
             continue
-        step_fn = fused_step([m], mesh)
+        step_fn, in_flight = fused_step([m], mesh), StepWindow()
         for done in range(m.start + 1, until + 1):
             states, metrics = step_fn((m.state,), to_global(source[done - 1]))
+            in_flight.add(metrics)
             m.state = states[0]
             end_of_step([m], done, metrics, cfg, preempted.is_set())
             stop_if_preempted([m], done, preempted, m.run_dir)
@@ -279,10 +306,12 @@ def train_members(members: list[Member], mesh, source, to_global, start: int,
         catch_up(members, mesh, source, to_global, start, cfg, preempted, on_failure)
         live = [m for m in members if m.start < cfg.steps and not m.failed]
         step_fn = fused_step(live, mesh) if live else None
+        in_flight = StepWindow()
         for done, x in enumerate(batches(source, start), start + 1):
             if not live:
                 break
             states, metrics = step_fn(tuple(m.state for m in live), to_global(x))
+            in_flight.add(metrics)
             for m, state in zip(live, states):
                 m.state = state
             end_of_step(live, done, metrics, cfg, preempted.is_set())
