@@ -21,9 +21,12 @@ from sae_jax.rundir import read_run
 from sae_jax.training import checkpoint
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SAE:
     """A trained SAE on one device.
+
+    Compared and hashed by identity (its params are arrays), so an `SAE` can key a cache or
+    be a static argument of `jax.jit`.
 
     Attributes:
       config: the run's `TrainConfig`.
@@ -71,10 +74,31 @@ class SAE:
     def width(self) -> int:
         return int(self.params["W_dec"].shape[0])
 
+    def encode_raw(self, params, x) -> jax.Array:
+        """Feature activations `(n, F)` float32 of raw activations `x (n, d_in)`: the one place
+        the input scale is applied before encoding.
+
+        Traceable: call it inside your own `jax.jit` with the params as an argument (pass
+        `self.params` from outside), so they are inputs of the program, not constants."""
+        x = jnp.asarray(x, jnp.float32) * self.input_scale
+        return saes.encode(params, x, self.config).f.astype(jnp.float32)
+
+    def reconstruct_raw(self, params, x, f=None) -> jax.Array:
+        """x̂ `(n, d_out)` in raw units (a transcoder's predicted target) of raw `x (n, d_in)`,
+        traceable like `encode_raw`; `f` = `encode_raw(params, x)` if already computed."""
+        scaled = jnp.asarray(x, jnp.float32) * self.input_scale
+        f = saes.encode(params, scaled, self.config).f if f is None else f
+        x_hat = (saes.decode(params, f, self.config.compute_dtype)
+                 + saes.skip(params, scaled, self.config))
+        return x_hat / self.output_scale
+
     @cached_property
     def _encode(self):
-        cfg = self.config
-        return jax.jit(lambda p, x: saes.encode(p, x * self.input_scale, cfg).f)
+        return jax.jit(lambda p, x: self.encode_raw(p, x))
+
+    @cached_property
+    def _encode_columns(self):
+        return jax.jit(lambda p, x, cols: self.encode_raw(p, x)[:, cols])
 
     @cached_property
     def _decode(self):
@@ -82,9 +106,7 @@ class SAE:
 
     @cached_property
     def _reconstruct(self):
-        cfg = self.config
-        return jax.jit(lambda p, x: saes.reconstruct(p, x * self.input_scale, cfg)
-                       / self.output_scale)
+        return jax.jit(lambda p, x: self.reconstruct_raw(p, x))
 
     def _check(self, a, width: int, what: str):
         a = jnp.asarray(a, jnp.float32)
@@ -92,11 +114,16 @@ class SAE:
             raise UserError(f"{what} must have last dimension {width}, got shape {a.shape}")
         return a
 
-    def encode(self, x) -> jax.Array:
-        """Raw activations (..., d_in) -> feature activations (..., F)."""
+    def encode(self, x, columns=None) -> jax.Array:
+        """Raw activations (..., d_in) -> feature activations (..., F), or (..., len(columns))
+        of the features `columns` only (selected on the device)."""
         x = self._check(x, self.d_in, "encode input")
-        return self._encode(self.params, x.reshape(-1, self.d_in)).reshape(
-            *x.shape[:-1], self.width)
+        flat = x.reshape(-1, self.d_in)
+        if columns is None:
+            f = self._encode(self.params, flat)
+        else:
+            f = self._encode_columns(self.params, flat, jnp.asarray(columns, jnp.int32))
+        return f.reshape(*x.shape[:-1], f.shape[-1])
 
     def decode(self, f) -> jax.Array:
         """Feature activations (..., F) -> reconstructed raw activations (..., d_out).
