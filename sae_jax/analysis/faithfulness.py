@@ -24,7 +24,7 @@ direction in raw units.
   `ablation_cos` (mean cos(Δa_c, Δp_c)) and `ablation_effect` (mean ‖Δa_c‖).
 * *Steering.* Clamp the feature to `steer_times` × its max activation (in the explanation
   rows) at every spliced position of S neutral held-out windows: h' = h + (v − f_i(h_p))·d_i
-  (`steer.add_direction`), and push R random directions of the same norm with the same
+  (`intervene.add_direction`), and push R random directions of the same norm with the same
   per-position amounts. The feature's **concept** c_i is the mean output of its top
   contexts (MiniLM: the unit mean sentence embedding of the texts of its catalog top
   examples). Gain g = mean over the S windows of cos(e(h'), c_i) − cos(e(h), c_i).

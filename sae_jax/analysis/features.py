@@ -63,7 +63,7 @@ class FeatureExtractor:
       sae: an `SAE` (`sae_jax.load`, or built around fresh `saes.init` params).
       activations_fn: `(ids, mask) -> (n, L, d)` residual stream at the SAE's layer, as
         `harvest` takes (a `jax.tree_util.Partial` over the weights, e.g.
-        `harvest.minilm_activations(layer, params)`); built once so `jit` reuses its cache.
+        `lm.hooks.minilm_activations(layer, params)`); built once so `jit` reuses its cache.
       tokenizer: a `tokenizers.Tokenizer` with BERT special tokens (MiniLM's).
       top: features kept per token (at most the SAE's width).
       max_len: tokens per text including `[CLS]`/`[SEP]`; longer texts are truncated.

@@ -7,6 +7,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from entry_point import json_result, one_line_error, sae_jax
 
 from sae_jax import saes
 from sae_jax.analysis import compare, matching
@@ -211,9 +212,10 @@ def parse(argv):
     return parser.parse_args([str(a) for a in argv])
 
 
-def test_cli_on_two_seeds(two_runs, synthetic_store, tmp_path, capsys):
+def test_cli_on_two_seeds(two_runs, synthetic_store, tmp_path):
     run_a, run_b = two_runs
-    out = compare.run(parse([run_a, run_b, synthetic_store, "--max-rows", "1500"]))
+    done = sae_jax("compare", run_a, run_b, synthetic_store, "--max-rows", "1500")
+    out = json_result(done)
     out_dir = run_a / "compare" / "seed1"
     assert out["out"]["json"] == str(out_dir / compare.COMPARE_JSON)
     saved = json.loads((out_dir / compare.COMPARE_JSON).read_text())
@@ -225,8 +227,17 @@ def test_cli_on_two_seeds(two_runs, synthetic_store, tmp_path, capsys):
     assert out["matched_frac_a"] > 0.5, out
     assert out["activation"]["n_rows"] == 1500
     assert out["activation"]["corr_matched_mean"] > 0.75, out
-    assert "matched (cos >= 0.7)" in capsys.readouterr().err
+    assert "matched (cos >= 0.7)" in done.stderr
     json.dumps(out, allow_nan=False)
+
+
+def test_cli_out_must_be_a_directory(two_runs, tmp_path):
+    run_a, run_b = two_runs
+    (tmp_path / "taken").write_text("mine")
+    for out in (tmp_path / "taken", tmp_path / "taken" / "below"):
+        err = one_line_error(sae_jax("compare", run_a, run_b, "--out", out))
+        assert f"--out {out}: {tmp_path / 'taken'} is a file, not a directory" in err
+    assert (tmp_path / "taken").read_text() == "mine"  # nothing of the user's is touched
 
 
 def test_cli_decoders_only_and_data_b(two_runs, synthetic_store, tmp_path):
