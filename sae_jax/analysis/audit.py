@@ -351,28 +351,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a trained run")
     parser.add_argument("data_dir", nargs="?",
                         help="its MiniLM harvest (default: the run's training store)")
-    parser.add_argument("--features", type=int, default=256,
-                        help="alive features to score, and as many random ones (default 256)")
-    parser.add_argument("--windows", type=int, default=512,
-                        help="held-out windows for the causal scores (default 512)")
-    parser.add_argument("--window", type=int, default=32,
-                        help="tokens per window, [CLS]/[SEP] included (default 32)")
-    parser.add_argument("--contexts", type=int, default=8,
-                        help="ablation contexts per feature (default 8)")
-    parser.add_argument("--random", type=int, default=8,
-                        help="random directions per feature for steering (default 8)")
-    parser.add_argument("--steer-times", type=float, default=2.0,
-                        help="steer by clamping to this multiple of the max activation "
-                             "(default 2)")
-    parser.add_argument("--explain-rows", type=int, default=131072,
-                        help="training rows the explanations come from (default 131072)")
-    parser.add_argument("--sequences", type=int, default=128,
-                        help="held-out sequences for downstream coverage (default 128)")
+    d = AuditSettings()  # the defaults, in one place
+    for flag, field, kind, what in (
+            ("--features", "n_features", int, "alive features to score, and as many random "
+                                               "ones"),
+            ("--windows", "n_windows", int, "held-out windows for the causal scores"),
+            ("--window", "window", int, "tokens per window, [CLS]/[SEP] included"),
+            ("--contexts", "n_contexts", int, "ablation contexts per feature"),
+            ("--random", "n_random", int, "random directions per feature for steering"),
+            ("--steer-times", "steer_times", float, "steer by clamping to this multiple of "
+                                                    "the max activation"),
+            ("--explain-rows", "explain_rows", int, "training rows the explanations come "
+                                                    "from"),
+            ("--sequences", "n_sequences", int, "held-out sequences for downstream "
+                                                "coverage")):
+        parser.add_argument(flag, type=kind, default=getattr(d, field), dest=field,
+                            metavar="N" if kind is int else "X",
+                            help=f"{what} (default {getattr(d, field):g})")
     parser.add_argument("--corpus", nargs="+", metavar="PATH",
                         help="the corpus the store was harvested from, if not the default")
     parser.add_argument("--dashboard", metavar="SITE",
                         help="also add the audit to this `sae-jax dashboard` site")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=d.seed)
 
 
 def run(args) -> dict:
@@ -380,11 +380,10 @@ def run(args) -> dict:
     def log(msg):
         print(f"sae-jax: {msg}", file=sys.stderr)
 
-    report = audit(args.run_dir, args.data_dir, n_features=args.features,
-                   n_windows=args.windows, window=args.window, n_contexts=args.contexts,
-                   n_random=args.random, steer_times=args.steer_times,
-                   explain_rows=args.explain_rows, n_sequences=args.sequences,
-                   corpus=args.corpus, seed=args.seed, log=log)
+    sizes = ("n_features", "n_windows", "window", "n_contexts", "n_random", "steer_times",
+             "explain_rows", "n_sequences", "seed")
+    report = audit(args.run_dir, args.data_dir, corpus=args.corpus, log=log,
+                   **{k: getattr(args, k) for k in sizes})
     result = summary_of(report)
     if args.dashboard:
         result["dashboard"] = write_audit_js(report, args.dashboard)

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sae_jax.errors import UserError
 from sae_jax.lm.hooks import MODEL_NAME, check_model_store, check_not_transcoder
 from sae_jax.sae import SAE
+
+if TYPE_CHECKING:  # only for the annotations: opening a run loads these lazily
+    from sae_jax.data.store import Store
+    from sae_jax.lm.minilm import MiniLM
 
 
 @dataclass(frozen=True)
@@ -31,10 +36,10 @@ class ModelRun:
 
     run_dir: str
     sae: SAE
-    store: object
+    store: Store
     layer: int
     keep_special: bool
-    model: object
+    model: MiniLM
 
 
 def open_model_run(run_dir: str | os.PathLike, command: str, *, layer: int | None = None,
@@ -69,9 +74,26 @@ def open_model_run(run_dir: str | os.PathLike, command: str, *, layer: int | Non
     if store.d_in != info.d_in:
         raise UserError(f"store {store.path} has d_in={store.d_in}, but the SAE in {run_dir} "
                         f"expects d_in={info.d_in}")
-    trained = int(meta["layer"])
+    trained = _training_layer(info, store)
     if layer is not None and layer != trained:
         raise UserError(f"--layer {layer} does not match the run: its SAE reads layer "
                         f"{trained} (store {store.path}); leave --layer out")
     return ModelRun(str(run_dir), load(run_dir), store, trained,
                     bool(meta.get("keep_special", False)), minilm.MiniLM.load())
+
+
+def _training_layer(info, store) -> int:
+    """The layer of `store`, which must be the layer the run was trained on (checked when
+    the run's own training store, if it is another one, can still be opened)."""
+    from sae_jax.data.store import open_store
+
+    layer = int(store.meta["layer"])
+    if str(store.path) != str(info.data_dir):
+        try:
+            trained = open_store(info.data_dir).meta.get("layer")
+        except UserError:  # moved or deleted since training: nothing to check against
+            trained = None
+        if trained is not None and int(trained) != layer:
+            raise UserError(f"store {store.path} holds layer {layer}, but the run was trained "
+                            f"on layer {trained} ({info.data_dir})")
+    return layer

@@ -66,8 +66,8 @@ ActivationsFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def _stacker(seq_len: int | None = None) -> Callable:
-    """`read(sequences) -> (ids, mask, docs, positions)` arrays of the given sequences, which
-    must all have one length (`seq_len`, or the first one's)."""
+    """`stack(sequences) -> (ids, mask, docs, positions)`, the arrays of a batch of sequences,
+    which must all have one length (`seq_len`, or the first one's)."""
     def stack(group: list[TokenSequence]):
         nonlocal seq_len
         for s in group:

