@@ -157,6 +157,7 @@ def reference_for_run(run_dir, model, store, holdout: float, n: int = N_REFERENC
 
 
 def check_feature(sae, feature: int) -> None:
+    """Refuses a feature id the SAE does not have."""
     if not 0 <= feature < sae.width:
         raise UserError(f"feature {feature} is out of range: the SAE has {sae.width} features "
                         f"(0..{sae.width - 1})")
@@ -395,7 +396,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="clamp to this multiple of the feature's max observed activation "
                           "(from the run's feature catalog; negative allowed)")
     parser.add_argument("--layer", type=int,
-                        help="layer to steer (default: the layer of the run's store)")
+                        help="the layer the run's SAE reads (default: its store's; any other "
+                             "layer is refused)")
     parser.add_argument("--corpus", nargs="+", metavar="PATH",
                         help="the corpus the store was harvested from, if not the default "
                              "(for the nearest reference sentences)")
