@@ -63,8 +63,9 @@ from sae_jax.data.store import META_FILE, StoreWriter, open_store
 from sae_jax.errors import UserError
 from sae_jax.lm import minilm
 from sae_jax.lm.corpus import make_corpus, sequences
-from sae_jax.lm.harvest import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN, harvest, minilm_activations
+from sae_jax.lm.harvest import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN, harvest
 from sae_jax.lm.harvest import run_harvest as harvest_clean
+from sae_jax.lm.hooks import minilm_activations
 from sae_jax.training.train import train
 
 LAYER = 3

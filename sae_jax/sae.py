@@ -6,8 +6,8 @@ training time is applied inside, so callers never see it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import jax
@@ -21,9 +21,17 @@ from sae_jax.rundir import read_run
 from sae_jax.training import checkpoint
 
 
-@dataclass(frozen=True)
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=("params", "step"),
+                   meta_fields=("config", "input_scale", "target_scale"))
+@dataclass(frozen=True, eq=False)
 class SAE:
     """A trained SAE on one device.
+
+    A pytree whose leaves are the params (and step) while config and scales are static, so
+    an `SAE` can be passed into `jax.jit` as an argument: the params become inputs of the
+    program, not baked constants, and SAEs of one config and scale share the compiled
+    program. Compared by identity.
 
     Attributes:
       config: the run's `TrainConfig`.
@@ -71,20 +79,21 @@ class SAE:
     def width(self) -> int:
         return int(self.params["W_dec"].shape[0])
 
-    @cached_property
-    def _encode(self):
-        cfg = self.config
-        return jax.jit(lambda p, x: saes.encode(p, x * self.input_scale, cfg).f)
+    def encode_raw(self, x) -> jax.Array:
+        """Feature activations `(n, F)` float32 of raw activations `x (n, d_in)`: the one place
+        the input scale is applied before encoding. Traceable: inside your own `jax.jit`,
+        take the SAE as an argument (see the class docstring)."""
+        x = jnp.asarray(x, jnp.float32) * self.input_scale
+        return saes.encode(self.params, x, self.config).f.astype(jnp.float32)
 
-    @cached_property
-    def _decode(self):
-        return jax.jit(lambda p, f: saes.decode(p, f) / self.output_scale)
-
-    @cached_property
-    def _reconstruct(self):
-        cfg = self.config
-        return jax.jit(lambda p, x: saes.reconstruct(p, x * self.input_scale, cfg)
-                       / self.output_scale)
+    def reconstruct_raw(self, x, f=None) -> jax.Array:
+        """x̂ `(n, d_out)` in raw units (a transcoder's predicted target) of raw `x (n, d_in)`,
+        traceable like `encode_raw`; `f` = `encode_raw(x)` if already computed."""
+        scaled = jnp.asarray(x, jnp.float32) * self.input_scale
+        f = saes.encode(self.params, scaled, self.config).f if f is None else f
+        x_hat = (saes.decode(self.params, f, self.config.compute_dtype)
+                 + saes.skip(self.params, scaled, self.config))
+        return x_hat / self.output_scale
 
     def _check(self, a, width: int, what: str):
         a = jnp.asarray(a, jnp.float32)
@@ -92,25 +101,32 @@ class SAE:
             raise UserError(f"{what} must have last dimension {width}, got shape {a.shape}")
         return a
 
-    def encode(self, x) -> jax.Array:
-        """Raw activations (..., d_in) -> feature activations (..., F)."""
+    def encode(self, x, columns=None) -> jax.Array:
+        """Raw activations (..., d_in) -> feature activations (..., F), or (..., len(columns))
+        of the features `columns` only (selected on the device)."""
         x = self._check(x, self.d_in, "encode input")
-        return self._encode(self.params, x.reshape(-1, self.d_in)).reshape(
-            *x.shape[:-1], self.width)
+        flat = x.reshape(-1, self.d_in)
+        f = (_encode(self, flat) if columns is None else
+             _encode_columns(self, flat, jnp.asarray(columns, jnp.int32)))
+        return f.reshape(*x.shape[:-1], f.shape[-1])
 
     def decode(self, f) -> jax.Array:
         """Feature activations (..., F) -> reconstructed raw activations (..., d_out).
 
         (A skip transcoder's linear path needs the input: use `sae(x)` for its output.)"""
         f = self._check(f, self.width, "decode input")
-        return self._decode(self.params, f.reshape(-1, self.width)).reshape(
-            *f.shape[:-1], self.d_out)
+        return _decode(self, f.reshape(-1, self.width)).reshape(*f.shape[:-1], self.d_out)
 
     def __call__(self, x) -> jax.Array:
         """Reconstruction of raw activations (a transcoder's predicted target)."""
         x = self._check(x, self.d_in, "input")
-        return self._reconstruct(self.params, x.reshape(-1, self.d_in)).reshape(
-            *x.shape[:-1], self.d_out)
+        return _reconstruct(self, x.reshape(-1, self.d_in)).reshape(*x.shape[:-1], self.d_out)
+
+
+_encode = jax.jit(lambda sae, x: sae.encode_raw(x))
+_encode_columns = jax.jit(lambda sae, x, cols: sae.encode_raw(x)[:, cols])
+_decode = jax.jit(lambda sae, f: saes.decode(sae.params, f) / sae.output_scale)
+_reconstruct = jax.jit(lambda sae, x: sae.reconstruct_raw(x))
 
 
 def param_shapes(cfg: TrainConfig, d_in: int, d_out: int | None = None) -> dict:

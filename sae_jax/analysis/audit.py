@@ -5,7 +5,7 @@ Scores (definitions in `faithfulness` and `coverage`) on a MiniLM harvest:
 1. **Contexts.** The held-out rows (the store's tail; at most `max_heldout_rows`) are cut
    into windows of `window - 2` consecutive tokens of one document, read from the store's
    token ids, each wrapped as `[CLS] ... [SEP]`; `n_windows` of them (a seeded sample) are
-   run through MiniLM. Spliced positions follow `fidelity`: document tokens (plus
+   run through MiniLM. Spliced positions follow `lm.hooks`: document tokens (plus
    `[CLS]`/`[SEP]` for a `keep_special` store). Short windows keep a single token's
    ablation visible in the mean-pooled embedding and the model calls cheap.
 2. **Features.** Of the features firing on at least `MIN_CONTEXTS` window positions, a
@@ -21,34 +21,96 @@ Scores (definitions in `faithfulness` and `coverage`) on a MiniLM harvest:
 Writes `RUN/audit/audit.json` (settings, summary, per-feature scores of both SAEs,
 histograms, best/worst features, coverage, dark matter) and `RUN/audit/feature_catalog.json`
 (the explanation-rows catalog of the scored features, each entry with an `audit` dict of its
-scores; `interpret.read_catalog` reads it). `--dashboard SITE` also adds the audit to an
+scores; `catalog.read_catalog` reads it). `--dashboard SITE` also adds the audit to an
 existing `sae-jax dashboard` site (`audit.js`); `sae-jax dashboard` picks it up by itself.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-import json
 import sys
 import time
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from sae_jax import files
 from sae_jax.analysis import coverage, faithfulness
+from sae_jax.analysis.audit_report import (
+    AUDIT_FILE,
+    SCORE_RANGES,
+    SCORES,
+    ranked,
+    rounded,
+    summarize,
+    summary_of,
+    write_report,
+)
+from sae_jax.analysis.catalog import concept_texts, feature_label
+from sae_jax.analysis.dashboard import write_audit_js
 from sae_jax.analysis.faithfulness import MIN_CONTEXTS
+from sae_jax.analysis.intervene import feature_direction
+from sae_jax.analysis.moments import rows_mean
 from sae_jax.errors import UserError
+from sae_jax.lm.hooks import embedding_from, layer_state, model_pass
+from sae_jax.vectors import unit_vectors
 
-AUDIT_DIR = "audit"
-AUDIT_FILE = "audit.json"
 MIN_EXPLAIN = 3  # firings in the explanation rows needed for an explanation
-SCORES = ("causal", "ablation_r", "explanatory", "f1")
-SCORE_RANGES = {"causal": (-5.0, 15.0), "ablation_r": (0.9, 1.0), "explanatory": (-0.2, 1.0),
-                "f1": (0.0, 1.0)}  # histogram ranges; values outside go to the end bins
-N_LISTED = 10
-CONCEPT_BATCH = 64
 CONCEPT_TOKENS = 32  # catalog contexts are 13 tokens; their texts re-tokenize to about that
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """The audit's sizes and seed (module docstring; `sae-jax audit --help`)."""
+
+    n_features: int = 256
+    n_windows: int = 512
+    window: int = 32
+    n_neutral: int = 4
+    n_contexts: int = 8
+    n_random: int = 8
+    steer_times: float = 2.0
+    explain_rows: int = 131072
+    max_heldout_rows: int = 100_000
+    n_sequences: int = 128
+    n_dark: int = 20
+    seed: int = 0
+
+    def __post_init__(self):
+        from sae_jax.lm import minilm
+
+        for name, lo in (("n_features", 1), ("n_windows", 1), ("window", 4), ("n_neutral", 1),
+                         ("n_contexts", MIN_CONTEXTS), ("n_random", 2), ("explain_rows", 1),
+                         ("max_heldout_rows", 1)):
+            if getattr(self, name) < lo:
+                raise UserError(f"{name} must be at least {lo}, got {getattr(self, name)}")
+        if self.window > minilm.MAX_POSITIONS:
+            raise UserError(f"window must be at most {minilm.MAX_POSITIONS}, got {self.window}")
+
+
+@dataclass(frozen=True)
+class AuditContext:
+    """What both SAEs are scored on.
+
+    Attributes:
+      model: MiniLM (`lm.minilm.MiniLM`).
+      output_fn: its sentence embedding from the hooked layer (`lm.hooks.embedding_from`).
+      windows: the held-out windows, their stream at the layer and clean outputs.
+      neutral: indices of the windows steering runs on.
+      heldout, explain: the held-out and explanation rows (`RowSpan`s).
+      token_ids: the held-out rows' token ids.
+      mean: the held-out rows' mean (coverage's reference).
+      token_totals: occurrences of each token id in the explanation rows.
+    """
+
+    model: object
+    output_fn: object
+    windows: faithfulness.Windows
+    neutral: np.ndarray
+    heldout: object
+    explain: object
+    token_ids: np.ndarray
+    mean: np.ndarray
+    token_totals: np.ndarray
 
 
 # ----------------------------------------------------------------------------------------
@@ -98,31 +160,6 @@ def heldout_windows(token_ids: np.ndarray, positions: np.ndarray, tokenizer, win
     return ids, mask, splice
 
 
-@functools.lru_cache(maxsize=16)
-def _jit(fn, **static):
-    """`jax.jit(fn)` with keyword arguments bound, compiled once per process."""
-    import jax
-
-    return jax.jit(functools.partial(fn, **static))
-
-
-def _hidden(params, ids, mask, layer: int, batch: int = 64) -> np.ndarray:
-    """MiniLM's residual stream after `layer` (n, T, d) float32, in padded batches of
-    `batch` windows (one compiled shape)."""
-    fn = _jit(_layer_states, layer=layer)
-    n, pad = len(ids), -len(ids) % batch
-    ids, mask = np.pad(ids, ((0, pad), (0, 0))), np.pad(mask, ((0, pad), (0, 0)))
-    mask[n:, 0] = 1
-    return np.concatenate([np.asarray(fn(params, ids[i:i + batch], mask[i:i + batch]))
-                           for i in range(0, len(ids), batch)])[:n]
-
-
-def _layer_states(params, ids, mask, layer: int):
-    from sae_jax.lm import minilm
-
-    return minilm.forward(params, ids, mask, n_layers=layer)[layer]
-
-
 # ----------------------------------------------------------------------------------------
 # Scoring one SAE (the trained one or the random control)
 
@@ -135,28 +172,20 @@ def _select(counts: np.ndarray, n: int, seed: int) -> np.ndarray:
 def _concepts(params, entries: list[dict], tokenizer) -> np.ndarray:
     """Unit mean sentence embedding of each feature's top-example texts (`steer`'s concept
     texts), embedded at one fixed shape so MiniLM compiles once."""
-    from sae_jax.analysis.steer import concept_texts
     from sae_jax.lm import minilm
 
     texts = [concept_texts(e, tokenizer) for e in entries]
     flat = [t for ts in texts for t in ts]
     ids, mask = minilm.tokenize(tokenizer, flat or [""], CONCEPT_TOKENS, fixed=True)
-    n, pad = len(ids), -len(ids) % CONCEPT_BATCH
-    ids, mask = np.pad(ids, ((0, pad), (0, 0))), np.pad(mask, ((0, pad), (0, 0)))
-    mask[n:, 0] = 1  # a padding row still needs one key to attend to
-    fn = _jit(minilm.embed)
-    emb = np.concatenate([np.asarray(fn(params, ids[i:i + CONCEPT_BATCH],
-                                        mask[i:i + CONCEPT_BATCH]), np.float64)
-                          for i in range(0, len(ids), CONCEPT_BATCH)])
+    emb = model_pass(minilm.embed, params, ids, mask).astype(np.float64)
     out, p = [], 0
     for ts in texts:
-        c = emb[p:p + len(ts)].mean(0) if ts else np.zeros(emb.shape[1])
-        out.append(c / max(np.linalg.norm(c), 1e-12))
+        out.append(emb[p:p + len(ts)].mean(0) if ts else np.zeros(emb.shape[1]))
         p += len(ts)
-    return np.stack(out)
+    return unit_vectors(np.stack(out))
 
 
-def score_sae(sae, ctx: dict, n_features: int, settings: dict, log) -> tuple:
+def score_sae(sae, ctx: AuditContext, settings: AuditSettings, run_dir: str, log) -> tuple:
     """Per-feature causal and explanatory scores of `sae` (module docstring, steps 2-3).
 
     Returns `(records, catalog, heldout_pass)`: one dict per scored feature, the catalog of
@@ -164,17 +193,18 @@ def score_sae(sae, ctx: dict, n_features: int, settings: dict, log) -> tuple:
     from sae_jax.analysis.interpret import build_catalog
 
     t0 = time.perf_counter()
-    flat = ctx["h"][ctx["splice"]]
+    windows, tokenizer = ctx.windows, ctx.model.tokenizer
+    flat = windows.h[windows.splice]
     counts = faithfulness.firing_counts(sae, flat)
-    cand = _select(counts, n_features, settings["seed"])
+    cand = _select(counts, settings.n_features, settings.seed)
     if not len(cand):
         raise UserError(f"no feature fires on {MIN_CONTEXTS} or more of the "
                         f"{len(flat)} held-out window tokens")
-    catalog = build_catalog(sae, ctx["explain"], tokenizer=ctx["tokenizer"], features=cand,
-                            top_k=10, n_sample=1, n_quantiles=1, per_quantile=1,
-                            run=settings["run"])
+    catalog = build_catalog(sae, ctx.explain, tokenizer=tokenizer, features=cand, top_k=10,
+                            n_sample=1, n_quantiles=1, per_quantile=1, run=run_dir)
     entry = {f["id"]: f for f in catalog.features}
-    chosen = [int(i) for i in cand if entry[int(i)]["count"] >= MIN_EXPLAIN][:n_features]
+    chosen = [int(i) for i in cand
+              if entry[int(i)]["count"] >= MIN_EXPLAIN][:settings.n_features]
     if not chosen:
         raise UserError("no audited feature fires in the explanation rows (raise "
                         "--explain-rows)")
@@ -182,151 +212,109 @@ def score_sae(sae, ctx: dict, n_features: int, settings: dict, log) -> tuple:
     catalog.features = entries
     log(f"  {len(chosen)} features chosen; catalog {time.perf_counter() - t0:.1f}s")
     cols = np.asarray(chosen)
-    win_acts = np.zeros((len(cols), *ctx["splice"].shape), np.float32)
-    win_acts[:, ctx["splice"]] = faithfulness.feature_columns(sae, flat, cols).T
-    directions = np.asarray(sae.params["W_dec"], np.float32)[cols] / sae.input_scale
-    concepts = _concepts(ctx["model"].params, entries, ctx["tokenizer"])
-    values = settings["steer_times"] * np.array([e["max_activation"] for e in entries])
+    win_acts = np.zeros((len(cols), *windows.splice.shape), np.float32)
+    win_acts[:, windows.splice] = faithfulness.feature_columns(sae, flat, cols).T
+    directions = np.asarray(feature_direction(sae, cols))
+    concepts = _concepts(ctx.model.params, entries, tokenizer)
+    values = settings.steer_times * np.array([e["max_activation"] for e in entries])
     t1 = time.perf_counter()
     causal = faithfulness.causal_scores(
-        ctx["output_fn"], ctx["model"].params, ctx["windows"], win_acts, directions,
-        concepts, values, ctx["neutral"], n_contexts=settings["n_contexts"],
-        n_random=settings["n_random"], seed=settings["seed"], feature_ids=cols)
+        ctx.output_fn, ctx.model.params, windows, win_acts, directions, concepts, values,
+        ctx.neutral, n_contexts=settings.n_contexts, n_random=settings.n_random,
+        seed=settings.seed, feature_ids=cols)
     t2 = time.perf_counter()
-    hp = coverage.heldout_pass(sae, ctx["heldout"], ctx["mean"], cols)
+    hp = coverage.heldout_pass(sae, ctx.heldout, ctx.mean, cols)
     log(f"  causal scores {t2 - t1:.1f}s, held-out pass {time.perf_counter() - t2:.1f}s")
     records = []
     for j, e in enumerate(entries):
         expl = faithfulness.explanation(list(zip(e["top_token_ids"],
                                                  [c for _, c in e["top_tokens"]])),
-                                        ctx["token_totals"])
+                                        ctx.token_totals)
         scores = {**causal[j], **faithfulness.explanatory_score(hp.acts[:, j],
-                                                                ctx["token_ids"], expl)}
-        records.append({"id": e["id"], "label": _label(e),
+                                                                ctx.token_ids, expl)}
+        records.append({"id": e["id"], "label": feature_label(e),
                         "heldout_frequency": float(np.mean(hp.acts[:, j] > 0)),
                         "max_activation": e["max_activation"],
                         "explanation": [[t, round(float(r), 4)] for (t, _), r in
                                         zip(e["top_tokens"], expl["rates"])],
-                        **{k: _round(v) for k, v in scores.items()}})
+                        **{k: rounded(v) for k, v in scores.items()}})
     return records, catalog, hp
 
 
-def _label(entry: dict) -> str:
-    from sae_jax.analysis.steer import feature_label
-
-    return feature_label(entry)
-
-
-def _round(v):
-    return float(f"{v:.5g}") if isinstance(v, float) else v
-
-
 # ----------------------------------------------------------------------------------------
-# The report
+# The audit
 
 
-def _median(records: list[dict], key: str) -> float | None:
-    v = [r[key] for r in records if r.get(key) is not None]
-    return float(np.median(v)) if v else None
+def audit_context(run, settings: AuditSettings, log) -> tuple[AuditContext, dict, tuple]:
+    """The held-out windows and rows both SAEs are scored on, for a `runs.ModelRun`.
 
+    Returns `(context, settings as reported, (positions, held-out span))`."""
+    from sae_jax.data.store import RowSpan
 
-def summarize(real: list[dict], control: list[dict]) -> dict:
-    """Median of every score for both SAEs and the AUC separating them (`faithfulness`)."""
-    out = {}
-    for key in SCORES + ("steer_winrate", "precision", "recall"):
-        out[key] = {"median": _round(_median(real, key)),
-                    "median_random": _round(_median(control, key)),
-                    "auc": _round(faithfulness.auc([r.get(key) for r in real],
-                                                   [r.get(key) for r in control]))}
-    return out
-
-
-def ranked(records: list[dict], key: str, n: int = N_LISTED) -> dict:
-    """The `n` best and worst features by `key` (None scores left out)."""
-    have = sorted((r for r in records if r.get(key) is not None), key=lambda r: (r[key], r["id"]))
-    brief = [{"id": r["id"], "label": r["label"], key: r[key]} for r in have]
-    return {"best": brief[::-1][:n], "worst": brief[:n]}
-
-
-def audit(run_dir, data_dir=None, *, n_features: int = 256, n_windows: int = 512,
-          window: int = 32, n_neutral: int = 4, n_contexts: int = 8, n_random: int = 8,
-          steer_times: float = 2.0, explain_rows: int = 131072,
-          max_heldout_rows: int = 100_000, n_sequences: int = 128, n_dark: int = 20,
-          corpus=None, seed: int = 0, log=None) -> dict:
-    """Audits a run (module docstring) and returns the full report (what `audit.json` holds).
-
-    Raises:
-      UserError: not a MiniLM harvest, a transcoder, too little held-out data, or bad sizes.
-    """
-    import sae_jax
-    from sae_jax.analysis.fidelity import MODEL_NAME, NOT_MODEL_BACKED
-    from sae_jax.data.store import RowSpan, open_store
-    from sae_jax.lm import minilm
-    from sae_jax.rundir import read_run
-
-    log = log or (lambda msg: None)
-    t0 = time.perf_counter()
-    for name, v, lo in (("n_features", n_features, 1), ("n_windows", n_windows, 1),
-                        ("window", window, 4), ("n_neutral", n_neutral, 1),
-                        ("n_contexts", n_contexts, MIN_CONTEXTS), ("n_random", n_random, 2),
-                        ("explain_rows", explain_rows, 1), ("max_heldout_rows",
-                                                            max_heldout_rows, 1)):
-        if v < lo:
-            raise UserError(f"{name} must be at least {lo}, got {v}")
-    if window > minilm.MAX_POSITIONS:
-        raise UserError(f"window must be at most {minilm.MAX_POSITIONS}, got {window}")
-    sae = sae_jax.load(run_dir)
-    store = open_store(data_dir if data_dir is not None else read_run(run_dir).data_dir)
-    meta = store.meta
-    if (meta.get("source") != "harvest" or meta.get("model") != MODEL_NAME
-            or store.token_ids is None or store.positions is None or "layer" not in meta):
-        raise UserError(f"the audit runs MiniLM: {NOT_MODEL_BACKED} (store {store.path})")
-    if getattr(sae.config, "transcoder", False) or meta.get("pair"):
-        raise UserError("the audit splices an SAE into the residual stream; transcoders "
-                        "are not supported")
-    if store.d_in != sae.d_in:
-        raise UserError(f"store {store.path} has d_in={store.d_in}, but the SAE expects "
-                        f"d_in={sae.d_in}")
+    store, sae, model = run.store, run.sae, run.model
     train, held = store.split(sae.config.holdout)
-    held = RowSpan(store, held.start, min(held.stop, held.start + max_heldout_rows))
-    explain = RowSpan(store, max(0, train.stop - explain_rows), train.stop)
-    layer, keep_special = int(meta["layer"]), bool(meta.get("keep_special", False))
-    settings = {"run": str(run_dir), "data_dir": str(store.path), "layer": layer,
-                "n_features": n_features, "n_windows": n_windows, "window": window,
-                "n_neutral": n_neutral, "n_contexts": n_contexts, "n_random": n_random,
-                "steer_times": steer_times, "explain_rows": [explain.start, explain.stop],
-                "heldout_rows": [held.start, held.stop], "n_sequences": n_sequences,
-                "seed": seed}
-    model = minilm.MiniLM.load()
-    tok = model.tokenizer
+    held = RowSpan(store, held.start, min(held.stop, held.start + settings.max_heldout_rows))
+    explain = RowSpan(store, max(0, train.stop - settings.explain_rows), train.stop)
     token_ids = np.asarray(store.token_ids[held.start:held.stop].read().result(), np.int64)
     positions = np.asarray(store.positions[held.start:held.stop].read().result(), np.int64)
-    ids, mask, splice = heldout_windows(token_ids, positions, tok, window, n_windows, seed,
-                                        keep_special)
-    output_fn = faithfulness.minilm_output(layer)
-    h = _hidden(model.params, ids, mask, layer)
+    ids, mask, splice = heldout_windows(token_ids, positions, model.tokenizer, settings.window,
+                                        settings.n_windows, settings.seed, run.keep_special)
+    output_fn = embedding_from(run.layer)
+    h = model_pass(layer_state, model.params, ids, mask, layer=run.layer)
     windows = faithfulness.Windows(h, mask, splice, faithfulness.clean_outputs(
         output_fn, model.params, h, mask))
     ex_tokens = np.asarray(store.token_ids[explain.start:explain.stop].read().result(),
                            np.int64)
-    ctx = {"h": h, "splice": splice, "windows": windows, "model": model,
-           "tokenizer": tok, "output_fn": output_fn, "explain": explain, "heldout": held,
-           "token_ids": token_ids, "mean": coverage.rows_mean(held),
-           "neutral": np.unique(np.linspace(0, len(ids) - 1, n_neutral).round().astype(int)),
-           "token_totals": np.bincount(ex_tokens, minlength=int(max(
-               ex_tokens.max(initial=0), token_ids.max(initial=0))) + 1)}
+    vocab = int(max(ex_tokens.max(initial=0), token_ids.max(initial=0))) + 1
+    ctx = AuditContext(
+        model=model, output_fn=output_fn, windows=windows,
+        neutral=np.unique(np.linspace(0, len(ids) - 1, settings.n_neutral).round().astype(int)),
+        heldout=held, explain=explain, token_ids=token_ids, mean=rows_mean(held),
+        token_totals=np.bincount(ex_tokens, minlength=vocab))
+    log(f"audit: {len(ids)} windows, {int(splice.sum())} tokens")
+    reported = {"run": run.run_dir, "data_dir": str(store.path), "layer": run.layer,
+                **{k: v for k, v in asdict(settings).items()
+                   if k not in ("max_heldout_rows", "n_dark")},
+                "explain_rows": [explain.start, explain.stop],
+                "heldout_rows": [held.start, held.stop]}
+    return ctx, reported, (positions, held)
+
+
+def audit(run_dir, data_dir=None, *, corpus=None, log=None, **sizes) -> dict:
+    """Audits a run (module docstring) and returns the full report (what `audit.json` holds).
+
+    Args:
+      data_dir: its MiniLM harvest (default: the run's training store).
+      corpus: the corpus the store was harvested from, if not the default.
+      sizes: `AuditSettings` fields (n_features, n_windows, window, ..., seed).
+
+    Raises:
+      UserError: not a MiniLM harvest, a transcoder, too little held-out data, or bad sizes.
+    """
+    from sae_jax.analysis.runs import open_model_run
+
+    log = log or (lambda msg: None)
+    settings = AuditSettings(**sizes)
+    t0 = time.perf_counter()
+    run = open_model_run(run_dir, "audit", data_dir=data_dir)
+    if run.store.token_ids is None:
+        raise UserError(f"the audit needs the token ids of store {run.store.path} (harvest it "
+                        "with `sae-jax harvest`)")
+    sae, tok = run.sae, run.model.tokenizer
+    ctx, reported, (positions, held) = audit_context(run, settings, log)
     seconds = {"contexts": time.perf_counter() - t0}
-    log(f"audit: {len(ids)} windows, {int(splice.sum())} tokens ({seconds['contexts']:.1f}s)")
     log("audit: trained SAE")
-    real, catalog, hp = score_sae(sae, ctx, n_features, settings, log)
+    real, catalog, hp = score_sae(sae, ctx, settings, str(run_dir), log)
     seconds["trained"] = time.perf_counter() - t0 - sum(seconds.values())
     log("audit: random control")
-    control, _, _ = score_sae(faithfulness.random_sae(sae, seed + 1), ctx, n_features,
-                              settings, log)
+    control, _, _ = score_sae(faithfulness.random_sae(sae, settings.seed + 1), ctx, settings,
+                              str(run_dir), log)
     seconds["random"] = time.perf_counter() - t0 - sum(seconds.values())
-    cov = coverage.token_coverage(hp, positions, token_ids, held.start, tok, n_dark)
+    cov = coverage.token_coverage(hp, positions, ctx.token_ids, held.start, tok,
+                                  settings.n_dark)
     try:
-        cov["downstream"] = coverage.downstream_coverage(sae, store, n_sequences, seed, corpus)
+        cov["downstream"] = coverage.downstream_coverage(sae, run.store, settings.n_sequences,
+                                                         settings.seed, corpus)
     except UserError as e:
         cov["downstream"] = None
         log(f"warning: downstream coverage skipped: {e}")
@@ -335,7 +323,7 @@ def audit(run_dir, data_dir=None, *, n_features: int = 256, n_windows: int = 512
     log(f"audit: coverage {seconds['coverage']:.1f}s; total {seconds['total']:.1f}s")
     report = {
         "format": "sae_jax audit", "version": 1, "step": int(sae.step),
-        "arch": sae.config.arch, "width": int(sae.width), "settings": settings,
+        "arch": sae.config.arch, "width": int(sae.width), "settings": reported,
         "summary": summarize(real, control),
         "histograms": {k: {"real": coverage.histogram([r.get(k) for r in real],
                                                       *SCORE_RANGES[k], 30),
@@ -354,37 +342,6 @@ def audit(run_dir, data_dir=None, *, n_features: int = 256, n_windows: int = 512
     return report
 
 
-def write_report(report: dict, catalog, run_dir) -> str:
-    """Writes `RUN/audit/audit.json` and the audited catalog; returns the JSON's path."""
-    from pathlib import Path
-
-    from sae_jax.analysis.interpret import write_catalog
-
-    out = files.join(str(run_dir), AUDIT_DIR)
-    if not files.is_remote(out):
-        Path(out).mkdir(parents=True, exist_ok=True)
-    path = files.join(out, AUDIT_FILE)
-    files.write_text(path, json.dumps(report, allow_nan=False, ensure_ascii=False))
-    write_catalog(catalog, out)
-    return path
-
-
-def summary_of(report: dict) -> dict:
-    """The command's result line: medians, separation from random, coverage numbers."""
-    s, cov = report["summary"], report["coverage"]
-    down = cov.get("downstream") or {}
-    return {"audit": files.join(report["settings"]["run"], AUDIT_DIR, AUDIT_FILE),
-            "n_features": len(report["features"]),
-            **{f"{k}_median": s[k]["median"] for k in SCORES},
-            **{f"{k}_median_random": s[k]["median_random"] for k in SCORES},
-            **{f"{k}_auc": s[k]["auc"] for k in SCORES},
-            "fvu": cov["fvu"], "no_active_fraction": cov["no_active_fraction"],
-            "unexplained_token_median": cov["per_token"]["p50"],
-            "unexplained_document_median": cov["per_document"]["p50"],
-            "downstream_loss_mean": (down.get("per_sequence") or {}).get("mean"),
-            "seconds": report["seconds"]["total"]}
-
-
 # ----------------------------------------------------------------------------------------
 # Command line
 
@@ -394,28 +351,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a trained run")
     parser.add_argument("data_dir", nargs="?",
                         help="its MiniLM harvest (default: the run's training store)")
-    parser.add_argument("--features", type=int, default=256,
-                        help="alive features to score, and as many random ones (default 256)")
-    parser.add_argument("--windows", type=int, default=512,
-                        help="held-out windows for the causal scores (default 512)")
-    parser.add_argument("--window", type=int, default=32,
-                        help="tokens per window, [CLS]/[SEP] included (default 32)")
-    parser.add_argument("--contexts", type=int, default=8,
-                        help="ablation contexts per feature (default 8)")
-    parser.add_argument("--random", type=int, default=8,
-                        help="random directions per feature for steering (default 8)")
-    parser.add_argument("--steer-times", type=float, default=2.0,
-                        help="steer by clamping to this multiple of the max activation "
-                             "(default 2)")
-    parser.add_argument("--explain-rows", type=int, default=131072,
-                        help="training rows the explanations come from (default 131072)")
-    parser.add_argument("--sequences", type=int, default=128,
-                        help="held-out sequences for downstream coverage (default 128)")
+    d = AuditSettings()  # the defaults, in one place
+    for flag, field, kind, what in (
+            ("--features", "n_features", int, "alive features to score, and as many random "
+                                               "ones"),
+            ("--windows", "n_windows", int, "held-out windows for the causal scores"),
+            ("--window", "window", int, "tokens per window, [CLS]/[SEP] included"),
+            ("--contexts", "n_contexts", int, "ablation contexts per feature"),
+            ("--random", "n_random", int, "random directions per feature for steering"),
+            ("--steer-times", "steer_times", float, "steer by clamping to this multiple of "
+                                                    "the max activation"),
+            ("--explain-rows", "explain_rows", int, "training rows the explanations come "
+                                                    "from"),
+            ("--sequences", "n_sequences", int, "held-out sequences for downstream "
+                                                "coverage")):
+        parser.add_argument(flag, type=kind, default=getattr(d, field), dest=field,
+                            metavar="N" if kind is int else "X",
+                            help=f"{what} (default {getattr(d, field):g})")
     parser.add_argument("--corpus", nargs="+", metavar="PATH",
                         help="the corpus the store was harvested from, if not the default")
     parser.add_argument("--dashboard", metavar="SITE",
                         help="also add the audit to this `sae-jax dashboard` site")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=d.seed)
 
 
 def run(args) -> dict:
@@ -423,14 +380,11 @@ def run(args) -> dict:
     def log(msg):
         print(f"sae-jax: {msg}", file=sys.stderr)
 
-    report = audit(args.run_dir, args.data_dir, n_features=args.features,
-                   n_windows=args.windows, window=args.window, n_contexts=args.contexts,
-                   n_random=args.random, steer_times=args.steer_times,
-                   explain_rows=args.explain_rows, n_sequences=args.sequences,
-                   corpus=args.corpus, seed=args.seed, log=log)
+    sizes = ("n_features", "n_windows", "window", "n_contexts", "n_random", "steer_times",
+             "explain_rows", "n_sequences", "seed")
+    report = audit(args.run_dir, args.data_dir, corpus=args.corpus, log=log,
+                   **{k: getattr(args, k) for k in sizes})
     result = summary_of(report)
     if args.dashboard:
-        from sae_jax.analysis.dashboard import write_audit_js
-
         result["dashboard"] = write_audit_js(report, args.dashboard)
     return result

@@ -25,14 +25,14 @@ On the held-out rows (the store's tail, never trained on; at most `max_rows` of 
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sae_jax import saes
+from sae_jax.analysis.catalog import json_number, token_strings
+from sae_jax.batches import padded_batches
 
 U_HI = 2.0  # per-token/per-document histograms cover [0, U_HI]; larger values go to the top bin
 HIST_BINS = 40
@@ -52,40 +52,23 @@ class HeldoutPass:
     acts: np.ndarray | None
 
 
-@functools.lru_cache(maxsize=8)
-def _step_fn(cfg):
-    def step(params, scale, mean, x, cols):
-        f = saes.encode(params, x * scale, cfg).f
-        x_hat = saes.decode(params, f, cfg.compute_dtype) / scale
-        err = jnp.sum(jnp.square(x - x_hat), axis=-1)
-        dev = jnp.sum(jnp.square(x - mean), axis=-1)
-        return err, dev, jnp.sum(f > 0, axis=-1), f[:, cols].astype(jnp.float32)
-
-    return jax.jit(step)
-
-
-def rows_mean(rows, batch: int = 65536) -> np.ndarray:
-    """Mean of a `RowSpan`'s rows, accumulated in float64."""
-    total = np.zeros(rows.d_in)
-    for i in range(0, len(rows), batch):
-        total += np.asarray(rows.read(i, i + batch), np.float64).sum(0)
-    return total / max(len(rows), 1)
+@jax.jit
+def _pass_step(sae, mean, x, cols):
+    f = sae.encode_raw(x)
+    err = jnp.sum(jnp.square(x - sae.reconstruct_raw(x, f)), axis=-1)
+    dev = jnp.sum(jnp.square(x - mean), axis=-1)
+    return err, dev, jnp.sum(f > 0, axis=-1), f[:, cols]
 
 
 def heldout_pass(sae, rows, mean: np.ndarray, columns=None, batch: int = 4096) -> HeldoutPass:
     """One pass over `rows` (a `RowSpan`): coverage numbers per token and the activations of
     the feature `columns` (None: none kept)."""
-    step = _step_fn(sae.config)
     cols = jnp.asarray(np.zeros(0, np.int64) if columns is None else columns, jnp.int32)
     mean = jnp.asarray(mean, jnp.float32)
     parts = []
-    for i in range(0, len(rows), batch):
-        x = np.asarray(rows.read(i, i + batch), np.float32)
-        m = len(x)
-        if m < batch and len(rows) > batch:  # one compiled shape
-            x = np.concatenate([x, np.zeros((batch - m, x.shape[1]), np.float32)])
-        out = step(sae.params, jnp.float32(sae.input_scale), mean, x, cols)
-        parts.append([np.asarray(o)[:m] for o in out])
+    for b in padded_batches(len(rows), batch, rows):
+        out = _pass_step(sae, mean, b.arrays[0].astype(np.float32), cols)
+        parts.append([np.asarray(o)[:b.n_valid] for o in out])
     err, dev, n_active, acts = (np.concatenate(p) for p in zip(*parts))
     return HeldoutPass(err.astype(np.float64), dev.astype(np.float64), n_active,
                        None if columns is None else acts)
@@ -128,13 +111,6 @@ def token_window(token_ids: np.ndarray, doc: np.ndarray, i: int, before: int,
     return lo, hi
 
 
-def decode_tokens(tokenizer, ids) -> list[str]:
-    """WordPiece strings of `ids` (`<id>` without a tokenizer)."""
-    if tokenizer is None:
-        return [f"<{int(t)}>" for t in ids]
-    return [tokenizer.id_to_token(int(t)) or f"<{int(t)}>" for t in ids]
-
-
 def dark_matter(hp: HeldoutPass, token_ids: np.ndarray, positions: np.ndarray, row0: int,
                 tokenizer, n: int = 20, before: int = 8, after: int = 4) -> list[dict]:
     """The `n` held-out tokens with the largest ‖x − x̂‖², as catalog-style examples (module
@@ -144,11 +120,11 @@ def dark_matter(hp: HeldoutPass, token_ids: np.ndarray, positions: np.ndarray, r
     out = []
     for i in np.argsort(-hp.err, kind="stable")[:n]:
         lo, hi = token_window(token_ids, doc, int(i), before, after)
-        out.append({"tokens": decode_tokens(tokenizer, token_ids[lo:hi]),
-                    "errors": [_num(e) for e in hp.err[lo:hi]],
-                    "activations": [_num(max(e - typical, 0.0)) for e in hp.err[lo:hi]],
-                    "highlight_index": int(i - lo), "value": _num(hp.err[i]),
-                    "unexplained": _num(hp.err[i] / max(hp.dev[i], 1e-30)),
+        out.append({"tokens": token_strings(tokenizer, token_ids[lo:hi]),
+                    "errors": [json_number(e) for e in hp.err[lo:hi]],
+                    "activations": [json_number(max(e - typical, 0.0)) for e in hp.err[lo:hi]],
+                    "highlight_index": int(i - lo), "value": json_number(hp.err[i]),
+                    "unexplained": json_number(hp.err[i] / max(hp.dev[i], 1e-30)),
                     "n_active": int(hp.n_active[i]), "row": int(row0 + i),
                     "doc": int(doc[i]), "pos": int(positions[i, 1])})
     return out
@@ -172,7 +148,7 @@ def token_coverage(hp: HeldoutPass, positions: np.ndarray, token_ids: np.ndarray
                          "histogram": histogram(docs["unexplained"], 0.0, U_HI)},
         "worst_documents": [
             {"doc": int(docs["doc"][j]), "n_tokens": int(docs["n_tokens"][j]),
-             "unexplained": _num(docs["unexplained"][j]),
+             "unexplained": json_number(docs["unexplained"][j]),
              "text": _snippet(tokenizer, token_ids[first[int(docs["doc"][j])]:][
                  :min(SNIPPET_TOKENS, int(docs["n_tokens"][j]))])}
             for j in worst],
@@ -203,7 +179,7 @@ def downstream_coverage(sae, store, n_sequences: int = 128, seed: int = 0, corpu
                                                                     max(float(loss.max()),
                                                                         1e-6))},
         "per_document": {"n_documents": int(len(ids)), **quantiles(per_doc)},
-        "worst_sequences": [{"doc": int(doc[j]), "loss": _num(loss[j]),
+        "worst_sequences": [{"doc": int(doc[j]), "loss": json_number(loss[j]),
                              "text": _shorten(seq["text"][j])}
                             for j in worst],
     }
@@ -218,7 +194,3 @@ def _snippet(tokenizer, ids) -> str:
     if tokenizer is None:
         return " ".join(f"<{int(t)}>" for t in ids)
     return tokenizer.decode([int(t) for t in ids])
-
-
-def _num(v) -> float:
-    return float(f"{float(v):.6g}") if np.isfinite(v) else 0.0

@@ -28,7 +28,9 @@ from importlib import resources
 from pathlib import Path
 
 from sae_jax import files
-from sae_jax.analysis.interpret import CATALOG_FILE, FeatureCatalog, catalog_for_run, write_catalog
+from sae_jax.analysis.audit_report import read_audit
+from sae_jax.analysis.catalog import CATALOG_FILE, FeatureCatalog, write_catalog
+from sae_jax.analysis.interpret import catalog_for_run
 from sae_jax.errors import UserError
 
 ASSETS = ("index.html", "app.js", "style.css")
@@ -61,26 +63,11 @@ def write_site(catalog: FeatureCatalog, out_dir: str | os.PathLike,
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    _copy_assets(out)
     files.write_text(out / DATA_JS, _script("SAE_CATALOG", catalog.to_json()))
-    files.write_text(out / AUDIT_JS, _script("SAE_AUDIT", json.dumps(
-        audit, allow_nan=False, ensure_ascii=False)))
+    _write_audit(audit, out)
     write_catalog(catalog, out / CATALOG_FILE)
     return {"index": str(out / "index.html"), "out_dir": str(out),
             "data_js_bytes": (out / DATA_JS).stat().st_size}
-
-
-def read_audit(run_dir: str | os.PathLike) -> dict | None:
-    """The run's `sae-jax audit` report (`RUN_DIR/audit/audit.json`), or None."""
-    from sae_jax.analysis.audit import AUDIT_DIR, AUDIT_FILE
-
-    text = files.read_text(files.join(str(run_dir), AUDIT_DIR, AUDIT_FILE))
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"the audit report of {run_dir} is damaged: {e}") from None
 
 
 def write_audit_js(audit: dict, site_dir: str | os.PathLike) -> str:
@@ -90,6 +77,12 @@ def write_audit_js(audit: dict, site_dir: str | os.PathLike) -> str:
     if not (out / DATA_JS).is_file():
         raise UserError(f"{out} is not a dashboard site (no {DATA_JS}); write one with "
                         "`sae-jax dashboard` first")
+    return _write_audit(audit, out)
+
+
+def _write_audit(audit: dict | None, out: Path) -> str:
+    """Writes `audit.js` with fresh assets (a site written before audits existed shows it
+    too); returns its path."""
     _copy_assets(out)
     files.write_text(out / AUDIT_JS, _script("SAE_AUDIT", json.dumps(
         audit, allow_nan=False, ensure_ascii=False)))

@@ -6,10 +6,9 @@ exact distribution) and feature health (dead: never fired on the eval rows; dens
 `write_eval_artifacts` writes the result as `eval.json` plus `feature_density.png`.
 
 Numerics: each batch's sums are taken on the device in float32, but the data variance
-(FVU's denominator) is accumulated *centred*: every batch reports its own mean and sum of
-squared deviations from that mean, and the host merges them in float64 with Chan et al.'s
-parallel update. The textbook Σx² − (Σx)²/n in float32 cancels catastrophically when the
-mean is large against the spread (mean 1e3, std 1 loses every digit).
+(FVU's denominator) is accumulated *centred* and merged on the host in float64
+(`moments.merge_moments`). Rows holding NaN or infinity are refused with one line: they
+would turn every number into NaN, which is a damaged store, not an SAE result.
 """
 
 from __future__ import annotations
@@ -24,7 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sae_jax import files, plots, saes
+from sae_jax import files, plots
+from sae_jax.analysis.moments import merge_moments
+from sae_jax.batches import padded_batches
 from sae_jax.errors import UserError
 from sae_jax.sae import SAE
 
@@ -34,36 +35,26 @@ EVAL_JSON = "eval.json"
 DENSITY_PNG = "feature_density.png"
 
 
-def _batch_sums(sae: SAE):
-    """Jitted per-batch statistics in float32 (merged on the host in float64)."""
-
-    def sums(params, rows):
-        x_in, x = sae.split_rows(rows)  # x: what is reconstructed (a transcoder's target)
-        scaled = x_in * sae.input_scale
-        f = saes.encode(params, scaled, sae.config).f
-        x_hat = (saes.decode(params, f) + saes.skip(params, scaled, sae.config)
-                 ) / sae.output_scale
-        active = f > 0
-        mean = jnp.mean(x, axis=0)
-        return {
-            "sq_err": jnp.sum(jnp.square(x - x_hat), axis=0),
-            "mean": mean,
-            "m2": jnp.sum(jnp.square(x - mean), axis=0),
-            "l0": active.sum(-1),
-            "fires": active.sum(0),
-        }
-
-    return jax.jit(sums)
-
-
-def _merge(n_a: int, mean_a: np.ndarray, m2_a: np.ndarray, n_b: int, mean_b: np.ndarray,
-           m2_b: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-    """Chan, Golub & LeVeque's pairwise merge of (count, mean, sum of squared deviations)."""
-    n = n_a + n_b
-    delta = mean_b - mean_a
-    mean = mean_a + delta * (n_b / n)
-    m2 = m2_a + m2_b + np.square(delta) * (n_a * n_b / n)
-    return n, mean, m2
+@jax.jit
+def _batch_sums(sae: SAE, rows, n_valid):
+    """One batch's statistics in float32 (merged on the host in float64); rows from
+    `n_valid` on are fill and count nowhere."""
+    valid = jnp.arange(rows.shape[0]) < n_valid
+    finite = jnp.isfinite(rows).all(-1)
+    rows = jnp.where((valid & finite)[:, None], rows, 0.0)
+    x_in, x = sae.split_rows(rows)  # x: what is reconstructed (a transcoder's target)
+    f = sae.encode_raw(x_in)
+    x_hat = sae.reconstruct_raw(x_in, f)
+    active = (f > 0) & valid[:, None]
+    mean = jnp.sum(x, axis=0) / n_valid
+    return {
+        "sq_err": jnp.sum(jnp.where(valid[:, None], jnp.square(x - x_hat), 0.0), axis=0),
+        "mean": mean,
+        "m2": jnp.sum(jnp.where(valid[:, None], jnp.square(x - mean), 0.0), axis=0),
+        "l0": active.sum(-1),
+        "fires": active.sum(0),
+        "finite": finite | ~valid,
+    }
 
 
 def l0_histogram(l0: np.ndarray) -> dict:
@@ -118,19 +109,23 @@ def evaluate(sae: SAE, rows, batch_size: int = 4096) -> dict:
     n = len(rows)
     if n == 0:
         raise UserError("no rows to evaluate")
-    stats = _batch_sums(sae)
     d = sae.d_out
     sq_err = np.zeros(d)
     count, mean, m2 = 0, np.zeros(d), np.zeros(d)
     fires, l0s = np.zeros(sae.width, np.int64), []
-    for start in range(0, n, batch_size):
-        x = jnp.asarray(rows.read(start, start + batch_size).astype(np.float32))
-        out = jax.device_get(stats(sae.params, x))
+    for batch in padded_batches(n, batch_size, rows):
+        m = batch.n_valid
+        out = jax.device_get(_batch_sums(sae, batch.arrays[0].astype(np.float32), m))
+        if not out["finite"].all():
+            bad = batch.start + int(np.argmin(out["finite"]))
+            raise UserError(f"eval row {bad} (row {getattr(rows, 'start', 0) + bad} of the "
+                            "store) holds NaN or infinite values: the data is damaged; "
+                            "re-import or re-harvest it")
         sq_err += out["sq_err"].astype(np.float64)
-        count, mean, m2 = _merge(count, mean, m2, x.shape[0], out["mean"].astype(np.float64),
-                                 out["m2"].astype(np.float64))
+        count, mean, m2 = merge_moments(count, mean, m2, m, out["mean"].astype(np.float64),
+                                        out["m2"].astype(np.float64))
         fires += out["fires"].astype(np.int64)
-        l0s.append(out["l0"])
+        l0s.append(out["l0"][:m])
     sq_err_total = float(sq_err.sum())
     total_var = float(m2.sum())
     l0 = np.concatenate(l0s).astype(np.int64)

@@ -24,7 +24,7 @@ direction in raw units.
   `ablation_cos` (mean cos(Δa_c, Δp_c)) and `ablation_effect` (mean ‖Δa_c‖).
 * *Steering.* Clamp the feature to `steer_times` × its max activation (in the explanation
   rows) at every spliced position of S neutral held-out windows: h' = h + (v − f_i(h_p))·d_i
-  (`steer.add_direction`), and push R random directions of the same norm with the same
+  (`intervene.add_direction`), and push R random directions of the same norm with the same
   per-position amounts. The feature's **concept** c_i is the mean output of its top
   contexts (MiniLM: the unit mean sentence embedding of the texts of its catalog top
   examples). Gain g = mean over the S windows of cos(e(h'), c_i) − cos(e(h), c_i).
@@ -54,41 +54,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sae_jax import saes
-from sae_jax.analysis.steer import add_direction, random_directions
+from sae_jax.analysis.intervene import add_direction, random_directions
+from sae_jax.batches import padded_batches
 from sae_jax.errors import UserError
-
-OutputFn = Callable[[object, jax.Array, jax.Array], jax.Array]
-"""`output_fn(model_params, h (n, T, d), mask (n, T)) -> (n, m)`: the model's output computed
-from the residual stream at the hooked layer. Must be a module-level (hashable) function."""
+from sae_jax.lm.hooks import OutputFn
+from sae_jax.vectors import unit_vectors
 
 MIN_CONTEXTS = 3  # a correlation over fewer contexts says nothing
 
 
 # ----------------------------------------------------------------------------------------
-# Models: what the causal scores run
-
-
-@functools.lru_cache(maxsize=8)
-def minilm_output(layer: int) -> OutputFn:
-    """MiniLM's sentence embedding from the residual stream after `layer`.
-
-    The hook ignores what layers 0..layer computed and substitutes `h`, so XLA drops those
-    layers as dead code and a call costs only the blocks after `layer`."""
-    from sae_jax.lm import minilm
-
-    def output(params, h, mask):
-        ids = jnp.zeros(mask.shape, jnp.int32)  # only read by the dead layers below `layer`
-        return minilm.embed(params, ids, mask, replace=(layer, lambda _: h))
-
-    return output
+# The SAEs scored
 
 
 def random_sae(sae, seed: int = 0):
@@ -109,44 +91,23 @@ def random_sae(sae, seed: int = 0):
 def feature_columns(sae, x: np.ndarray, columns: np.ndarray, batch: int = 4096) -> np.ndarray:
     """Activations `(N, len(columns))` of the SAE's features `columns` on raw rows `x (N, d)`
     (the whole encoder runs, so TopK competition is respected)."""
-    fn = _columns_fn(sae.config)
-    cols = jnp.asarray(columns, jnp.int32)
-    out = []
-    for i in range(0, len(x), batch):
-        part = np.asarray(x[i:i + batch], np.float32)
-        m = len(part)
-        if m < batch and len(x) > batch:  # one compiled shape
-            part = np.concatenate([part, np.zeros((batch - m, part.shape[1]), np.float32)])
-        out.append(np.asarray(fn(sae.params, jnp.float32(sae.input_scale), part, cols))[:m])
+    out = [np.asarray(sae.encode(b.arrays[0], columns))[:b.n_valid]
+           for b in padded_batches(len(x), batch, x)]
     return np.concatenate(out) if out else np.zeros((0, len(columns)), np.float32)
 
 
 def firing_counts(sae, x: np.ndarray, batch: int = 4096) -> np.ndarray:
     """How many of the raw rows `x (N, d)` each feature fires on, `(F,)` int64."""
-    fn = _count_fn(sae.config)
     counts = np.zeros(sae.width, np.int64)
-    for i in range(0, len(x), batch):
-        part = np.asarray(x[i:i + batch], np.float32)
-        m = len(part)
-        if m < batch and len(x) > batch:
-            part = np.concatenate([part, np.zeros((batch - m, part.shape[1]), np.float32)])
-        counts += np.asarray(fn(sae.params, jnp.float32(sae.input_scale), part, m))
+    for b in padded_batches(len(x), batch, x):
+        counts += np.asarray(_count(sae, b.arrays[0], b.n_valid))
     return counts
 
 
-@functools.lru_cache(maxsize=8)
-def _count_fn(cfg):
-    def count(p, s, x, m):
-        f = saes.encode(p, x * s, cfg).f
-        return jnp.sum((f > 0) & (jnp.arange(x.shape[0]) < m)[:, None], axis=0)
-
-    return jax.jit(count)
-
-
-@functools.lru_cache(maxsize=8)
-def _columns_fn(cfg):
-    return jax.jit(lambda p, s, x, cols: saes.encode(p, x * s, cfg).f[:, cols].astype(
-        jnp.float32))
+@jax.jit
+def _count(sae, x, n_valid):
+    fired = (sae.encode_raw(x) > 0) & (jnp.arange(x.shape[0]) < n_valid)[:, None]
+    return jnp.sum(fired, axis=0)
 
 
 # ----------------------------------------------------------------------------------------
@@ -178,17 +139,15 @@ def _steer_fn(output_fn: OutputFn):
 
 def _run_batched(fn, model_params, windows: tuple, win: np.ndarray, items: tuple,
                  batch: int) -> list:
-    """Calls `fn(model_params, *(a[win_b] for a in windows), *(a[b] for a in items))` over
-    item batches b of exactly `batch` (padded, so `fn` compiles once; the windows of a batch
+    """Calls `fn(model_params, *(a[win_b] for a in windows), *items_b)` over fixed-shape
+    batches of items (fill items point at window 0 with zero amounts; the windows of a batch
     are gathered only then) and concatenates each output over the items."""
-    n = len(win)
     outs = []
-    for i in range(0, n, batch):
-        idx = np.arange(i, min(i + batch, n))
-        pad = np.concatenate([idx, np.full(batch - len(idx), idx[0])])
-        res = fn(model_params, *[a[win[pad]] for a in windows], *[a[pad] for a in items])
+    for b in padded_batches(len(win), batch, win, *items):
+        w, *its = b.arrays
+        res = fn(model_params, *[a[w] for a in windows], *its)
         res = res if isinstance(res, tuple) else (res,)
-        outs.append([np.asarray(r, np.float64)[:len(idx)] for r in res])
+        outs.append([np.asarray(r, np.float64)[:b.n_valid] for r in res])
     return [np.concatenate(parts) for parts in zip(*outs)]
 
 
@@ -375,7 +334,7 @@ def causal_scores(output_fn: OutputFn, model_params, windows: Windows, acts: np.
     outs = _run_batched(_steer_fn(output_fn), model_params,
                         (windows.h, windows.mask, windows.splice), neutral[w_idx],
                         (amounts, dirs[f_idx, r_idx].astype(np.float32)), batch)[0]
-    u = _unit(concepts - windows.clean.mean(0))[f_idx]
+    u = unit_vectors(concepts - windows.clean.mean(0))[f_idx]
     gain = np.einsum("im,im->i", outs - windows.clean[neutral[w_idx]], u)
     gain = gain.reshape(n_feat, n_random + 1, s).mean(-1)
     for j in range(n_feat):
@@ -386,8 +345,3 @@ def causal_scores(output_fn: OutputFn, model_params, windows: Windows, acts: np.
 
 def _seed(seed: int, feature: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(feature)]).generate_state(1)[0])
-
-
-def _unit(a: np.ndarray) -> np.ndarray:
-    a = np.asarray(a, np.float64)
-    return a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-30)

@@ -24,45 +24,36 @@ tokenised batch to the per-token feature lists on the host:
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sae_jax import saes
-from sae_jax.analysis.steer import (
+from sae_jax.analysis.catalog import find_catalog, labels_from_catalog
+from sae_jax.batches import padded_batches
+from sae_jax.errors import UserError
+from sae_jax.lm.corpus import untruncated_copy
+from sae_jax.lm.hooks import (
     check_not_transcoder,
-    feature_label,
+    minilm_activations,
     special_ids,
     steered_positions,
 )
-from sae_jax.errors import UserError
-from sae_jax.lm.corpus import untruncated_copy
 
 DEFAULT_TOP = 5
 DEFAULT_MAX_LEN = 128
 DEFAULT_BATCH = 16
 
 
-def _top_features(activations_fn, sae_params, input_scale, ids, mask, *, cfg, top: int):
+@functools.partial(jax.jit, static_argnames=("top",))
+def _top_features(activations_fn, sae, ids, mask, *, top: int):
     """(values, feature ids), each (n, L, top): the `top` largest activations per token."""
     h = activations_fn(ids, mask)
-    x = h.reshape(-1, h.shape[-1]).astype(jnp.float32) * input_scale
-    f = saes.encode(sae_params, x, cfg).f.astype(jnp.float32)
-    values, idx = jax.lax.top_k(f, top)
+    values, idx = jax.lax.top_k(sae.encode_raw(h.reshape(-1, h.shape[-1])), top)
     return values.reshape(*ids.shape, top), idx.reshape(*ids.shape, top)
-
-
-_top_features_jit = jax.jit(_top_features, static_argnames=("cfg", "top"))
-
-
-def labels_from_catalog(catalog) -> dict[int, str]:
-    """{feature id: label} for every feature in a `FeatureCatalog` (None: no labels)."""
-    if catalog is None:
-        return {}
-    return {int(f["id"]): feature_label(f) for f in catalog.features}
 
 
 class FeatureExtractor:
@@ -72,7 +63,7 @@ class FeatureExtractor:
       sae: an `SAE` (`sae_jax.load`, or built around fresh `saes.init` params).
       activations_fn: `(ids, mask) -> (n, L, d)` residual stream at the SAE's layer, as
         `harvest` takes (a `jax.tree_util.Partial` over the weights, e.g.
-        `harvest.minilm_activations(layer, params)`); built once so `jit` reuses its cache.
+        `lm.hooks.minilm_activations(layer, params)`); built once so `jit` reuses its cache.
       tokenizer: a `tokenizers.Tokenizer` with BERT special tokens (MiniLM's).
       top: features kept per token (at most the SAE's width).
       max_len: tokens per text including `[CLS]`/`[SEP]`; longer texts are truncated.
@@ -96,9 +87,7 @@ class FeatureExtractor:
 
     def top_features(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Device part on one padded batch: (values, feature ids) as numpy (n, L, top)."""
-        values, idx = _top_features_jit(self.activations_fn, self.sae.params,
-                                        jnp.float32(self.sae.input_scale), ids, mask,
-                                        cfg=self.sae.config, top=self.top)
+        values, idx = _top_features(self.activations_fn, self.sae, ids, mask, top=self.top)
         return np.asarray(values), np.asarray(idx)
 
     def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -106,28 +95,17 @@ class FeatureExtractor:
 
         return minilm.tokenize(self.tokenizer, texts, self.max_len, fixed=True)
 
-    def _batch_rows(self, n: int) -> int:
-        """Padded batch size: `batch_size`, or the power of two ≥ n below it."""
-        return min(self.batch_size, 1 << max(0, (n - 1).bit_length()))
-
     def __call__(self, texts, threshold: float = 0.0,
                  labels: dict[int, str] | None = None) -> list[dict]:
         """Per text `{"text", "truncated", "tokens": [{"token", "position", "features":
         [{"id", "activation", "label"}, ...]}, ...]}` (see `extract_features`)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         ids, mask = self.tokenize(texts)
-        rows = self._batch_rows(len(texts))
         out = []
-        for start in range(0, len(texts), rows):
-            b_ids, b_mask = ids[start:start + rows], mask[start:start + rows]
-            m = len(b_ids)
-            pad = rows - m
-            if pad:
-                b_ids = np.concatenate([b_ids, np.zeros((pad, b_ids.shape[1]), np.int32)])
-                b_mask = np.concatenate([b_mask, np.zeros((pad, b_ids.shape[1]), np.int32)])
-                b_mask[m:, 0] = 1  # a padding row still needs one key to attend to
+        for b in padded_batches(len(texts), self.batch_size, ids, mask, attend=1):
+            (b_ids, b_mask), m = b.arrays, b.n_valid
             values, idx = self.top_features(b_ids, b_mask)
-            out += self.collect(texts[start:start + m], b_ids[:m], b_mask[:m], values[:m],
+            out += self.collect(texts[b.start:b.start + m], b_ids[:m], b_mask[:m], values[:m],
                                 idx[:m], threshold, labels or {})
         return out
 
@@ -171,8 +149,6 @@ def extract_features(sae, model, texts, layer: int, top: int = DEFAULT_TOP,
       one `{"token", "position" (index in the model input; 0 is [CLS]), "features": [{"id",
       "activation", "label"}, ...]}` per document token.
     """
-    from sae_jax.lm.harvest import minilm_activations
-
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts:
         raise UserError("give at least one text")
@@ -218,7 +194,6 @@ def bench_feature_extraction(sae=None, *, width: int = 3072, arch: str = "topk",
     """
     from sae_jax.config import make_config
     from sae_jax.lm import minilm
-    from sae_jax.lm.harvest import minilm_activations
     from sae_jax.sae import SAE
 
     if sae is None:
@@ -279,7 +254,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a trained run on a MiniLM harvest")
     parser.add_argument("texts", nargs="+", metavar="TEXT", help="texts to read features of")
     parser.add_argument("--layer", type=int,
-                        help="layer to read (default: the layer of the run's store)")
+                        help="the layer the run's SAE reads (default: its store's; any other "
+                             "layer is refused)")
     parser.add_argument("--top", type=int, default=DEFAULT_TOP,
                         help=f"features per token (default {DEFAULT_TOP})")
     parser.add_argument("--threshold", type=float, default=0.0,
@@ -290,40 +266,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> dict:
     """Runs `sae-jax features`; prints the per-token table to stderr."""
-    import sae_jax
-    from sae_jax import files
-    from sae_jax.analysis.fidelity import MODEL_NAME
-    from sae_jax.analysis.interpret import CATALOG_FILE, read_catalog
-    from sae_jax.data.store import open_store
+    from sae_jax.analysis.runs import open_model_run
     from sae_jax.lm import minilm
-    from sae_jax.rundir import read_run
 
-    run = read_run(args.run_dir)
-    check_not_transcoder(run.config, "feature extraction")
-    meta = open_store(run.data_dir).meta
-    if meta.get("model") != MODEL_NAME:
-        raise UserError(f"features runs {MODEL_NAME}, but the run's store {run.data_dir} "
-                        f"holds activations of {meta.get('model')!r}; use "
-                        "`sae_jax.analysis.features.FeatureExtractor` with your own model")
-    layer = int(meta.get("layer", -1)) if args.layer is None else args.layer
-    if not 0 <= layer <= minilm.N_LAYERS:
-        raise UserError(f"layer must be in 0..{minilm.N_LAYERS}, got {layer}")
     if not 2 < args.max_len <= minilm.MAX_POSITIONS:
         raise UserError(f"--max-len must be in 3..{minilm.MAX_POSITIONS}, got {args.max_len}")
-    catalog = None
-    if files.read_text(files.join(str(args.run_dir), CATALOG_FILE)) is not None:
-        catalog = read_catalog(args.run_dir)
-    else:
+    run = open_model_run(args.run_dir, "features", layer=args.layer,
+                         hint="use `sae_jax.analysis.features.FeatureExtractor` with your "
+                              "own model")
+    catalog = find_catalog(args.run_dir)
+    if catalog is None:
         print(f"sae-jax: note: no feature catalog in {args.run_dir}, so no labels (run "
               "`sae-jax dashboard` to make one)", file=sys.stderr)
-    sae = sae_jax.load(args.run_dir)
-    model = minilm.MiniLM.load()
     t0 = time.perf_counter()
-    results = extract_features(sae, model, args.texts, layer, args.top, args.threshold,
-                               catalog, max_len=args.max_len,
-                               keep_special=bool(meta.get("keep_special", False)))
+    results = extract_features(run.sae, run.model, args.texts, run.layer, args.top,
+                               args.threshold, catalog, max_len=args.max_len,
+                               keep_special=run.keep_special)
     seconds = time.perf_counter() - t0
     print(format_table(results), file=sys.stderr)
-    return {"run": str(args.run_dir), "layer": layer, "top": args.top,
+    return {"run": str(args.run_dir), "layer": run.layer, "top": args.top,
             "threshold": args.threshold, "labels": catalog is not None,
             "seconds": round(seconds, 3), "texts": results}

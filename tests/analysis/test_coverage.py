@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from sae_jax.analysis import coverage
+from sae_jax.analysis.moments import rows_mean
 from sae_jax.config import make_config
 from sae_jax.data.store import open_store
 from sae_jax.sae import SAE
@@ -39,7 +40,7 @@ def fake_tokens(n: int, doc_len: int = 50):
 
 
 def test_perfect_sae_leaves_nothing_unexplained(heldout):
-    mean = coverage.rows_mean(heldout)
+    mean = rows_mean(heldout)
     hp = coverage.heldout_pass(perfect_sae(heldout.d_in), heldout, mean, [0, 1], batch=512)
     assert len(hp.err) == len(heldout) == 2000
     np.testing.assert_allclose(hp.err, 0.0, atol=1e-9)
@@ -54,7 +55,7 @@ def test_perfect_sae_leaves_nothing_unexplained(heldout):
 
 
 def test_mean_sae_explains_nothing(heldout):
-    mean = coverage.rows_mean(heldout)
+    mean = rows_mean(heldout)
     hp = coverage.heldout_pass(mean_sae(mean), heldout, mean, batch=512)
     assert hp.acts is None
     np.testing.assert_allclose(hp.err / hp.dev, 1.0, rtol=1e-5)

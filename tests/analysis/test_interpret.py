@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from sae_jax import saes
-from sae_jax.analysis.interpret import build_catalog, read_catalog, write_catalog
+from sae_jax.analysis.catalog import read_catalog, write_catalog
+from sae_jax.analysis.interpret import build_catalog
 from sae_jax.config import make_config
 from sae_jax.data.store import StoreWriter
 from sae_jax.errors import UserError

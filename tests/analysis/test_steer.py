@@ -9,11 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from entry_point import json_result, one_line_error, sae_jax
 
 from sae_jax import saes
-from sae_jax.analysis import steer
+from sae_jax.analysis import intervene, steer
 from sae_jax.config import make_config
 from sae_jax.errors import UserError
+from sae_jax.lm.hooks import special_ids, steered_positions
 from sae_jax.sae import SAE
 
 TEXTS = ["def add(a, b): return a + b", "The cat sat on the mat."]
@@ -38,13 +40,12 @@ def test_clamping_to_the_current_value_changes_nothing(arch):
     mask = jax.random.bernoulli(jax.random.key(3), 0.7, (3, 7))
 
     @jax.jit
-    def clamp_to_current(i):  # the feature index may be traced
-        current = steer.feature_activation(sae.params, sae.config, sae.input_scale, h, i)
-        return steer.clamp_feature(sae.params, sae.config, sae.input_scale, h, i, current,
-                                   mask)
+    def clamp_to_current(sae, i):  # the SAE and the feature index may be traced
+        current = intervene.feature_activation(sae, h, i)
+        return intervene.clamp_feature(sae, h, i, current, mask)
 
     for i in range(sae.width):
-        np.testing.assert_array_equal(np.asarray(clamp_to_current(i)), np.asarray(h))
+        np.testing.assert_array_equal(np.asarray(clamp_to_current(sae, i)), np.asarray(h))
 
 
 def test_clamp_is_decode_of_the_changed_code_plus_the_error_term():
@@ -57,21 +58,19 @@ def test_clamp_is_decode_of_the_changed_code_plus_the_error_term():
     f_new[..., i] = v
     expected = np.array(sae.decode(f_new) + (h - sae.decode(f)))
     expected[1, 3] = h[1, 3]  # outside the mask
-    got = steer.clamp_feature(sae.params, sae.config, sae.input_scale, h, i, v, mask)
+    got = intervene.clamp_feature(sae, h, i, v, mask)
     np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5)
-    np.testing.assert_allclose(
-        np.asarray(steer.feature_activation(sae.params, sae.config, sae.input_scale, h, i)),
-        f[..., i], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(intervene.feature_activation(sae, h, i)),
+                               f[..., i], atol=1e-6)
 
 
 def test_functions_trace_under_jit():
     sae = _random_sae("topk")
     h = jax.random.normal(jax.random.key(1), (2, 5, 16))
     mask = jnp.ones((2, 5), bool)
-    fn = jax.jit(lambda p, h, v: steer.clamp_feature(p, sae.config, 1.7, h, 3, v, mask))
-    eager = steer.clamp_feature(sae.params, sae.config, 1.7, h, 3, 4.0, mask)
-    np.testing.assert_allclose(np.asarray(fn(sae.params, h, 4.0)), np.asarray(eager),
-                               atol=1e-6)
+    fn = jax.jit(lambda s, h, v: intervene.clamp_feature(s, h, 3, v, mask))
+    eager = intervene.clamp_feature(sae, h, 3, 4.0, mask)
+    np.testing.assert_allclose(np.asarray(fn(sae, h, 4.0)), np.asarray(eager), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------
@@ -130,7 +129,7 @@ def _toy_sae() -> SAE:
 
 
 def _toy_catalog(max_activation: float = 6.0):
-    from sae_jax.analysis.interpret import FeatureCatalog
+    from sae_jax.analysis.catalog import FeatureCatalog
 
     entry = {"id": 0, "max_activation": max_activation, "label": None,
              "top_tokens": [["fire", 9]],
@@ -142,9 +141,9 @@ def test_toy_output_moves_along_the_feature_direction_by_the_expected_amount():
     model, sae = ToyModel(), _toy_sae()
     texts = ["water stone tree", "fire sky"]
     ids, mask = model.tokenize(texts)
-    where = steer.steered_positions(ids, mask, set(), False)
+    where = steered_positions(ids, mask, set(), False)
     v = 5.0
-    hook = steer.steering_hook(sae, 0, v, where)
+    hook = intervene.steering_hook(sae, 0, v, where)
     clean = model.embed(texts, unit=False)
     steered = model.embed(texts, replace=(1, hook), unit=False)
     # f_0 = SCALE * h[0]: 0 on every word but "fire" (3 * SCALE = 6), so the readout (the mean
@@ -237,15 +236,13 @@ def minilm_case(tmp_path_factory, params, tokenizer):
 def test_minilm_clamp_to_current_activation_keeps_the_embedding(minilm_case):
     model, sae, _ = minilm_case
     ids, mask = model.tokenize(TEXTS)
-    where = jnp.asarray(steer.steered_positions(ids, mask, steer.special_ids(model.tokenizer),
-                                                False))
+    where = jnp.asarray(steered_positions(ids, mask, special_ids(model.tokenizer), False))
     assert not where[:, 0].any() and int(where.sum()) == int(mask.sum()) - 2 * len(TEXTS)
     clean = model.embed(TEXTS)
     for i in (0, 5):
         def keep(h, i=i):
-            f_i = steer.feature_activation(sae.params, sae.config, sae.input_scale, h, i)
-            return steer.clamp_feature(sae.params, sae.config, sae.input_scale, h, i, f_i,
-                                       where)
+            f_i = intervene.feature_activation(sae, h, i)
+            return intervene.clamp_feature(sae, h, i, f_i, where)
 
         np.testing.assert_allclose(model.embed(TEXTS, replace=(3, keep)), clean, atol=1e-6)
     # Through `steer`: a feature silent on every steered token, clamped to 0.
@@ -263,14 +260,14 @@ def _steer_cli(*argv) -> dict:
     return steer.run(parser.parse_args([str(a) for a in argv]))
 
 
-def test_cli_builds_a_catalog_entry_and_steers_both_ways(minilm_case, capsys):
+def test_cli_builds_a_catalog_entry_and_steers_both_ways(minilm_case):
     _, sae, run = minilm_case
     busy = _busiest_feature(sae, run)
     fired = steer.run_catalog(run, sae, _store(run), busy).feature(busy)
     assert fired["count"] > 0
-    r = _steer_cli(run, "--feature", busy, "--times", 3, "--n-reference", 16, "--n-random", 2,
-                   *TEXTS)
-    err = capsys.readouterr().err
+    out = sae_jax("steer", run, "--feature", busy, "--times", 3, "--n-reference", 16,
+                  "--n-random", 2, *TEXTS)
+    r, err = json_result(out), out.stderr
     assert "scanning the held-out rows" in err and "cos to concept" in err
     assert "nearest before" in err and "nearest after" in err
     assert r["value"] == pytest.approx(3 * fired["max_activation"])
@@ -305,7 +302,7 @@ def _store(run):
 def test_cli_reads_the_runs_catalog(minilm_case, tmp_path):
     import shutil
 
-    from sae_jax.analysis.interpret import read_catalog, write_catalog
+    from sae_jax.analysis.catalog import read_catalog, write_catalog
 
     _, sae, run = minilm_case
     copy = tmp_path / "run"
@@ -328,8 +325,10 @@ def test_cli_errors(minilm_case, synthetic_store, tmp_path):
     from sae_jax.rundir import RunInfo, write_run
 
     _, sae, run = minilm_case
-    with pytest.raises(UserError, match="out of range: the SAE has 64 features"):
-        _steer_cli(run, "--feature", 64, "--value", 1, "hello")
+    assert "out of range: the SAE has 64 features" in one_line_error(
+        sae_jax("steer", run, "--feature", 64, "--value", 1, "hello"))
+    assert "--layer 4 does not match the run: its SAE reads layer 3" in one_line_error(
+        sae_jax("steer", run, "--feature", 0, "--value", 1, "--layer", 4, "hello"))
     with pytest.raises(UserError, match="no run at"):
         _steer_cli(tmp_path / "nothing", "--feature", 0, "--value", 1, "hello")
     with pytest.raises(SystemExit):  # argparse: one of --value / --times is required

@@ -18,7 +18,8 @@ from sae_jax.data.store import StoreWriter, open_store
 from sae_jax.errors import UserError
 from sae_jax.lm import minilm
 from sae_jax.lm.corpus import NO_POSITION, Corpus, sequences, stdlib_corpus
-from sae_jax.lm.harvest import harvest, minilm_activations, run_harvest
+from sae_jax.lm.harvest import harvest, run_harvest
+from sae_jax.lm.hooks import minilm_activations
 from sae_jax.mesh import make_mesh
 
 CLS, SEP = 101, 102
