@@ -42,7 +42,7 @@ from jax.tree_util import Partial
 from tqdm import tqdm
 
 from sae_jax.batches import padded_batches
-from sae_jax.errors import UserError
+from sae_jax.errors import Preempted, UserError
 from sae_jax.interrupts import signal_flag
 from sae_jax.lm.corpus import NO_POSITION, TokenSequence, make_corpus, sequences
 from sae_jax.lm.hooks import minilm_activations, spliced_positions
@@ -171,6 +171,7 @@ def harvest(activations_fn: ActivationsFn, sequences: Iterable[TokenSequence], w
     in_flight = None
     with (tqdm(total=max_tokens, unit="tok", unit_scale=True, dynamic_ncols=True,
                disable=not progress, desc="harvest") as bar,
+          signal_flag(signal.SIGTERM) as terminated,
           signal_flag(signal.SIGINT, repeat_raises=True) as interrupted):
         seqs = iter(sequences)
         stack = _stacker()
@@ -179,6 +180,9 @@ def harvest(activations_fn: ActivationsFn, sequences: Iterable[TokenSequence], w
                 fill=(0, 0, -1, NO_POSITION)):
             if interrupted.is_set():  # Ctrl-C: stop between batches, never inside JAX
                 raise KeyboardInterrupt("harvest interrupted; nothing was kept")
+            if terminated.is_set():  # a preempted VM: the same, and the caller removes the store
+                raise Preempted("harvest stopped by SIGTERM; nothing was kept (rerun the "
+                                "command to harvest)")
             ids, mask, _, positions = batch.arrays
             result = apply(ids, mask)  # dispatched asynchronously
             if in_flight is not None:

