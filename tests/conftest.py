@@ -38,7 +38,7 @@ SAE_JAX = Path(sys.executable).parent / "sae-jax"
 """The installed `sae-jax` console script: commands under test run exactly as users run them."""
 
 
-def sae_jax_cli(*args, timeout: float = 600, cwd=None, env: dict | None = None,
+def sae_jax_cli(*args, timeout: float = 900, cwd=None, env: dict | None = None,
                 devices: int = 8) -> subprocess.CompletedProcess:
     """Runs `sae-jax ARGS` through the entry point on `devices` simulated CPU devices, with
     the progress bar on unless ARGS say `--quiet`."""
@@ -46,6 +46,14 @@ def sae_jax_cli(*args, timeout: float = 600, cwd=None, env: dict | None = None,
            "JAX_PLATFORMS": "cpu", **(env or {})}
     return subprocess.run([str(SAE_JAX), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def json_result(proc: subprocess.CompletedProcess) -> dict:
+    """A command's result: exit status 0 and its last stdout line, strict JSON."""
+    import json
+
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:

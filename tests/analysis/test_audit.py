@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 import pytest
-from entry_point import json_result, sae_jax  # noqa: E402
+from conftest import json_result, sae_jax_cli  # noqa: E402
 
 from sae_jax.analysis import audit  # noqa: E402
 from sae_jax.analysis.audit_report import AUDIT_FILE, SCORES  # noqa: E402
@@ -31,7 +31,7 @@ def audited(tmp_path_factory, params):  # `params` loads MiniLM once for the ses
     cfg = make_config(arch="topk", width=64, k=4, steps=30, batch_size=128, holdout=0.2)
     train(cfg, tmp / "store", tmp / "run", progress=False, devices=jax.devices()[:1])
     write_dashboard(tmp / "run", tmp / "store", tmp / "site", batch_size=1024)
-    out = sae_jax("audit", tmp / "run", tmp / "store", *SMALL, "--dashboard", tmp / "site")
+    out = sae_jax_cli("audit", tmp / "run", tmp / "store", *SMALL, "--dashboard", tmp / "site")
     result = json_result(out)
     assert "audit: random control" in out.stderr
     report = json.loads((tmp / "run" / "audit" / "audit.json").read_text(encoding="utf-8"))

@@ -7,7 +7,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from entry_point import json_result, one_line_error, sae_jax
+from conftest import json_result, one_error_line, sae_jax_cli
 
 from sae_jax import saes
 from sae_jax.analysis import compare, matching
@@ -214,7 +214,7 @@ def parse(argv):
 
 def test_cli_on_two_seeds(two_runs, synthetic_store, tmp_path):
     run_a, run_b = two_runs
-    done = sae_jax("compare", run_a, run_b, synthetic_store, "--max-rows", "1500")
+    done = sae_jax_cli("compare", run_a, run_b, synthetic_store, "--max-rows", "1500")
     out = json_result(done)
     out_dir = run_a / "compare" / "seed1"
     assert out["out"]["json"] == str(out_dir / compare.COMPARE_JSON)
@@ -235,7 +235,7 @@ def test_cli_out_must_be_a_directory(two_runs, tmp_path):
     run_a, run_b = two_runs
     (tmp_path / "taken").write_text("mine")
     for out in (tmp_path / "taken", tmp_path / "taken" / "below"):
-        err = one_line_error(sae_jax("compare", run_a, run_b, "--out", out))
+        err = one_error_line(sae_jax_cli("compare", run_a, run_b, "--out", out))
         assert f"--out {out}: {tmp_path / 'taken'} is a file, not a directory" in err
     assert (tmp_path / "taken").read_text() == "mine"  # nothing of the user's is touched
 

@@ -52,13 +52,13 @@ def _console_errors(stderr: str) -> list[str]:
 def site(tmp_path_factory):
     """`sae-jax dashboard` from the shell on a copy of the session's tiny MiniLM run (the
     copy gets the catalog, so the other tests still see a run without one)."""
-    from entry_point import json_result, sae_jax
+    from conftest import json_result, sae_jax_cli
     from test_steer import tiny_minilm_run
 
     store, run = tiny_minilm_run(tmp_path_factory)
     tmp = tmp_path_factory.mktemp("dashboard")
     shutil.copytree(run, tmp / "run")
-    out = sae_jax("dashboard", tmp / "run", store, tmp / "site", "--batch-size", 1024)
+    out = sae_jax_cli("dashboard", tmp / "run", store, tmp / "site", "--batch-size", 1024)
     assert "interpret" in out.stderr  # the progress bar ran
     return tmp, json_result(out)
 

@@ -158,13 +158,13 @@ def test_nan_rows_are_refused():
 def test_eval_command_on_a_minilm_run_and_a_damaged_copy(tmp_path_factory, tmp_path):
     """`sae-jax eval` from the shell: core metrics and downstream fidelity on the tiny MiniLM
     run; the same rows with a NaN in the held-out tail fail with one line."""
-    from entry_point import json_result, one_line_error, sae_jax
+    from conftest import json_result, one_error_line, sae_jax_cli
     from test_steer import tiny_minilm_run
 
     from sae_jax.data.store import StoreWriter, open_store
 
     store, run = tiny_minilm_run(tmp_path_factory)
-    r = json_result(sae_jax("eval", run, store, "--fidelity-sequences", 4))
+    r = json_result(sae_jax_cli("eval", run, store, "--fidelity-sequences", 4))
     assert r["n_rows"] == 150 and 0 < r["fvu"] < 1 and r["l0"] == pytest.approx(4.0)
     assert r["fidelity"]["n_sequences"] == 4 and 0 < r["fidelity"]["fidelity_recovered"] < 1
     assert json.loads((run / "eval" / EVAL_JSON).read_text())["fvu"] == r["fvu"]
@@ -173,5 +173,5 @@ def test_eval_command_on_a_minilm_run_and_a_damaged_copy(tmp_path_factory, tmp_p
     rows[2990, 7] = np.nan  # in the held-out tail (the last 150 rows)
     with StoreWriter(tmp_path / "damaged", d_in=rows.shape[1]) as w:
         w.append(rows)
-    err = one_line_error(sae_jax("eval", run, tmp_path / "damaged"))
+    err = one_error_line(sae_jax_cli("eval", run, tmp_path / "damaged"))
     assert "eval row 140 (row 2990 of the store) holds NaN or infinite values" in err

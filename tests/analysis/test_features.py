@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from entry_point import json_result, one_line_error, sae_jax  # noqa: E402
+from conftest import json_result, one_error_line, sae_jax_cli  # noqa: E402
 from test_steer import tiny_minilm_run  # noqa: E402
 
 from sae_jax.analysis import features  # noqa: E402
@@ -102,7 +102,7 @@ def test_cli(case, tmp_path, synthetic_store):
     from sae_jax.rundir import RunInfo, write_run
 
     _, sae, run = case
-    out = sae_jax("features", run, "--top", 2, *TEXTS[:2])
+    out = sae_jax_cli("features", run, "--top", 2, *TEXTS[:2])
     r, err = json_result(out), out.stderr
     assert "no feature catalog" in err and "[1] 'def add(a, b): return a + b'" in err
     assert r["layer"] == LAYER and not r["labels"] and len(r["texts"]) == 2
@@ -112,7 +112,7 @@ def test_cli(case, tmp_path, synthetic_store):
     with pytest.raises(UserError, match="--max-len"):
         _features_cli(run, "--max-len", 2, "hello")
     # The run's SAE reads layer 3: reading layer 5 with it is refused, not silently done.
-    err = one_line_error(sae_jax("features", run, "--layer", 5, "hello"))
+    err = one_error_line(sae_jax_cli("features", run, "--layer", 5, "hello"))
     assert "--layer 5 does not match the run: its SAE reads layer 3" in err
     assert _features_cli(run, "--layer", 3, "hello")["layer"] == 3
     other = tmp_path / "synthetic_run"

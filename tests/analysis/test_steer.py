@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from entry_point import json_result, one_line_error, sae_jax
+from conftest import json_result, one_error_line, sae_jax_cli
 
 from sae_jax import saes
 from sae_jax.analysis import intervene, steer
@@ -264,7 +264,7 @@ def test_cli_builds_a_catalog_entry_and_steers_both_ways(minilm_case):
     busy = _busiest_feature(sae, run)
     fired = steer.run_catalog(run, sae, _store(run), busy).feature(busy)
     assert fired["count"] > 0
-    out = sae_jax("steer", run, "--feature", busy, "--times", 3, "--n-reference", 16,
+    out = sae_jax_cli("steer", run, "--feature", busy, "--times", 3, "--n-reference", 16,
                   "--n-random", 2, *TEXTS)
     r, err = json_result(out), out.stderr
     assert "scanning the held-out rows" in err and "cos to concept" in err
@@ -324,10 +324,10 @@ def test_cli_errors(minilm_case, synthetic_store, tmp_path):
     from sae_jax.rundir import RunInfo, write_run
 
     _, sae, run = minilm_case
-    assert "out of range: the SAE has 64 features" in one_line_error(
-        sae_jax("steer", run, "--feature", 64, "--value", 1, "hello"))
-    assert "--layer 4 does not match the run: its SAE reads layer 3" in one_line_error(
-        sae_jax("steer", run, "--feature", 0, "--value", 1, "--layer", 4, "hello"))
+    assert "out of range: the SAE has 64 features" in one_error_line(
+        sae_jax_cli("steer", run, "--feature", 64, "--value", 1, "hello"))
+    assert "--layer 4 does not match the run: its SAE reads layer 3" in one_error_line(
+        sae_jax_cli("steer", run, "--feature", 0, "--value", 1, "--layer", 4, "hello"))
     with pytest.raises(UserError, match="no run at"):
         _steer_cli(tmp_path / "nothing", "--feature", 0, "--value", 1, "hello")
     with pytest.raises(SystemExit):  # argparse: one of --value / --times is required

@@ -46,17 +46,38 @@ def test_bf16_compute_trains(synthetic_store, tmp_path):
     assert sae_jax.load(tmp_path / "run").params["W_enc"].dtype == np.float32  # f32 master
 
 
-def test_bf16_really_runs_bf16_matmuls(synthetic):
-    cfg = make_config(arch="topk", width=64, k=4, batch_size=64, compute_dtype="bfloat16")
+def _dot_operand_types(cfg, d: int = 32) -> list[tuple[str, str]]:
+    """The operand types of every matmul in the lowered train step (StableHLO)."""
+    import re
+
     mesh = make_mesh("", ONE_DEVICE)
     tx = make_optimizer(cfg)
-    _, sh = state_shardings(cfg, 32, tx, mesh)
-    state = jax.jit(lambda k: init_state(k, cfg, 32, None, tx), out_shardings=sh)(
+    _, sh = state_shardings(cfg, d, tx, mesh)
+    state = jax.jit(lambda k: init_state(k, cfg, d, None, tx), out_shardings=sh)(
         jax.random.key(0))
-    step = compile_train_step(cfg, tx, mesh, sh, 1.0)
-    x = jax.device_put(batch_at(synthetic[0], cfg, 0), batch_sharding(mesh))
-    hlo = step.lower(state, x).as_text()
-    assert "bf16" in hlo and "dot_general" in hlo
+    x = jax.device_put(np.ones((cfg.batch_size, d), np.float32), batch_sharding(mesh))
+    hlo = compile_train_step(cfg, tx, mesh, sh, 1.0).lower(state, x).as_text()
+    return re.findall(r"stablehlo\.dot_general[^\n]*?: \((tensor<[^>]*>), (tensor<[^>]*>)\)",
+                      hlo)
+
+
+@pytest.mark.parametrize("arch", ["relu", "jumprelu"])
+def test_bf16_runs_every_dense_matmul_in_bf16(arch):
+    """compute_dtype=bfloat16: the forward matmuls *and* their transposes in the backward
+    pass take bf16 operands (autodiff alone would run the backward ones in f32)."""
+    cfg = make_config(arch=arch, width=64, batch_size=128, compute_dtype="bfloat16")
+    dots = _dot_operand_types(cfg)
+    big = [ops for ops in dots if any("x64x" in o or "<64x" in o or "x64xbf16" in o
+                                      or "x64xf32" in o for o in ops)]
+    assert len(big) >= 6, dots  # encode, decode, and the four backward matmuls
+    assert all(o.endswith("xbf16>") for ops in big for o in ops), big
+    f32 = make_config(arch=arch, width=64, batch_size=128, compute_dtype="float32")
+    assert all(o.endswith("xf32>") for ops in _dot_operand_types(f32) for o in ops)
+
+
+def test_bf16_sparse_topk_encodes_in_bf16():
+    cfg = make_config(arch="topk", width=64, k=4, batch_size=128, compute_dtype="bfloat16")
+    assert ("tensor<128x32xbf16>", "tensor<32x64xbf16>") in _dot_operand_types(cfg)
 
 
 def test_step_compiles_once(synthetic):
