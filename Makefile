@@ -39,7 +39,7 @@ demo: $(STAMP)
 	$(BIN)/sae-jax dashboard $(DEMO)/topk $(DEMO)/minilm_l3 $(DEMO)/dashboard --split heldout
 	@echo "Open $(DEMO)/dashboard/index.html in a browser."
 
-# Scaling laws of TopK SAEs on MiniLM layer 3 (README "Scaling laws"): harvest, a width x
+# Scaling laws of TopK SAEs on MiniLM layer 3 (docs/scaling-and-cost.md): harvest, a width x
 # steps grid in one sweep pass per steps value, power-law fits and plots (~30-40 min on 2
 # cores; `python experiments/scaling_laws.py --small --out DIR` takes a few minutes).
 scaling: $(STAMP)

@@ -9,7 +9,7 @@ Monosemanticity's largest SAE) on v5p chips (95 GiB HBM each), using the auto-me
 
 Result (2026-11-23, jax 0.10.2, CPU): state per device 9.02 / 2.25 / 1.13 GiB on
 model:1 / 4 / 8; peak 16.5 / 8.8 / 7.7 GiB (relu), 19.7 / 14.9 / 13.2 GiB (topk); 34M x 4096
-needs model:128 on v5p (25.5 GiB of state per chip). README "Scale".
+needs model:128 on v5p (25.5 GiB of state per chip). docs/sharding-and-tpu.md "Memory at scale".
 """
 
 import jax

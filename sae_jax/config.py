@@ -1,6 +1,6 @@
 """Training configuration: one frozen dataclass, set from `key=value` pairs.
 
-Every field has a docstring (the README's key table is generated from the same text by
+Every field has a docstring (docs/training.md's key table is generated from the same text by
 `describe()`), cross-field rules live in `__post_init__`, and fields left at `None` take the
 architecture's recommended default so a user never has to tune to get a useful SAE.
 """
@@ -173,7 +173,7 @@ def field_docs() -> dict[str, str]:
 
 
 def describe() -> str:
-    """A Markdown table of every config key, its default and meaning (used in the README)."""
+    """A Markdown table of every config key, its default and meaning (docs/training.md)."""
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for name, doc in field_docs().items():

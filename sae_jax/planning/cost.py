@@ -13,13 +13,15 @@ Definitions (every number `estimate_cost` returns):
   forward densely: 2dF + 10dk. Elementwise work, top-k and the optimizer are not counted.
   **Run FLOPs** = FLOPs per token × tokens.
 * **Time** = run FLOPs / (chips × bf16 peak per chip × MFU); **chip-hours** = time × chips.
-  The default MFU, 0.5, is what Gemma Scope reports for its TPU SAE training, and what the
-  dense step reaches of the matmul peak on CPU here (48–54 %, README "Performance"). The
-  sparse TopK step is bound by its gathers rather than the MXU, so its time at that MFU is
-  optimistic (on CPU it ran at 21 % of the peak, counted this way).
+  The default MFU, 0.5, is what Gemma Scope reports for its TPU SAE training, and about what
+  the dense step reaches of the matmul peak on CPU here (48–54 % counted as 10dF, so 58–65 %
+  as executed; docs/benchmarks.md). The sparse TopK step is bound by its gathers rather than
+  the MXU, so its time at that MFU is optimistic (on CPU it ran at 21 % of the peak, counted
+  this way).
 * **Memory per chip** under the dictionary sharding (W_enc/W_dec split over the mesh's
   `model` axis, the batch over `data`): params + Adam moments at 12 bytes per weight
-  (`mesh.STATE_BYTES_PER_WEIGHT`, the figure `auto_mesh_spec` and README "Scale" use) and
+  (`mesh.STATE_BYTES_PER_WEIGHT`, the figure `auto_mesh_spec` and docs/sharding-and-tpu.md
+  "Memory at scale" use) and
   f32 gradients at 4, over 2·d·F/model weights; plus the step's temporaries, calibrated
   against XLA's memory analysis of the compiled f32 step (`bench.step_memory`: −14 % to
   +18 % over 48 sizes, meshes and architectures on 8 CPU devices; tested). On the dense

@@ -25,7 +25,8 @@ from sae_jax.saes.common import LossContext, normalize_decoder, remove_parallel_
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything that changes during training (saved whole in each checkpoint)."""
+    """Everything that changes during training (each checkpoint saves `params` as one item
+    and the rest as another, so the params can be read alone)."""
 
     step: jax.Array  # int32 scalar: optimizer steps taken
     params: saes.Params

@@ -10,7 +10,7 @@ from sae_jax.errors import UserError
 from sae_jax.planning import cost, scaling
 
 GIB = 2**30
-F34M = 34 * 2**20  # Scaling Monosemanticity's largest SAE, as README "Scale" counts it
+F34M = 34 * 2**20  # Scaling Monosemanticity's largest SAE, as docs/sharding-and-tpu.md counts it
 
 
 def parse(argv):
@@ -65,7 +65,7 @@ def test_34m_features_on_v5p_256_by_hand():
     assert r["wall_hours"] == pytest.approx(seconds / 3600, rel=1e-6)  # ≈ 132.6 h
     assert r["chip_hours"] == pytest.approx(128 * seconds / 3600, rel=1e-6)
     assert r["steps"] == 1_953_125
-    # the train default (auto mesh) splits the dictionary 128 ways, as README "Scale" says
+    # the train default (auto mesh) splits the dictionary 128 ways, as docs/sharding-and-tpu.md says
     assert r["mesh"] == "data:1,model:128" and r["mesh_rule"].startswith("auto")
     weights = 2 * 4096 * F34M / 128
     mem = r["memory"]
