@@ -81,6 +81,26 @@ def write_text(path, text: str) -> None:
     write_bytes(path, text.encode())
 
 
+def ensure_writable_dir(path, what: str) -> None:
+    """Creates the local directory `path` if needed and proves it writable by writing to it,
+    before any work whose result would go there (a result computed and then unsaveable is
+    lost work). Raises a one-line UserError naming `what`. Object stores are not probed."""
+    from sae_jax.errors import UserError
+
+    if is_remote(path):
+        return
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is a file, not a directory")
+    probe = path / f".write-probe-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write {what} to {path}: {e.strerror or e}") from None
+
+
 def exists(path) -> bool:
     return read_text(path) is not None
 

@@ -209,6 +209,7 @@ def run(args) -> dict:
     from sae_jax.sae import load
 
     sae = load(args.run_dir)
+    files.ensure_writable_dir(files.join(args.run_dir, "eval"), "the eval results")
     store = open_store(args.data_dir)
     if store.d_in != sae.row_width:
         raise UserError(f"store {args.data_dir} has d_in={store.d_in}, but the SAE in "

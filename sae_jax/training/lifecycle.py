@@ -13,12 +13,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import os
 import shutil
 import signal
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -60,24 +58,6 @@ class Member:
     lock: RunLock | None = None
     last: dict = field(default_factory=dict)
     failed: str | None = None
-
-
-def check_run_dir(run_dir) -> None:
-    """A local RUN_DIR must be a directory (or not exist yet) that we can write: found out
-    by writing, before any work (a run that trains and then cannot save loses the work)."""
-    if files.is_remote(run_dir):
-        return
-    path = Path(run_dir)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"RUN_DIR {run_dir} is a file, not a directory; give a directory for "
-                        "the run")
-    probe = path / f".write-probe-{os.getpid()}"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write the run to {run_dir}: {e.strerror or e}") from None
 
 
 def data_stats_once(train_rows, widths: tuple[int, int | None]):
@@ -125,7 +105,7 @@ def open_member(name: str, cfg: TrainConfig, run_dir, store, mesh, stats,
 
     Everything opened is registered on `stack`, so a failure while opening later members
     still releases this one's lease and checkpoint manager."""
-    check_run_dir(run_dir)
+    files.ensure_writable_dir(run_dir, "the run")
     lock = stack.enter_context(RunLock(run_dir)) if jax.process_index() == 0 else None
     mngr = checkpoint.manager(run_dir, cfg)
     stack.callback(_close_manager, mngr)
@@ -326,6 +306,6 @@ def train_members(members: list[Member], mesh, source, to_global, start: int,
                 step_fn = fused_step(live, mesh) if live else None
 
 
-__all__ = ["DataStats", "Member", "batch_feed", "catch_up", "check_run_dir", "data_stats_once",
+__all__ = ["DataStats", "Member", "batch_feed", "catch_up", "data_stats_once",
            "end_of_step", "fused_step", "init_or_restore", "open_member", "stop_if_preempted",
            "train_members"]

@@ -108,8 +108,8 @@ def test_a_run_that_failed_before_its_first_save_can_be_corrected(synthetic_stor
 
 def test_run_dir_that_is_a_file_or_read_only(synthetic_store, tmp_path):
     (tmp_path / "file").write_text("x")
-    assert "is a file" in one_error_line(sae_jax_cli("train", synthetic_store,
-                                                     tmp_path / "file", *TINY, "steps=5"))
+    assert "the run " + str(tmp_path / "file") + " is a file" in one_error_line(
+        sae_jax_cli("train", synthetic_store, tmp_path / "file", *TINY, "steps=5"))
     if os.geteuid() == 0:  # root writes through permission bits; sysfs refuses even root
         read_only = Path("/sys/sae-jax-test-run")
     else:
@@ -118,6 +118,11 @@ def test_run_dir_that_is_a_file_or_read_only(synthetic_store, tmp_path):
         read_only = tmp_path / "ro" / "run"
     line = one_error_line(sae_jax_cli("train", synthetic_store, read_only, *TINY, "steps=5"))
     assert f"cannot write the run to {read_only}" in line
+    # eval refuses before computing what it could not save
+    run = tmp_path / "run"
+    assert sae_jax_cli("train", synthetic_store, run, *TINY, "steps=5").returncode == 0
+    (run / "eval").write_text("in the way")
+    assert "the eval results" in one_error_line(sae_jax_cli("eval", run, synthetic_store))
 
 
 def test_batch_larger_than_the_training_rows(synthetic_store, tmp_path):
