@@ -206,3 +206,22 @@ def test_bench_without_minilm_skips_only_the_extraction_figures(monkeypatch, cap
                         "store_rows=4096"])
     assert result["tokens_per_s"] > 0 and "features_latency_ms" not in result
     assert "feature-extraction figures skipped" in capsys.readouterr().err
+
+
+def test_a_full_disk_anywhere_is_one_line(monkeypatch, capsys):
+    """ENOSPC raised by any command (as OSError, or wrapped by tensorstore/Orbax) is one
+    line and exit 2; any other unexpected error keeps its traceback."""
+    import errno
+
+    from sae_jax.planning import cost
+
+    argv = ["cost", "--d-model", "64", "--width", "128", "--tokens", "1e6",
+            "--accelerator", "h100-8"]
+    wrapped = ValueError('RESOURCE_EXHAUSTED: Error writing "x": Failed to write 8 bytes to '
+                         "file 4: No space left on device [os_error_code='28']")
+    for error in (OSError(errno.ENOSPC, "No space left on device", "/big/file"), wrapped):
+        monkeypatch.setattr(cost, "run", lambda args, e=error: (_ for _ in ()).throw(e))
+        assert "no space left on device" in _error(capsys, *argv)
+    monkeypatch.setattr(cost, "run", lambda args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main(argv)
