@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 from conftest import json_result, one_error_line, sae_jax_cli  # noqa: E402
-from test_steer import tiny_minilm_run  # noqa: E402
+from test_steer import minilm_case  # noqa: E402,F401  (the fixture (MiniLM, SAE, run))
 
 from sae_jax.analysis import features  # noqa: E402
 from sae_jax.analysis.catalog import FeatureCatalog, labels_from_catalog  # noqa: E402
@@ -19,17 +19,8 @@ TEXTS = ["def add(a, b): return a + b", "The cat sat on the mat.", "import os",
 LAYER = 3
 
 
-@pytest.fixture(scope="module")
-def case(tmp_path_factory, params, tokenizer):
-    from sae_jax.lm import minilm
-    from sae_jax.sae import load
-
-    _, run = tiny_minilm_run(tmp_path_factory)
-    return minilm.MiniLM(params, tokenizer), load(run), run
-
-
-def test_top_features_agree_with_encode(case):
-    model, sae, _ = case
+def test_top_features_agree_with_encode(minilm_case):
+    model, sae, _ = minilm_case
     top = 3
     got = features.extract_features(sae, model, TEXTS, LAYER, top=top)
     states, mask = model.hidden_states(TEXTS)
@@ -55,8 +46,8 @@ def test_top_features_agree_with_encode(case):
     assert {len(tok["features"]) for r in got for tok in r["tokens"]} == {top}
 
 
-def test_batches_threshold_labels_and_truncation(case):
-    model, sae, _ = case
+def test_batches_threshold_labels_and_truncation(minilm_case):
+    model, sae, _ = minilm_case
     whole = features.extract_features(sae, model, TEXTS, LAYER, top=4)
     small_batches = features.extract_features(sae, model, TEXTS, LAYER, top=4, batch_size=2)
     assert [[[x["id"] for x in t["features"]] for t in r["tokens"]] for r in small_batches] \
@@ -84,8 +75,8 @@ def test_batches_threshold_labels_and_truncation(case):
     assert long[0]["truncated"] and len(long[0]["tokens"]) == 14
 
 
-def test_bad_arguments(case):
-    model, sae, _ = case
+def test_bad_arguments(minilm_case):
+    model, sae, _ = minilm_case
     with pytest.raises(UserError, match="top must be in 1..64"):
         features.extract_features(sae, model, TEXTS, LAYER, top=0)
     with pytest.raises(UserError, match="at least one text"):
@@ -98,10 +89,10 @@ def _features_cli(*argv) -> dict:
     return features.run(parser.parse_args([str(a) for a in argv]))
 
 
-def test_cli(case, tmp_path, synthetic_store):
+def test_cli(minilm_case, tmp_path, synthetic_store):
     from sae_jax.rundir import RunInfo, write_run
 
-    _, sae, run = case
+    _, sae, run = minilm_case
     out = sae_jax_cli("features", run, "--top", 2, *TEXTS[:2])
     r, err = json_result(out), out.stderr
     assert "no feature catalog" in err and "[1] 'def add(a, b): return a + b'" in err

@@ -12,11 +12,12 @@ import sae_jax
 from sae_jax.config import make_config
 from sae_jax.data.synthetic import atoms_recovered
 from sae_jax.errors import UserError
-from sae_jax.mesh import batch_sharding, make_mesh
+from sae_jax.mesh import batch_sharding, make_mesh, replicated
 from sae_jax.training.step import (
     compile_train_step,
     init_state,
     make_optimizer,
+    make_train_step,
     state_shardings,
 )
 from sae_jax.training.train import train
@@ -81,17 +82,24 @@ def test_bf16_sparse_topk_encodes_in_bf16():
 
 
 def test_step_compiles_once(synthetic):
+    """chex counts traces of the step function and jit's cache its compilations: a
+    recompile (a changed shape, dtype or sharding between steps) fails here."""
+    import chex
+
     cfg = make_config(arch="batchtopk", width=64, k=4, batch_size=64)
     mesh = make_mesh("data:2,model:4")
     tx = make_optimizer(cfg)
     _, sh = state_shardings(cfg, 32, tx, mesh)
     state = jax.jit(lambda k: init_state(k, cfg, 32, None, tx), out_shardings=sh)(
         jax.random.key(0))
-    step = compile_train_step(cfg, tx, mesh, sh, 1.0)
+    step = jax.jit(chex.assert_max_traces(make_train_step(cfg, tx, mesh, 1.0), n=1),
+                   in_shardings=(sh, batch_sharding(mesh)), out_shardings=(sh, replicated(mesh)),
+                   donate_argnums=0)
     for s in range(4):
-        state, _ = step(state, jax.device_put(batch_at(synthetic[0], cfg, s),
-                                              batch_sharding(mesh)))
+        state, metrics = step(state, jax.device_put(batch_at(synthetic[0], cfg, s),
+                                                    batch_sharding(mesh)))
     assert step._cache_size() == 1
+    assert float(metrics["params_ok"]) == 1.0 and np.isfinite(float(metrics["loss"]))
 
 
 def test_run_directory_and_resume(synthetic_store, tmp_path):
