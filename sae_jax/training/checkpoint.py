@@ -332,7 +332,7 @@ def restore_latest_good(mngr: ocp.CheckpointManager, abstract_state):
         skipped.append(step)
         print(f"sae-jax: warning: checkpoint {step} is damaged ({damage}); {where}; "
               "trying the previous one", file=sys.stderr)
-    if steps or _has_quarantined(mngr):
+    if steps or has_quarantined(mngr):
         where = (f"marked {QUARANTINE_MARKER}" if files.is_remote(mngr.directory)
                  else f"moved to {_quarantine_dir(mngr)}")
         raise UserError(
@@ -342,7 +342,7 @@ def restore_latest_good(mngr: ocp.CheckpointManager, abstract_state):
     return None
 
 
-def _has_quarantined(mngr) -> bool:
+def has_quarantined(mngr) -> bool:
     """Whether a local run has checkpoints moved aside (on object stores they stay in
     `checkpoints/`, marked, so they count among its steps)."""
     q = _quarantine_dir(mngr)

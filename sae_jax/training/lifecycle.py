@@ -3,9 +3,10 @@
 A single `train` is a sweep of one member whose failure ends the command. Both go through
 the same code: `open_member` (lease, run record, checkpoint manager, state restored or
 initialised), `train_members` (one batch per step for every live member, then
-`end_of_step`: log, check, checkpoint, SIGTERM), and `close_members`. The one difference
-is the caller's: a sweep goes on when one member's loss or params become non-finite, a
-single run stops (there is nothing else to go on with).
+`end_of_step`: log, check, checkpoint, SIGTERM), and the caller's `ExitStack`, which
+shuts down what `open_member` opened (pending saves finished, managers and logs closed,
+leases released). The one difference is the caller's `on_failure`: a sweep goes on when
+one member's loss or params become unfit, a single run stops (nothing else could go on).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from sae_jax.data.loader import BatchSource, batches
 from sae_jax.errors import Preempted, UserError
 from sae_jax.interrupts import signal_flag
 from sae_jax.mesh import batch_sharding, replicated
-from sae_jax.rundir import DataStats, RunInfo, prepare_run, read_data_stats
+from sae_jax.rundir import RunInfo, prepare_run, read_data_stats
 from sae_jax.training import checkpoint
 from sae_jax.training.distributed import batch_share, host_value
 from sae_jax.training.metrics import MetricsLog
@@ -109,7 +110,8 @@ def open_member(name: str, cfg: TrainConfig, run_dir, store, mesh, stats,
     lock = stack.enter_context(RunLock(run_dir)) if jax.process_index() == 0 else None
     mngr = checkpoint.manager(run_dir, cfg)
     stack.callback(_close_manager, mngr)
-    run = prepare_run(run_dir, cfg, store, stats, widths, has_checkpoints=bool(mngr.all_steps()))
+    ever_saved = bool(mngr.all_steps()) or checkpoint.has_quarantined(mngr)
+    run = prepare_run(run_dir, cfg, store, stats, widths, has_checkpoints=ever_saved)
     tx = make_optimizer(cfg)
     state, state_sh = init_or_restore(cfg, run, mesh, tx, mngr, stats)
     start = int(host_value(state.step))
@@ -125,22 +127,14 @@ def _close_manager(mngr) -> None:
 
 def fused_step(members: list[Member], mesh) -> CompiledStep:
     """`step(states, x) -> (states, metrics)` over `members`: each member's own train step
-    on the same batch, one compiled program, old states donated. For one member it is
-    exactly that member's step."""
-    if len(members) == 1:
-        m = members[0]
-        step = make_train_step(m.cfg, m.tx, mesh, m.run.input_scale, m.run.target_scale)
+    on the same batch, one compiled program, old states donated (for one member, exactly
+    that member's step)."""
+    steps = [make_train_step(m.cfg, m.tx, mesh, m.run.input_scale, m.run.target_scale)
+             for m in members]
 
-        def step_all(states, x):
-            state, metrics = step(states[0], x)
-            return (state,), (metrics,)
-    else:
-        steps = [make_train_step(m.cfg, m.tx, mesh, m.run.input_scale, m.run.target_scale)
-                 for m in members]
-
-        def step_all(states, x):
-            outs = [step(state, x) for step, state in zip(steps, states)]
-            return tuple(o[0] for o in outs), tuple(o[1] for o in outs)
+    def step_all(states, x):
+        outs = [step(state, x) for step, state in zip(steps, states)]
+        return tuple(o[0] for o in outs), tuple(o[1] for o in outs)
 
     state_sh = tuple(m.state_sh for m in members)
     return CompiledStep(jax.jit(step_all, in_shardings=(state_sh, batch_sharding(mesh)),
@@ -273,14 +267,14 @@ def catch_up(members: list[Member], mesh, source, to_global, until: int, cfg: Tr
 
 
 def train_members(members: list[Member], mesh, source, to_global, start: int,
-                  cfg: TrainConfig, where, bar=None, on_failure=None) -> None:
+                  cfg: TrainConfig, where, on_failure, bar=None) -> None:
     """The one-pass loop: one batch per step for all live members, from step `start`.
 
     Args:
       cfg: the config the members share (steps, log and checkpoint intervals).
+      on_failure: called with a member whose loss or params became unfit; the member
+        stops, the others go on (unless `on_failure` raises).
       bar: a progress bar to advance per step (a single run's bar is its `MetricsLog`'s).
-      on_failure: called with a member whose loss or params became non-finite; the member
-        stops, the others go on.
     """
     with signal_flag(signal.SIGTERM) as preempted:
         catch_up(members, mesh, source, to_global, start, cfg, preempted, on_failure)
@@ -306,6 +300,6 @@ def train_members(members: list[Member], mesh, source, to_global, start: int,
                 step_fn = fused_step(live, mesh) if live else None
 
 
-__all__ = ["DataStats", "Member", "batch_feed", "catch_up", "data_stats_once",
+__all__ = ["Member", "batch_feed", "catch_up", "data_stats_once",
            "end_of_step", "fused_step", "init_or_restore", "open_member", "stop_if_preempted",
            "train_members"]

@@ -137,8 +137,8 @@ def train_sweep(cfgs: list[TrainConfig], data_dir: str | Path, run_dir: str | Pa
         bar = stack.enter_context(tqdm(
             total=shared.steps, initial=start, unit="step", dynamic_ncols=True,
             disable=not (progress and jax.process_index() == 0), desc=f"{len(members)} SAEs"))
-        train_members(members, mesh, source, to_global, start, shared, run_dir, bar=bar,
-                      on_failure=_drop)
+        train_members(members, mesh, source, to_global, start, shared, run_dir, _drop,
+                      bar=bar)
     failed = [m.failed for m in members if m.failed]
     if failed:
         raise UserError(f"{len(failed)} of {len(members)} members stopped: "

@@ -52,8 +52,7 @@ def train(cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path,
     with contextlib.ExitStack() as stack:
         run = open_member("run", cfg, run_dir, store, mesh, stats, (d_in, d_out), progress,
                           stack)
-        train_members([run], mesh, source, to_global, run.start, cfg, run_dir,
-                      on_failure=_stop)
+        train_members([run], mesh, source, to_global, run.start, cfg, run_dir, _stop)
     return run.last
 
 
