@@ -50,6 +50,7 @@ from sae_jax.analysis.dashboard import write_audit_js
 from sae_jax.analysis.faithfulness import MIN_CONTEXTS
 from sae_jax.analysis.intervene import feature_direction
 from sae_jax.analysis.moments import rows_mean
+from sae_jax.data.store import POSITIONS, TOKEN_IDS, RowSpan
 from sae_jax.errors import UserError
 from sae_jax.lm.hooks import embedding_from, layer_state, model_pass
 from sae_jax.vectors import unit_vectors
@@ -249,22 +250,20 @@ def audit_context(run, settings: AuditSettings, log) -> tuple[AuditContext, dict
     """The held-out windows and rows both SAEs are scored on, for a `runs.ModelRun`.
 
     Returns `(context, settings as reported, (positions, held-out span))`."""
-    from sae_jax.data.store import RowSpan
 
     store, sae, model = run.store, run.sae, run.model
     train, held = store.split(sae.config.holdout)
     held = RowSpan(store, held.start, min(held.stop, held.start + settings.max_heldout_rows))
     explain = RowSpan(store, max(0, train.stop - settings.explain_rows), train.stop)
-    token_ids = np.asarray(store.token_ids[held.start:held.stop].read().result(), np.int64)
-    positions = np.asarray(store.positions[held.start:held.stop].read().result(), np.int64)
+    token_ids = np.asarray(store.read(TOKEN_IDS, held.start, held.stop), np.int64)
+    positions = np.asarray(store.read(POSITIONS, held.start, held.stop), np.int64)
     ids, mask, splice = heldout_windows(token_ids, positions, model.tokenizer, settings.window,
                                         settings.n_windows, settings.seed, run.keep_special)
     output_fn = embedding_from(run.layer)
     h = model_pass(layer_state, model.params, ids, mask, layer=run.layer)
     windows = faithfulness.Windows(h, mask, splice, faithfulness.clean_outputs(
         output_fn, model.params, h, mask))
-    ex_tokens = np.asarray(store.token_ids[explain.start:explain.stop].read().result(),
-                           np.int64)
+    ex_tokens = np.asarray(store.read(TOKEN_IDS, explain.start, explain.stop), np.int64)
     vocab = int(max(ex_tokens.max(initial=0), token_ids.max(initial=0))) + 1
     ctx = AuditContext(
         model=model, output_fn=output_fn, windows=windows,

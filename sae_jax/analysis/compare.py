@@ -28,6 +28,7 @@ from sae_jax.analysis.matching import (
     cosine_histogram,
     match_features,
 )
+from sae_jax.data.store import TOKEN_IDS, open_store
 from sae_jax.errors import UserError
 
 COMPARE_JSON = "compare.json"
@@ -174,8 +175,8 @@ def _check_same_tokens(rows, rows_b, n: int) -> None:
         raise UserError(f"{a.path} has {a.n_rows} rows but {b.path} has {b.n_rows}: DATA_B "
                         "must hold activations of the same tokens as DATA")
     if a.token_ids is not None and b.token_ids is not None:
-        ids_a = a.token_ids[rows.start:rows.start + n].read().result()
-        ids_b = b.token_ids[rows_b.start:rows_b.start + n].read().result()
+        ids_a = a.read(TOKEN_IDS, rows.start, rows.start + n)
+        ids_b = b.read(TOKEN_IDS, rows_b.start, rows_b.start + n)
         if not np.array_equal(ids_a, ids_b):
             raise UserError(f"{a.path} and {b.path} hold different tokens: DATA_B must hold "
                             "activations of the same tokens as DATA")
@@ -200,7 +201,6 @@ def compare(run_a, run_b, data_dir=None, data_b=None, *, threshold: float = DEFA
       `compare_saes`'s result, preceded by `run_a`, `run_b`, `step_a`, `step_b`, `data`,
       `data_b` and `split`.
     """
-    from sae_jax.data.store import open_store
     from sae_jax.sae import load
 
     if data_b is not None and data_dir is None:

@@ -44,6 +44,7 @@ import numpy as np
 
 from sae_jax.analysis.moments import rows_mean
 from sae_jax.batches import padded_batches
+from sae_jax.data.store import POSITIONS, TOKEN_IDS
 from sae_jax.errors import UserError
 from sae_jax.lm.corpus import NO_POSITION, make_corpus, sequences
 from sae_jax.lm.hooks import check_model_store, layer_state, spliced_positions
@@ -72,11 +73,11 @@ def _heldout_documents(store, heldout) -> tuple[np.ndarray, tuple[int, int], dic
     if nothing precedes); and the held-out rows' (doc, pos) keys and token ids (to check the
     rebuilt sequences against the store)."""
     start, stop = heldout.start, heldout.stop
-    pos = np.asarray(store.positions[start:stop].read().result(), np.int64)
-    ids = np.asarray(store.token_ids[start:stop].read().result(), np.int64)
+    pos = np.asarray(store.read(POSITIONS, start, stop), np.int64)
+    ids = np.asarray(store.read(TOKEN_IDS, start, stop), np.int64)
     boundary = (-1, -1)
     if start > 0:
-        b = store.positions[start - 1].read().result()
+        b = store.read(POSITIONS, start - 1, start)[0]
         boundary = (int(b[0]), int(b[1]))
     return np.unique(pos[:, 0]), boundary, {"keys": pos[:, 0] * (1 << 32) + pos[:, 1],
                                             "ids": ids}

@@ -44,6 +44,7 @@ import numpy as np
 from sae_jax.analysis.catalog import CATALOG_VERSION, FeatureCatalog, json_number, token_strings
 from sae_jax.analysis.token_counts import TokenCounts
 from sae_jax.batches import pad_rows, padded_batches
+from sae_jax.data.store import POSITIONS, ROWS, TOKEN_IDS, open_store
 from sae_jax.errors import UserError
 
 HIST_LO, HIST_HI, HIST_BINS = -4.0, 4.0, 64
@@ -146,21 +147,20 @@ def _default_tokenizer(meta: dict):
     return minilm.load_tokenizer()
 
 
-def _read_ranges(array, start: int, rows: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """array[start + rows] for sorted unique span-local `rows`.
+def _read_ranges(store, name: str, start: int, rows: np.ndarray) -> np.ndarray:
+    """`store`'s array `name` at span-local `rows` (sorted, unique), offset by `start`.
 
     Reads at most one block per storage chunk (a read decodes whole chunks, so many small
-    reads inside one chunk would decode it many times)."""
+    reads inside one chunk would decode it many times), all through `store.read_many`, so a
+    damaged chunk is one clear error."""
+    array = getattr(store, name)
     if len(rows) == 0:
         return np.zeros((0, *array.shape[1:]), array.dtype.numpy_dtype)
-    which = (start + rows) // chunk
-    breaks = np.flatnonzero(np.diff(which)) + 1
-    parts = []
-    for seg in np.split(rows, breaks):
-        lo, hi = int(seg[0]), int(seg[-1]) + 1
-        block = array[start + lo:start + hi].read().result()
-        parts.append(block[seg - lo])
-    return np.concatenate(parts)
+    which = (start + rows) // store.chunk_rows
+    segments = np.split(rows, np.flatnonzero(np.diff(which)) + 1)
+    blocks = store.read_many(name, [(start + int(s[0]), start + int(s[-1]) + 1)
+                                    for s in segments])
+    return np.concatenate([block[s - s[0]] for block, s in zip(blocks, segments)])
 
 
 def build_catalog(sae, rows, *, tokenizer=None, features=None, top_k: int = 10,
@@ -223,7 +223,7 @@ def build_catalog(sae, rows, *, tokenizer=None, features=None, top_k: int = 10,
                         0, HIST_BINS - 1).astype(np.int64)
             hist += np.bincount(c * HIST_BINS + b, minlength=nf * HIST_BINS)
             if has_tokens:
-                tok = store.token_ids[rows.start + start:rows.start + start + m].read().result()
+                tok = store.read(TOKEN_IDS, rows.start + start, rows.start + start + m)
                 tokens.add(c, tok[r])
         if bar is not None:
             bar.update(m)
@@ -343,9 +343,8 @@ def _gather_activations(sae, rows, feats, pair_rows: np.ndarray, pair_cols: np.n
 
     order = np.argsort(inverse, kind="stable")
     inv_sorted = inverse[order]
-    chunk_rows = int(rows.store.meta.get("chunk_rows", 4096))
     for batch in padded_batches(len(needed), batch_size, lambda lo, hi: _read_ranges(
-            rows.store.rows, rows.start, needed[lo:hi], chunk_rows)):
+            rows.store, ROWS, rows.start, needed[lo:hi])):
         s, m = batch.start, batch.n_valid
         lo, hi = np.searchsorted(inv_sorted, [s, s + m])
         sel = order[lo:hi]
@@ -383,16 +382,14 @@ def _contexts(sae, rows, feats, examples, before, after, batch_size, has_pos, ha
     cand = np.unique(np.clip(centers[:, None] + offs[None, :], 0, n - 1)) if len(centers) \
         else np.zeros(0, np.int64)
     if has_pos:
-        chunk = int(store.meta.get("chunk_rows", 4096))
-        pos = _read_ranges(store.positions, rows.start, cand, chunk)
+        pos = _read_ranges(store, POSITIONS, rows.start, cand)
         doc_of = dict(zip(cand.tolist(), pos[:, 0].tolist()))
         tpos_of = dict(zip(cand.tolist(), pos[:, 1].tolist()))
     else:
         doc_of, tpos_of = {}, {}
     tok_of = {}
     if has_tokens:
-        chunk_rows = int(store.meta.get("chunk_rows", 4096))
-        token_ids = _read_ranges(store.token_ids, rows.start, cand, chunk_rows)
+        token_ids = _read_ranges(store, TOKEN_IDS, rows.start, cand)
         tok_of = dict(zip(cand.tolist(), token_ids.tolist()))
     windows: dict[int, tuple[int, int]] = {}
     for r in centers.tolist():
@@ -442,7 +439,6 @@ def catalog_for_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike | No
       kwargs: passed to `build_catalog`.
     """
     import sae_jax
-    from sae_jax.data.store import open_store
     from sae_jax.rundir import read_run
 
     sae = sae_jax.load(run_dir)

@@ -49,6 +49,7 @@ from sae_jax.analysis.intervene import (
     steering_hook,
 )
 from sae_jax.analysis.runs import open_model_run
+from sae_jax.data.store import POSITIONS
 from sae_jax.errors import UserError
 from sae_jax.lm.hooks import (
     check_model_store,
@@ -113,7 +114,7 @@ def reference_sequences(store, holdout: float, tokenizer, n: int, seed: int,
     check_model_store(store, "steer")
     heldout = store.split(holdout)[1]
     docs_held = np.unique(np.asarray(
-        store.positions[heldout.start:heldout.stop].read().result())[:, 0])
+        store.read(POSITIONS, heldout.start, heldout.stop))[:, 0])
     wanted, last = set(docs_held.tolist()), int(docs_held[-1])
     docs = rebuild_corpus(store, corpus)
     body = int(store.meta["seq_len"]) - Specials.of(tokenizer).count
