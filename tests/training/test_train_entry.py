@@ -6,7 +6,8 @@ The deadlock (unbounded async run-ahead, `training.lifecycle.StepWindow`) needs 
 client thread pool to be no larger than the device count, as it is on a host with at most 8
 cores: the pool has max(PJRT_NPROC or the core count, devices) threads, so `PJRT_NPROC=1`
 makes the test mean the same on a many-core host. A deadlocked run aborts about a minute in
-(XLA's rendezvous timeout).
+(XLA's rendezvous timeout). At this size (batch 1024, 200 steps) the code without the bound
+aborted in 6 of these 10 cases in one run, and 5 of 9 repetitions of relu on data:8.
 """
 
 import json
@@ -17,13 +18,13 @@ from conftest import sae_jax_cli
 
 from sae_jax.saes import ARCHITECTURES
 
-STEPS = 100
+STEPS = 200
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("entry")
-    np.save(tmp / "x.npy", np.random.default_rng(0).standard_normal((32_768, 64), np.float32))
+    np.save(tmp / "x.npy", np.random.default_rng(0).standard_normal((65_536, 64), np.float32))
     assert sae_jax_cli("import", tmp / "x.npy", tmp / "store").returncode == 0
     return tmp / "store"
 
@@ -33,7 +34,7 @@ def store(tmp_path_factory):
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_train_finishes_on_8_devices_with_progress_bar(arch, mesh, store, tmp_path):
     out = sae_jax_cli("train", store, tmp_path / "run", f"arch={arch}", "width=512",
-                      "batch_size=512", "k=8", f"steps={STEPS}", f"mesh={mesh}",
+                      "batch_size=1024", "k=8", f"steps={STEPS}", f"mesh={mesh}",
                       env={"PJRT_NPROC": "1"}, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.splitlines()[-1])["step"] == STEPS
