@@ -9,7 +9,6 @@ run exits non-zero, so a script can gate on it.
 
 from __future__ import annotations
 
-import json
 import sys
 
 from sae_jax import files
@@ -54,7 +53,7 @@ def run(args) -> dict:
     for line in report["problems"]:
         print(f"{args.path}: {line}", file=sys.stderr)
     if report["problems"]:
-        print(json.dumps(files.json_safe(report), allow_nan=False))
+        print(files.strict_json(report))
         raise UserError(f"{len(report['problems'])} damaged in {report['kind']} {args.path} "
                         "(listed above)")
     print(f"{args.path}: {report['kind']} intact", file=sys.stderr)

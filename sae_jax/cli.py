@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 
+from sae_jax import files
 from sae_jax.errors import Preempted, UserError, disk_full
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: the run stopped early but resumably
@@ -67,13 +67,6 @@ def _command_of(argv: list[str]) -> str | None:
     return first if first in COMMANDS else None
 
 
-def strict_json(result) -> str:
-    """One line of strict JSON: NaN and ±Infinity (not JSON) become null."""
-    from sae_jax.files import json_safe
-
-    return json.dumps(json_safe(result), allow_nan=False)
-
-
 def quiet_library_logs() -> None:
     """Orbax and tensorstore log every failed background write with full tracebacks (absl,
     asyncio), hundreds of lines for one full disk. The CLI reports each failure itself, in
@@ -120,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sae-jax: error: {full}; free some space and rerun (what was saved before is "
               "kept: a run resumes from its last checkpoint)", file=sys.stderr)
         return 2
-    print(strict_json(result))
+    print(files.strict_json(result))
     return 0
 
 

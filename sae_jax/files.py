@@ -105,6 +105,12 @@ def exists(path) -> bool:
     return read_text(path) is not None
 
 
+def strict_json(value, indent: int | None = None) -> str:
+    """`value` as strict JSON text (`json_safe` first: NaN and ±Infinity become null), the
+    one encoding of every JSON line and file the package writes from computed results."""
+    return json.dumps(json_safe(value), indent=indent, allow_nan=False)
+
+
 def json_safe(value):
     """NaN/Inf -> None (strict JSON), numpy arrays and scalars -> Python lists and numbers,
     recursively: what every JSON result file of the package is passed through."""

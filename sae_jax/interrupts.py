@@ -1,4 +1,4 @@
-"""Signals as flags that a loop checks between steps.
+"""Signals as flags that a loop checks between steps, and whether a process is alive.
 
 A signal handled the default way interrupts Python wherever it is, which can be inside JAX's
 dispatch or a tensorstore wait; cleanup after that (removing a half-written store, saving a
@@ -9,8 +9,21 @@ its choosing.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host (signal 0 only checks): what lets
+    a lease or a temporary directory left by a killed process be taken over safely."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process, or not a pid at all: leave it alone
+    return True
 
 
 @contextlib.contextmanager

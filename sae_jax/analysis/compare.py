@@ -10,7 +10,6 @@ The activation correlation of matched features on shared rows is
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -279,7 +278,7 @@ def write_compare_artifacts(result: dict, out_dir) -> dict:
     """Writes `out_dir/compare.json` (everything, strict JSON) and `out_dir/compare.png`."""
 
     out = str(out_dir).rstrip("/")
-    text = json.dumps(files.json_safe(result), allow_nan=False) + "\n"
+    text = files.strict_json(result) + "\n"
     files.write_bytes(files.join(out, COMPARE_JSON), text.encode())
     files.write_bytes(files.join(out, COMPARE_PNG), plot_compare(result))
     return {"json": files.join(out, COMPARE_JSON), "png": files.join(out, COMPARE_PNG)}

@@ -13,7 +13,6 @@ would turn every number into NaN, which is a damaged store, not an SAE result.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -179,7 +178,7 @@ def write_eval_artifacts(result: dict, out_dir: str | os.PathLike) -> dict:
     out = str(out_dir).rstrip("/")
     if not files.is_remote(out):
         Path(out).mkdir(parents=True, exist_ok=True)
-    text = json.dumps(files.json_safe(result), indent=1, allow_nan=False) + "\n"
+    text = files.strict_json(result, indent=1) + "\n"
     files.write_bytes(files.join(out, EVAL_JSON), text.encode())
     png = None
     if "feature_density" in result:

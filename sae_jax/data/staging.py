@@ -18,6 +18,8 @@ import socket
 import tempfile
 from pathlib import Path
 
+from sae_jax.interrupts import process_alive
+
 TAG = ".tmp-"
 _NAME = re.compile(r"^\..+\.tmp-(?P<host>[A-Za-z0-9._-]+)-(?P<pid>\d+)-[a-z0-9_]+$")
 
@@ -33,17 +35,6 @@ def make_temp_dir(final: Path) -> str:
     return tempfile.mkdtemp(prefix=prefix, dir=final.parent)
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists on this host (signal 0 only checks)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True  # someone else's process, or not a pid at all: leave it alone
-    return True
-
-
 def stale_temp_dirs(parent: Path) -> list[Path]:
     """The temporary store directories in `parent` left by dead processes of this host."""
     if not parent.is_dir():
@@ -53,7 +44,7 @@ def stale_temp_dirs(parent: Path) -> list[Path]:
     for entry in sorted(parent.iterdir()):
         match = _NAME.match(entry.name)
         if (match and match["host"] == host and entry.is_dir() and not entry.is_symlink()
-                and not pid_alive(int(match["pid"]))):
+                and not process_alive(int(match["pid"]))):
             stale.append(entry)
     return stale
 

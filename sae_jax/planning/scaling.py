@@ -38,7 +38,6 @@ Definitions (what `fit_scaling` returns):
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -339,7 +338,7 @@ def _shared_value(points: list[dict], key: str):
 def write_fit(result: dict, out_dir) -> str:
     """Writes `out_dir/scaling_fit.json` (local or `gs://`) and returns its path."""
     path = files.join(out_dir, FIT_FILE)
-    files.write_text(path, json.dumps(files.json_safe(result), indent=1, allow_nan=False) + "\n")
+    files.write_text(path, files.strict_json(result, indent=1) + "\n")
     return path
 
 

@@ -55,10 +55,10 @@ class MetricsLog:
         self.last_step, self.last_time = step, now
         if self.writer:
             if self.file:
-                self.file.write(json.dumps(files.json_safe(record), allow_nan=False) + "\n")
+                self.file.write(files.strict_json(record) + "\n")
                 self.file.flush()
             else:
-                self.text += json.dumps(files.json_safe(record), allow_nan=False) + "\n"
+                self.text += files.strict_json(record) + "\n"
                 files.write_text(self.path, self.text)
             for key, value in record.items():
                 if key != "step":

@@ -25,20 +25,11 @@ import tensorstore as ts
 
 from sae_jax import files
 from sae_jax.errors import UserError
+from sae_jax.interrupts import process_alive
 
 LOCK_FILE = "run.lock"
 TTL_S = 60.0
 _MISSING = b"\x02"  # tensorstore's generation of an absent key: "write only if absent"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
 
 
 class RunLock:
@@ -100,7 +91,7 @@ class RunLock:
             return True
         pid = holder.get("pid")
         same_host = holder.get("host") == socket.gethostname()
-        return same_host and isinstance(pid, int) and not _pid_alive(pid)
+        return same_host and isinstance(pid, int) and not process_alive(pid)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
