@@ -43,14 +43,58 @@ from the residual stream at the hooked layer."""
 
 
 def check_model_store(store, what: str = "fidelity", tokens: bool = False) -> None:
-    """Refuses a store the model cannot be re-run for: not a MiniLM harvest, or missing its
-    layer, sequence length or positions (and token ids, with `tokens`)."""
+    """Refuses a store the model cannot be re-run for: not a MiniLM or causal-LM harvest, or
+    missing its layer, sequence length or positions (and token ids, with `tokens`)."""
     meta = store.meta
-    if (meta.get("source") != "harvest" or meta.get("model") != MODEL_NAME
+    if (meta.get("source") != "harvest"
+            or (meta.get("model") != MODEL_NAME and not is_causal(meta))
             or "layer" not in meta or "seq_len" not in meta or store.positions is None
             or (tokens and store.token_ids is None)):
         raise UserError(f"{what} {NOT_MODEL_BACKED} (store {store.path} has source "
                         f"{meta.get('source')!r}, model {meta.get('model')!r})")
+
+
+def is_causal(meta: dict) -> bool:
+    """A store harvested from a causal LM folder (its meta names `model_path`)."""
+    return "model_path" in meta
+
+
+def model_identity(folder) -> dict:
+    """What a store records to recognise its causal LM later: the config's model_type and
+    each weight file's size (cheap to check on every open; the SHA-256 is recorded too)."""
+    from sae_jax.lm import families, hf
+
+    return {"model_type": families.text_config(hf.read_config(folder)).get("model_type"),
+            "weight_files": {p.name: p.stat().st_size for p in hf.weight_files(folder)}}
+
+
+def store_model(meta: dict, mesh=None, dtype=None):
+    """The causal LM a store was harvested from (`sae_jax.lm.causal.CausalLM`), checked to
+    be the same model: a folder moved, or holding other weights, is a one-line error."""
+    from sae_jax.lm import causal
+
+    folder = meta["model_path"]
+    try:
+        found = model_identity(folder)
+    except UserError as e:
+        raise UserError(f"cannot reopen the model this store was harvested from: {e}") \
+            from None
+    recorded = {k: meta.get(k) for k in found}
+    if found != recorded:
+        raise UserError(f"the model folder {folder} no longer holds the model this store was "
+                        f"harvested from (recorded {recorded}, found {found})")
+    return causal.load(folder, dtype=meta.get("model_dtype", dtype), mesh=mesh)
+
+
+def store_tokenizer(meta: dict):
+    """The tokenizer a store's token ids come from: its causal LM's, or MiniLM's."""
+    if is_causal(meta):
+        from sae_jax.lm import hf
+
+        return hf.load_tokenizer(meta["model_path"])
+    from sae_jax.lm import minilm
+
+    return minilm.load_tokenizer()
 
 
 def check_not_transcoder(cfg, what: str) -> None:
