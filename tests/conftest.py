@@ -64,6 +64,12 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+CAUSAL_FIXTURES = Path(__file__).parent / "fixtures" / "causal"
+"""Tiny random-weight Hugging Face folders, one per family (`fixtures/make_causal_golden.py`),
+each with the transformers outputs in `golden.npz`."""
+CAUSAL_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
+
+
 def mesh_devices(spec: str) -> list:
     """The first n devices, n = the product of the mesh spec's sizes."""
     sizes = [int(p.split(":")[1]) for p in spec.split(",")]
