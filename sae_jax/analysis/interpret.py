@@ -46,6 +46,7 @@ from sae_jax.analysis.token_counts import TokenCounts
 from sae_jax.batches import pad_rows, padded_batches
 from sae_jax.data.store import POSITIONS, ROWS, TOKEN_IDS, open_store
 from sae_jax.errors import UserError
+from sae_jax.lm.hooks import is_causal, store_tokenizer
 
 HIST_LO, HIST_HI, HIST_BINS = -4.0, 4.0, 64
 """Activation histogram: log10(activation) in HIST_BINS equal bins over [HIST_LO, HIST_HI]
@@ -138,13 +139,13 @@ def _select_features(width: int, features) -> np.ndarray:
 
 
 def _default_tokenizer(meta: dict):
+    """The tokenizer of a harvested store's token ids: its causal LM's, or MiniLM's."""
     if not meta.get("token_ids"):
         return None
-    if "minilm" not in str(meta.get("model", "")).lower() and "tokenizer" not in meta:
+    if not is_causal(meta) and "minilm" not in str(meta.get("model", "")).lower() \
+            and "tokenizer" not in meta:
         return None
-    from sae_jax.lm import minilm
-
-    return minilm.load_tokenizer()
+    return store_tokenizer(meta)
 
 
 def _read_ranges(store, name: str, start: int, rows: np.ndarray) -> np.ndarray:

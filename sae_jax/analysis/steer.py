@@ -27,6 +27,10 @@ last layer; cos = cosine similarity), per text and averaged over texts:
   `activation_after` = mean of f_i(h') as the SAE reads the steered stream back (not exactly
   `value`: the encoder does not invert the decoder, W_enc[:, i]·W_dec[i] ≠ 1 after training,
   and TopK/BatchTopK features compete; below-zero values read back as 0).
+
+On a run whose store is a **causal-LM** harvest, `sae-jax steer` generates from each text as
+a prompt instead, clamped and not, with a random-direction control
+(`analysis.generation.steer_generation`; its docstring lists what is reported).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import numpy as np
 
 from sae_jax import files
 from sae_jax.analysis.catalog import concept_texts, feature_label, find_catalog
+from sae_jax.analysis.generation import format_generation, generate_run
 from sae_jax.analysis.intervene import (
     activation_before_after,
     feature_direction,
@@ -321,23 +326,32 @@ def run_catalog(run_dir, sae, store, feature: int, log=None):
 def steer_run(run_dir, texts, feature: int, value: float | None = None,
               times: float | None = None, layer: int | None = None, corpus=None,
               n_reference: int = N_REFERENCE, n_random: int = N_RANDOM, seed: int = 0,
-              log=None) -> dict:
-    """`sae-jax steer`: `steer` on all-MiniLM-L6-v2 with everything taken from the run.
+              log=None, generation: dict | None = None) -> dict:
+    """`sae-jax steer`: `steer` on all-MiniLM-L6-v2 with everything taken from the run, or
+    `generation.steer_generation` on a causal-LM run (the texts are prompts; `generation`
+    holds its max_new_tokens, temperature and top, refused for MiniLM).
 
-    The layer, model and `keep_special` come from the run's store (`runs.open_model_run`;
-    `layer`, if given, must be the store's), the max activation and concept from the run's
-    catalog (`run_catalog`), the reference sentences from its held-out documents
-    (`reference_for_run`; skipped with a warning if the corpus cannot be rebuilt).
+    The layer, site, model and `keep_special` come from the run's store
+    (`runs.open_model_run`; `layer`, if given, must be the store's), the max activation and
+    concept from the run's catalog (`run_catalog`), the reference sentences from its held-out
+    documents (`reference_for_run`; skipped with a warning if the corpus cannot be rebuilt).
     """
     log = log or (lambda msg: None)
     if not texts:
         raise UserError("give at least one text to steer")
     run = open_model_run(run_dir, "steer", layer=layer, hint="use the Python API "
-                         "`sae_jax.analysis.steer.steer` with your own model")
+                         "`sae_jax.analysis.steer.steer` with your own model", causal=True)
     sae, store, model = run.sae, run.store, run.model
+    if generation and not run.causal:
+        raise UserError(f"generation settings ({', '.join(sorted(generation))}) apply only "
+                        f"to runs on a causal LM; {run_dir} is a MiniLM run")
     check_feature(sae, feature)
     catalog = run_catalog(run_dir, sae, store, feature, log)
-    clamp_value(value, times, catalog.feature(feature))  # fail before the reference pass
+    entry = catalog.feature(feature)
+    v = clamp_value(value, times, entry)  # fail before the reference pass
+    if run.causal:
+        return generate_run(run, texts, feature, v, times, entry, n_random=n_random,
+                            seed=seed, **(generation or {}))
     reference = None
     if n_reference > 0:
         try:
@@ -388,8 +402,9 @@ def format_summary(r: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`sae-jax steer RUN_DIR --feature I (--value V | --times X) [--layer L] TEXT...`."""
-    parser.add_argument("run_dir", help="a trained run on a MiniLM harvest")
-    parser.add_argument("texts", nargs="+", metavar="TEXT", help="sentences to steer")
+    parser.add_argument("run_dir", help="a trained run on a MiniLM or causal-LM harvest")
+    parser.add_argument("texts", nargs="+", metavar="TEXT",
+                        help="sentences to steer (prompts to generate from, on a causal LM)")
     parser.add_argument("--feature", type=int, required=True, help="feature id to clamp")
     how = parser.add_mutually_exclusive_group(required=True)
     how.add_argument("--value", type=float, help="clamp the feature to this activation")
@@ -409,7 +424,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"random same-norm directions for the control (default "
                              f"{N_RANDOM})")
     parser.add_argument("--seed", type=int, default=0,
-                        help="seeds the reference sample and random directions")
+                        help="seeds the reference sample, random directions and sampling")
+    parser.add_argument("--max-new-tokens", type=int,
+                        help="causal LM: tokens to generate per prompt (default 24)")
+    parser.add_argument("--temperature", type=float,
+                        help="causal LM: sample at this temperature (default 0: greedy)")
+    parser.add_argument("--top-logits", dest="top", type=int,
+                        help="causal LM: tokens listed whose first logit rose/fell most "
+                             "(default 10)")
 
 
 def run(args) -> dict:
@@ -420,8 +442,11 @@ def run(args) -> dict:
     def log(msg):
         print(f"sae-jax: {msg}", file=sys.stderr)
 
+    generation = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top")
+                  if getattr(args, k, None) is not None}
     result = steer_run(args.run_dir, args.texts, args.feature, args.value, args.times,
                        args.layer, args.corpus, args.n_reference, args.n_random, args.seed,
-                       log)
-    print(format_summary(result), file=sys.stderr)
+                       log, generation)
+    print((format_generation if "prompts" in result else format_summary)(result),
+          file=sys.stderr)
     return result

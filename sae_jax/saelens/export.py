@@ -78,15 +78,49 @@ def saelens_cfg(arch: str, d_in: int, d_sae: int, k: int, details: dict,
     return cfg
 
 
-def _store_provenance(data_dir: str) -> dict:
-    """The store's producer (model, layer, hook), best effort, for the export's metadata."""
+TL_HOOKS = {"resid": "hook_resid_post", "attn_out": "hook_attn_out",
+            "mlp_out": "hook_mlp_out"}
+"""Our causal-LM hook sites as TransformerLens hook names in block L (`blocks.L.<name>`)."""
+TL_PAIR_HOOKS = {"mlp": ("ln2.hook_normalized", "hook_mlp_out"),
+                 "block": ("hook_resid_pre", "hook_resid_post")}
+"""Transcoder pair sites: (input hook, output hook), as SAELens names Gemma Scope's."""
+
+
+def _store_meta(data_dir: str) -> dict:
+    """The store's meta.json, best effort ({} when it is remote, moved or unreadable)."""
     if not data_dir or "://" in data_dir:
         return {}
     try:
         meta = json.loads((Path(data_dir) / "meta.json").read_text())
     except (OSError, ValueError):
         return {}
-    return {k: meta[k] for k in ("source", "model", "layer", "hook") if k in meta}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _store_provenance(meta: dict) -> dict:
+    """The store's producer (model, layer, site, hook), for the export's metadata."""
+    return {k: meta[k] for k in ("source", "model", "layer", "site", "hook") if k in meta}
+
+
+def llm_metadata(meta: dict) -> dict:
+    """SAELens's metadata keys for a causal-LM store: the model, the TransformerLens hook
+    (`blocks.L.hook_resid_post` ..., a transcoder's input and output hooks), `context_size`
+    = the store's seq_len, `prepend_bos` = its sequences start with BOS, and whether special
+    tokens were left out of the rows. {} for a MiniLM or imported store (no such hooks)."""
+    from sae_jax.lm.hooks import is_causal
+
+    if not is_causal(meta):
+        return {}
+    layer, pair = int(meta["layer"]), meta.get("pair")
+    if pair:
+        hook_in, hook_out = TL_PAIR_HOOKS[pair["site"]]
+        hooks = {"hook_name": f"blocks.{layer}.{hook_in}",
+                 "hook_name_out": f"blocks.{layer}.{hook_out}"}
+    else:
+        hooks = {"hook_name": f"blocks.{layer}.{TL_HOOKS[meta.get('site', 'resid')]}"}
+    return {"model_name": str(meta["model"]), **hooks, "hook_head_index": None,
+            "context_size": int(meta["seq_len"]), "prepend_bos": bool(meta.get("bos", False)),
+            "exclude_special_tokens": not meta.get("keep_special", False)}
 
 
 def _check_out_dir(out: Path, force: bool) -> None:
@@ -144,9 +178,13 @@ def export_saelens(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
     An existing export in `out_dir` is refused unless `force`, which replaces the whole
     folder (no stale file of the old export survives); the new folder appears at once.
 
+    A run on a causal-LM store also names its model and TransformerLens hook in
+    `metadata` (`llm_metadata`), so SAELens users can attach it to their model.
+
     Returns:
       `{"architecture", "training_architecture", "d_in", "d_sae", "input_scale", "step",
-      "out_dir", "files"}` (files: names inside out_dir).
+      "out_dir", "files", "hook_name"}` (files: names inside out_dir; hook_name: the
+      TransformerLens hook, or None for a store without one).
 
     Raises:
       UserError: no run / checkpoint, an unusable out_dir, non-finite params or scale.
@@ -173,13 +211,17 @@ def export_saelens(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
                "input_scale": c, "step": sae.step, "config": sae.config.to_dict()}
     if sae.transcoder:
         details["target_scale"] = float(sae.target_scale)
-    data = _store_provenance(run.data_dir)
-    if data:
-        details["data"] = data
+    meta = _store_meta(run.data_dir)
+    if _store_provenance(meta):
+        details["data"] = _store_provenance(meta)
     if arch in THRESHOLD_ARCHS:
         details["threshold"] = float(params["threshold"])
     transcoder = (sae.d_out, "W_skip" in params) if sae.transcoder else None
     cfg = saelens_cfg(arch, sae.d_in, sae.width, sae.config.k, details, transcoder)
+    llm = llm_metadata(meta)
+    cfg["metadata"].update(llm)
+    if "hook_name_out" in llm:  # TranscoderConfig's own fields (SAELens reads them there)
+        cfg.update(hook_name_out=llm["hook_name_out"], hook_layer_out=int(meta["layer"]))
 
     contents = {CFG_FILE: (json.dumps(cfg, indent=2) + "\n").encode(),
                 WEIGHTS_FILE: safetensors.numpy.save(tensors)}
@@ -190,7 +232,8 @@ def export_saelens(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
     written = list(contents)
     return {"architecture": cfg["architecture"], "training_architecture": arch,
             "d_in": sae.d_in, "d_sae": sae.width, "input_scale": c, "step": sae.step,
-            "out_dir": str(out.absolute()), "files": written}
+            "out_dir": str(out.absolute()), "files": written,
+            "hook_name": llm.get("hook_name")}
 
 
 def add_arguments(parser) -> None:
