@@ -6,7 +6,6 @@ import shutil
 
 import numpy as np
 import pytest
-
 from jax.sharding import PartitionSpec as P
 
 import sae_jax.lm
