@@ -176,9 +176,11 @@ def steer_generation(sae, model, prompts, feature: int, value: float, *, layer: 
         before = model.generate(ids, max_new_tokens, temperature=temperature, seed=seed)
         after = model.generate(np.repeat(ids, m, 0), max_new_tokens, temperature=temperature,
                                seed=seed, hook=hook, hook_args=args)
-        clean = np.asarray(model.logits(ids))[0, -1]
-        steered = np.asarray(model.logits(np.repeat(ids, m, 0), hook=hook,
-                                          hook_args=args))[:, -1]
+        # The first position's logits, read off the generated buffers: attention is causal,
+        # so the tokens after the prompt do not reach them, and the shapes (so the compiled
+        # functions) are those generate just used.
+        clean = np.asarray(model.logits(before))[0, t0 - 1]
+        steered = np.asarray(model.logits(after, hook=hook, hook_args=args))[:, t0 - 1]
         row = {"prompt": prompt, "n_prompt_tokens": t0, "n_steered": t0 - start,
                **_activations(sae, model, ids, layer, site, start, feature, value),
                **_continuation(model.tokenizer, before[0, t0:], "before"),

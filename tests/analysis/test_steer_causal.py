@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -19,34 +20,39 @@ from sae_jax.errors import UserError
 from sae_jax.saelens.export import llm_metadata
 
 LLAMA, GEMMA2 = CAUSAL_FIXTURES / "llama", CAUSAL_FIXTURES / "gemma2"
-PROMPTS = ["def add(a, b):", "The cat sat on"]
+PROMPT = "def add(a, b):"
+N = 6  # tokens generated
+N_CATALOG = 16  # features in the dashboard's catalog
 
 
-def _harvest_and_train(base, folder, layer: int, site: str, tokens: int, steps: int):
-    store, run = base / "store", base / "run"
+def _harvest(store, folder, layer: int, site: str, tokens: int):
     json_result(sae_jax_cli("harvest", store, "--model", folder, "--layer", layer, "--site",
                             site, "--max-tokens", tokens, "--seq-len", 32, "--quiet"))
-    json_result(sae_jax_cli("train", store, run, "arch=topk", "width=64", "k=4",
-                            f"steps={steps}", "batch_size=128", "--quiet"))
-    return store, run
 
 
 @pytest.fixture(scope="module")
 def llama_run(tmp_path_factory):
-    """(store, run, SAE, model): Llama layer 1 resid, 3000 tokens, a 120-step TopK SAE."""
+    """(store, run, SAE, model): Llama layer 1 resid, 3000 tokens, a 120-step TopK SAE, all
+    through the CLI."""
     from sae_jax.lm import causal
     from sae_jax.sae import load
 
-    store, run = _harvest_and_train(tmp_path_factory.mktemp("llama"), LLAMA, 1, "resid",
-                                    3000, 120)
+    base = tmp_path_factory.mktemp("llama")
+    store, run = base / "store", base / "run"
+    _harvest(store, LLAMA, 1, "resid", 3000)
+    json_result(sae_jax_cli("train", store, run, "arch=topk", "width=64", "k=4", "steps=120",
+                            "batch_size=128", "--quiet"))
     return store, run, load(run), causal.load(LLAMA)
 
 
-def _busiest_feature(sae, store) -> int:
+def _busiest_feature(sae, store, among: int) -> int:
+    """The feature of 0..among-1 that fires most on the held-out rows (one the dashboard's
+    `--features among` catalog holds, so steer finds its max activation there)."""
     from sae_jax.data.store import open_store
 
     heldout = open_store(store).split(sae.config.holdout)[1]
-    return int(np.argmax((np.asarray(sae.encode(heldout.read(0, len(heldout)))) > 0).sum(0)))
+    f = np.asarray(sae.encode(heldout.read(0, len(heldout))))[:, :among]
+    return int(np.argmax((f > 0).sum(0)))
 
 
 def _steer_cli(*argv) -> dict:
@@ -61,28 +67,54 @@ def clamp_after_bos(h, sae, feature, value):
     return intervene.clamp_feature(sae, h, feature, value, mask)
 
 
+def test_dashboard_and_export_on_a_causal_run(llama_run, tmp_path):
+    """First in the module: the run's catalog it writes is what steer reads next."""
+    from sae_jax.data.store import open_store
+    from sae_jax.lm.hooks import store_tokenizer
+
+    store, run, _, model = llama_run
+    site = json_result(sae_jax_cli("dashboard", run, store, tmp_path / "site", "--features",
+                                   N_CATALOG))
+    assert (tmp_path / "site" / "index.html").is_file() and site["n_features"] == N_CATALOG
+    catalog = json.loads((tmp_path / "site" / "feature_catalog.json").read_text())
+    tok, opened = store_tokenizer(open_store(store).meta), open_store(store)
+    assert tok.to_str() == model.tokenizer.to_str()
+    examples = [ex for f in catalog["features"] for ex in f["top_examples"]]
+    assert examples and all(tok.token_to_id(t) is not None for ex in examples
+                            for t in ex["tokens"])
+    for ex in examples[:5]:  # the highlighted token is the store's token, in Llama's vocab
+        stored = int(np.asarray(opened.token_ids[ex["row"]:ex["row"] + 1])[0])
+        assert ex["tokens"][ex["highlight_index"]] == tok.id_to_token(stored)
+
+    out = json_result(sae_jax_cli("export", run, tmp_path / "sae"))
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert out["hook_name"] == cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
+    assert {k: cfg["metadata"][k] for k in ("model_name", "context_size", "prepend_bos")} == {
+        "model_name": "llama", "context_size": 32, "prepend_bos": True}
+    assert "feature_catalog.json" in out["files"]
+
+
 def test_cli_steers_generation(llama_run):
     store, run, sae, model = llama_run
-    feature = _busiest_feature(sae, store)
-    out = sae_jax_cli("steer", run, "--feature", feature, "--times", 6, "--max-new-tokens", 8,
-                      "--n-random", 2, *PROMPTS)
+    feature = _busiest_feature(sae, store, N_CATALOG)
+    out = sae_jax_cli("steer", run, "--feature", feature, "--times", 6, "--max-new-tokens", N,
+                      "--n-random", 2, PROMPT)
     r = json_result(out)
-    assert "scanning the held-out rows" in out.stderr
     assert "before:" in out.stderr and "after:" in out.stderr and "random 2:" in out.stderr
-    assert (r["model"], r["layer"], r["site"], r["n_prompts"]) == ("llama", 1, "resid", 2)
+    assert (r["model"], r["layer"], r["site"], r["n_prompts"]) == ("llama", 1, "resid", 1)
     assert r["value"] == pytest.approx(6 * r["max_activation"]) and r["max_activation"] > 0
     tok = model.tokenizer
-    for prompt, p in zip(PROMPTS, r["prompts"]):
-        ids = np.asarray([[model.specials.cls, *tok.encode(prompt, add_special_tokens=False).ids]])
+    for p in r["prompts"]:
+        ids = np.asarray([[model.specials.cls, *tok.encode(PROMPT, add_special_tokens=False).ids]])
         t0 = ids.shape[1]
         assert (p["n_prompt_tokens"], p["n_steered"]) == (t0, t0 - 1)  # all but BOS
         # "before" is the model's own greedy continuation; "after" is clamp_feature at every
         # position but BOS, generated with an independent hook.
-        assert p["ids_before"] == model.generate(ids, 8)[0, t0:].tolist()
+        assert p["ids_before"] == model.generate(ids, N)[0, t0:].tolist()
         assert p["text_before"] == tok.decode(p["ids_before"])
         args = generation.on_model_devices(model, (sae, jnp.int32(feature),
                                                    jnp.float32(r["value"])))
-        hooked = model.generate(ids, 8, hook=(1, "resid", clamp_after_bos), hook_args=args)
+        hooked = model.generate(ids, N, hook=(1, "resid", clamp_after_bos), hook_args=args)
         assert p["ids_after"] == hooked[0, t0:].tolist()
         # A large clamp moves the first next-token distribution; the random push elsewhere.
         assert p["kl"] > 1e-3 and p["logits_rose"][0]["change"] > 0 > p["logits_fell"][0][
@@ -103,15 +135,15 @@ def test_a_zero_norm_push_changes_nothing(llama_run):
     _, _, sae, model = llama_run
     zeroed = dataclasses.replace(sae, params={**sae.params,
                                               "W_dec": sae.params["W_dec"].at[5].set(0.0)})
-    r = generation.steer_generation(zeroed, model, PROMPTS[1], 5, 50.0, layer=1,
-                                    max_new_tokens=6, n_random=1, top=3)
+    r = generation.steer_generation(zeroed, model, PROMPT, 5, 50.0, layer=1,
+                                    max_new_tokens=N, n_random=1, top=3)
     p = r["prompts"][0]
     assert p["ids_after"] == p["ids_before"] == p["random"][0]["ids"]
     assert p["kl"] == 0.0 and r["random_kl"] == 0.0
     assert all(x["change"] == 0.0 for x in p["logits_rose"] + p["logits_fell"])
     # Sampling is seeded: the same seed gives the same sample.
-    a, b = (generation.steer_generation(sae, model, PROMPTS[0], 5, 3.0, layer=1,
-                                        max_new_tokens=4, n_random=0, temperature=1.5, seed=7)
+    a, b = (generation.steer_generation(sae, model, PROMPT, 5, 3.0, layer=1,
+                                        max_new_tokens=N, n_random=0, temperature=1.5, seed=7)
             for _ in range(2))
     assert a["prompts"][0]["ids_after"] == b["prompts"][0]["ids_after"]
 
@@ -120,37 +152,11 @@ def test_push_hook_is_clamp_feature_and_leaves_padding_rows_alone(llama_run):
     _, _, sae, _ = llama_run
     h = jnp.asarray(np.random.default_rng(0).standard_normal((4, 6, 32)), jnp.float32)
     direction = intervene.feature_direction(sae, 3)
-    got = generation.push_hook(h, sae, 3, 2.5, direction[None], 1)
+    got = jax.jit(generation.push_hook)(h, sae, 3, 2.5, direction[None], 1)
     mask = jnp.zeros((1, 6), bool).at[:, 1:].set(True)
-    want = intervene.clamp_feature(sae, h[:1], 3, 2.5, mask)
+    want = jax.jit(intervene.clamp_feature)(sae, h[:1], 3, 2.5, mask)
     np.testing.assert_allclose(np.asarray(got[:1]), np.asarray(want), atol=1e-6)
     np.testing.assert_array_equal(np.asarray(got[1:]), np.asarray(h[1:]))
-
-
-def test_dashboard_and_export_on_a_causal_run(llama_run, tmp_path):
-    from sae_jax.data.store import open_store
-    from sae_jax.lm.hooks import store_tokenizer
-
-    store, run, _, model = llama_run
-    site = json_result(sae_jax_cli("dashboard", run, store, tmp_path / "site", "--features",
-                                   16))
-    assert (tmp_path / "site" / "index.html").is_file() and site["n_features"] == 16
-    catalog = json.loads((tmp_path / "site" / "feature_catalog.json").read_text())
-    tok, opened = store_tokenizer(open_store(store).meta), open_store(store)
-    assert tok.to_str() == model.tokenizer.to_str()
-    examples = [ex for f in catalog["features"] for ex in f["top_examples"]]
-    assert examples and all(tok.token_to_id(t) is not None for ex in examples
-                            for t in ex["tokens"])
-    for ex in examples[:5]:  # the highlighted token is the store's token, in Llama's vocab
-        stored = int(np.asarray(opened.token_ids[ex["row"]:ex["row"] + 1])[0])
-        assert ex["tokens"][ex["highlight_index"]] == tok.id_to_token(stored)
-
-    out = json_result(sae_jax_cli("export", run, tmp_path / "sae"))
-    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
-    assert out["hook_name"] == cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
-    assert {k: cfg["metadata"][k] for k in ("model_name", "context_size", "prepend_bos")} == {
-        "model_name": "llama", "context_size": 32, "prepend_bos": True}
-    assert "feature_catalog.json" in out["files"]
 
 
 def test_saelens_hook_names():
@@ -180,13 +186,24 @@ def test_minilm_commands_refuse_a_causal_run(llama_run):
         _steer_cli(run, "--feature", 0, "--value", 1, "--layer", 2, "hi")
 
 
-def test_gemma2_steer_smoke(tmp_path_factory):
-    _, run = _harvest_and_train(tmp_path_factory.mktemp("gemma2"), GEMMA2, 1, "mlp_out", 600,
-                                10)
-    r = json_result(sae_jax_cli("steer", run, "--feature", 0, "--value", 8,
+def test_gemma2_steer_smoke(llama_run, tmp_path):
+    """The CLI on Gemma 2 (soft-capping, sliding windows, post-norms) at its MLP output: the
+    Llama run's SAE (d 32 too, so no training here) pointed at a Gemma 2 store."""
+    import shutil
+
+    from sae_jax.rundir import read_run, write_run
+
+    _, run, _, _ = llama_run
+    _harvest(tmp_path / "store", GEMMA2, 1, "mlp_out", 600)
+    shutil.copytree(run, tmp_path / "run")
+    write_run(tmp_path / "run", dataclasses.replace(read_run(run),
+                                                    data_dir=str(tmp_path / "store"),
+                                                    store_id=None))
+    (tmp_path / "run" / "feature_catalog.json").unlink(missing_ok=True)  # Llama's
+    r = json_result(sae_jax_cli("steer", tmp_path / "run", "--feature", 0, "--value", 8,
                                 "--max-new-tokens", 4, "--n-random", 1, "--temperature", 0.8,
-                                PROMPTS[0]))
+                                PROMPT))
     p = r["prompts"][0]
-    assert (r["site"], r["temperature"], len(p["ids_after"]), len(p["random"])) == (
-        "mlp_out", 0.8, 4, 1)
-    assert p["kl"] > 0
+    assert (r["model"], r["site"], r["temperature"]) == ("gemma2", "mlp_out", 0.8)
+    assert (len(p["ids_before"]), len(p["ids_after"]), len(p["random"])) == (4, 4, 1)
+    assert p["n_steered"] == p["n_prompt_tokens"] - 1 and p["kl"] > 0
