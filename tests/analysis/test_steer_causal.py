@@ -8,12 +8,14 @@ commands refusing it in one line; plus a Gemma 2 steer smoke."""
 import argparse
 import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import CAUSAL_FIXTURES, json_result, one_error_line, sae_jax_cli
+from test_dashboard import _browse
 
 from sae_jax.analysis import generation, intervene, steer
 from sae_jax.errors import UserError
@@ -85,6 +87,14 @@ def test_dashboard_and_export_on_a_causal_run(llama_run, tmp_path):
     for ex in examples[:5]:  # the highlighted token is the store's token, in Llama's vocab
         stored = int(np.asarray(opened.token_ids[ex["row"]:ex["row"] + 1])[0])
         assert ex["tokens"][ex["highlight_index"]] == tok.id_to_token(stored)
+    # The page shows byte-level tokens as text: "Ġ" (a leading space) becomes a space.
+    fid = next(f["id"] for f in catalog["features"]
+               if any("Ġ" in t for ex in f["top_examples"] for t in ex["tokens"]))
+    page = _browse((tmp_path / "site" / "index.html").as_uri() + f"#feature-{fid}", tmp_path,
+                   "--dump-dom")
+    assert page.returncode == 0 and 'data-ready="1"' in page.stdout, page.stderr[-2000:]
+    shown = re.findall(r'<span class="tok[^"]*"[^>]*>([^<]*)</span>', page.stdout)
+    assert shown and not any("Ġ" in t for t in shown) and any(t.startswith(" ") for t in shown)
 
     out = json_result(sae_jax_cli("export", run, tmp_path / "sae"))
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())

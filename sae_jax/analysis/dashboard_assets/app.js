@@ -41,7 +41,12 @@
     return s;
   }
   function pct(x) { return x === 0 ? "0" : (x * 100 < 0.01 ? (x * 100).toExponential(1) : fmt(x * 100, 3)) + "%"; }
-  function showTok(t) { return t.indexOf("##") === 0 ? t.slice(2) : t; }
+  // WordPiece (MiniLM) continues a word with "##"; byte-level BPE (GPT-2, Llama 3, Qwen) and
+  // SentencePiece (Llama 2, Gemma) mark a leading space in the token ("Ġ" / "▁", "Ċ" = newline).
+  function spaceMarked(t) { return /[Ġ▁]/.test(t); }
+  function showTok(t) {
+    return t.indexOf("##") === 0 ? t.slice(2) : t.replace(/[Ġ▁]/g, " ").replace(/Ċ/g, "↵");
+  }
 
   /* ---------- histograms ---------- */
   function barChart(counts, lo, hi, opts) {
@@ -117,10 +122,11 @@
   function example(ex, scale) {
     var row = el("div", { cls: "example" });
     row.appendChild(el("span", { cls: "val", text: fmt(ex.value) + (ex.doc != null ? "  doc " + ex.doc + ":" + ex.pos : "") }));
+    var marked = ex.tokens.some(spaceMarked);  // the tokens carry their own spaces
     ex.tokens.forEach(function (t, i) {
       var a = ex.activations[i] || 0, alpha = scale > 0 ? Math.min(1, a / scale) : 0;
       var sp = el("span", { cls: "tok" + (i === ex.highlight_index ? " hl" : ""), title: t + ": " + fmt(a) });
-      if (i > 0 && t.indexOf("##") !== 0) row.appendChild(document.createTextNode(" "));
+      if (i > 0 && !marked && t.indexOf("##") !== 0) row.appendChild(document.createTextNode(" "));
       sp.textContent = showTok(t);
       if (alpha > 0) sp.style.backgroundColor = "rgba(240, 140, 0, " + (0.12 + 0.88 * alpha).toFixed(3) + ")";
       row.appendChild(sp);
