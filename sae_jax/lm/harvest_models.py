@@ -206,13 +206,19 @@ def _causal_fn(arch, layer: int, site: str):
     return functools.partial(_causal_site, arch=arch, layer=layer, site=site)
 
 
-def causal_activations(m, layer: int, site: str = "resid") -> Partial:
-    """`activations_fn(input_ids, attention_mask)` of a loaded `CausalLM` at `site` of block
-    `layer` (pair sites: input ++ output), its sharded params as `Partial` arguments."""
+def site_activations(arch, params, layer: int, site: str = "resid") -> Partial:
+    """`activations_fn(input_ids, attention_mask)` of the transformer `arch` with `params` at
+    `site` of block `layer` (pair sites: input ++ output), the params as `Partial` arguments
+    (they keep their shardings through `harvest`)."""
     from sae_jax.lm import transformer
 
-    transformer.check_site(m.arch, layer, site)
-    return Partial(_causal_fn(m.arch, layer, site), m.params)
+    transformer.check_site(arch, layer, site)
+    return Partial(_causal_fn(arch, layer, site), params)
+
+
+def causal_activations(m, layer: int, site: str = "resid") -> Partial:
+    """`site_activations` of a loaded `CausalLM` (its params sharded over its mesh)."""
+    return site_activations(m.arch, m.params, layer, site)
 
 
 def causal_source(model: str, layer: int, site: str | None, pair: str | None,
