@@ -3,7 +3,7 @@
 `harvest` is generic: it takes ANY `activations_fn(input_ids, attention_mask) -> (n, L, d)`,
 jits it once for a fixed `(batch_size, seq_len)` shape, shards each batch of sequences over
 the data axis of a `("data", "model")` mesh, and appends the rows of real tokens (`[CLS]`,
-`[SEP]` and padding left out unless `keep_special`) with their token ids and
+`[SEP]`, BOS left out unless `keep_special`; padding never) with their token ids and
 `(document, position)` to a `StoreWriter`, stopping at exactly `max_tokens` rows. The next
 batch is dispatched before the previous one is copied back and written, so host work
 (tokenising, writing) overlaps the model. A `KeyboardInterrupt` or error anywhere removes the
@@ -127,7 +127,7 @@ def harvest(activations_fn: ActivationsFn, sequences: Iterable[TokenSequence], w
       max_tokens: rows to write; fewer only if the sequences run out.
       batch_size: sequences per model call; rounded up to a multiple of the mesh's data axis.
         Every call has this shape (the last batch is padded), so it compiles once.
-      keep_special: also write `[CLS]`/`[SEP]` rows (position -1); padding never.
+      keep_special: also write `[CLS]`/`[SEP]`/BOS rows (position -1); padding never.
       progress: show a tqdm bar (tokens, tokens/s, ETA).
       mesh: a `("data", "model")` mesh; default every device on `data`.
 
