@@ -149,6 +149,12 @@ class CausalLM:
         `hidden_states[layer + 1]` (for the last block: before the final norm)."""
         return self.activations(ids, layer, "resid")
 
+    def residuals(self, ids) -> np.ndarray:
+        """Every block's output at once, float32 `(n_layers, B, T, d)`:
+        `residuals(ids)[l] == residual(ids, l)`."""
+        batch, n = self._batch(ids)
+        return np.asarray(_stream_fn(self.arch)(self.params, batch), np.float32)[:, :n]
+
     def logits(self, ids, hook=None, hook_args=()) -> np.ndarray:
         """float32 `(B, T, vocab)`; `hook=(layer, site, fn)` edits the stream on the way with
         `fn(value, *hook_args)` (`hook_args` are traced, so one compile serves many values)."""
@@ -184,6 +190,11 @@ class CausalLM:
 @functools.lru_cache(maxsize=32)
 def _capture_fn(arch: Arch, layer: int, site: str):
     return jax.jit(functools.partial(transformer.activations, arch, layer=layer, site=site))
+
+
+@functools.lru_cache(maxsize=8)
+def _stream_fn(arch: Arch):
+    return jax.jit(functools.partial(transformer.residual_stream, arch))
 
 
 @functools.lru_cache(maxsize=32)

@@ -138,7 +138,9 @@ def _gemma(c: dict) -> Arch:
                 layer_types=_layer_types(c, n, default), rope=_rope(scaling, theta),
                 rope_local=local, max_positions=c.get("max_position_embeddings", 8192),
                 attn_scale=c.get("query_pre_attn_scalar", d // heads) ** -0.5,
-                qk_norm=gemma3, post_norms=True, attn_softcap=c.get("attn_logit_softcapping"),
+                qk_norm=gemma3, post_norms=True,
+                # Gemma 3's attention never reads attn_logit_softcapping (transformers 5.24)
+                attn_softcap=None if gemma3 else c.get("attn_logit_softcapping"),
                 final_softcap=c.get("final_logit_softcapping"), embed_scale=math.sqrt(d),
                 sliding_window=c.get("sliding_window"))
 

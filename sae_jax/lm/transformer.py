@@ -220,26 +220,28 @@ def unembed(arch: Arch, params: dict, h: jax.Array) -> jax.Array:
 
 
 def forward(arch: Arch, params: dict, ids: jax.Array, *, hook: Hook | None = None,
-            capture: tuple[int, str] | None = None) -> jax.Array:
+            capture: tuple[tuple[int, str], ...] = ()):
     """The model on `ids (B, T)` (no padding, or right padding: attention is causal).
 
     Args:
       hook: `(layer, site, fn)`: the value at `site` of block `layer` is replaced by
         `fn(value)` (pair sites: `fn(input, output) -> output`) before the model reads on.
-      capture: `(layer, site)`: return the value there instead of logits (pair sites: input
-        and output concatenated on the last axis), running no block after `layer`.
+      capture: `((layer, site), ...)`: return the values there (a tuple, in this order)
+        instead of logits (pair sites: input and output concatenated on the last axis),
+        running no block after the last of these layers.
 
     Returns:
       float32 logits `(B, T, vocab)`, or the captured activations in the params' dtype.
     """
-    for where in (hook, capture):
+    for where in (hook, *capture):
         if where is not None:
             check_site(arch, where[0], where[1])
-    captured = []
+    captured = {}
 
     def at(layer: int, site: str, *values):
-        if capture == (layer, site):
-            captured.append(jnp.concatenate(values, -1) if len(values) > 1 else values[-1])
+        if (layer, site) in capture:
+            captured[layer, site] = (jnp.concatenate(values, -1) if len(values) > 1
+                                     else values[-1])
         if hook is not None and tuple(hook[:2]) == (layer, site):
             return hook[2](*values)
         return values[-1]
@@ -247,8 +249,9 @@ def forward(arch: Arch, params: dict, ids: jax.Array, *, hook: Hook | None = Non
     h = embed(arch, params, ids)
     for i, p in enumerate(params["layers"]):
         h = _block(arch, p, h, arch.layer_types[i], functools.partial(at, i))
-        if captured:  # XLA drops whatever the rest of this block computed after the site
-            return captured[0]
+        if capture and len(captured) == len(set(capture)):
+            # XLA drops whatever the rest of this block computed after the sites
+            return tuple(captured[c] for c in capture)
     return unembed(arch, params, h)
 
 
@@ -270,5 +273,11 @@ def activations(arch: Arch, params: dict, ids: jax.Array, layer: int,
                 site: str = "resid") -> jax.Array:
     """The value at `site` of block `layer` (`forward`'s `capture`), computing only blocks
     0..layer: what harvest stores."""
-    return forward(arch, params, ids, capture=(layer, site))
+    return forward(arch, params, ids, capture=((layer, site),))[0]
+
+
+def residual_stream(arch: Arch, params: dict, ids: jax.Array) -> jax.Array:
+    """Every block's output, `(n_layers, B, T, d)`, in one pass."""
+    return jnp.stack(forward(arch, params, ids,
+                             capture=tuple((i, "resid") for i in range(arch.n_layers))))
 
