@@ -202,7 +202,7 @@ def add_arguments(parser) -> None:
                              "recovered (causal LMs) (default 128)")
     parser.add_argument("--corpus", nargs="+", metavar="PATH",
                         help="the corpus the store was harvested from, if not the default")
-    parser.add_argument("--mesh", default="",
+    parser.add_argument("--mesh", default="", metavar="SPEC",
                         help="mesh to run a causal LM on for loss recovered, e.g. "
                              "data:2,model:4 (default: every device on data)")
 
