@@ -118,6 +118,10 @@ def test_bench_prints_ratios_as_json():
     assert result["flops_per_token"] == 2 * 16 * 64 + 10 * 16 * 4  # sparse TopK, as documented
     assert result["topk_exact_ms"] > 0 and result["topk_approx_ms"] > 0
     assert "loader" in out.stdout and "x the step's consumption" in out.stdout
+    # Harvest throughput of the llama-style d512 8-layer LM next to MiniLM's, in one run.
+    assert result["harvest_causal_tokens_per_s"] > 0 and result["harvest_minilm_tokens_per_s"] > 0
+    assert result["harvest_causal"]["d_model"] == 512 and result["harvest_causal"]["n_layers"] == 8
+    assert "llama-style d512 8 layers" in out.stdout and "MiniLM layer 3:" in out.stdout
 
 
 def test_bench_flop_formula_matches_xlas_own_count():
@@ -205,6 +209,7 @@ def test_bench_without_minilm_skips_only_the_extraction_figures(monkeypatch, cap
     result = run_bench(["d_in=384", "width=256", "k=4", "batch_size=64", "bench_steps=1",
                         "store_rows=4096"])
     assert result["tokens_per_s"] > 0 and "features_latency_ms" not in result
+    assert result["harvest_causal_tokens_per_s"] > 0 and "harvest_minilm_tokens_per_s" not in result
     assert "feature-extraction figures skipped" in capsys.readouterr().err
 
 

