@@ -12,11 +12,12 @@ For each prompt (BOS first when the model has one, as harvest builds its sequenc
 * `text_before` / `ids_before`: the unsteered continuation (`model.generate`, no hook);
 * `text_after` / `ids_after`: the steered continuation;
 * `logits_rose` / `logits_fell`: at the first generated position, the `top` tokens whose
-  logit rose / fell most under the clamp (`{"token", "id", "change"}`), and `kl`, the KL
-  divergence of the steered next-token distribution from the clean one there;
-* `random`: the control, one entry per random direction of W_dec[i]'s norm pushed with the
-  very amounts v − f_i(h) the clamp adds (`intervene.random_directions`): its continuation
-  and its logit changes and KL. A feature that steers should change what the model says
+  logit rose / fell most under the clamp (`{"token", "id", "change"}`), and `kl` =
+  KL(clean ‖ steered) of the next-token distributions there, in nats;
+* `random`: the control, one entry per random direction of W_dec[i]'s norm
+  (`intervene.random_directions`), pushed at the same positions by the amounts v − f_i(h)
+  the clamp would add to that row's stream (on the prompt: exactly the clamp's): its
+  continuation, logit changes and KL. A feature that steers should change what the model says
   more, or more coherently, than a push of the same size in a random direction;
 * `activation_before` / `activation_after`: the mean of f_i over the prompt's steered
   positions in the clean stream, and as the SAE reads the clamped stream back (the hook sits
@@ -45,6 +46,13 @@ from sae_jax.lm.hooks import check_not_transcoder
 MAX_NEW_TOKENS = 24
 TOP_LOGITS = 10
 N_RANDOM = 4
+
+
+def check_feature(sae, feature: int) -> None:
+    """Refuses a feature id the SAE does not have."""
+    if not 0 <= feature < sae.width:
+        raise UserError(f"feature {feature} is out of range: the SAE has {sae.width} features "
+                        f"(0..{sae.width - 1})")
 
 
 def push_hook(h, sae, feature, value, directions, start):
@@ -101,7 +109,7 @@ def decode_token(tokenizer, i: int) -> str:
 
 def logit_changes(tokenizer, clean: np.ndarray, steered: np.ndarray, top: int) -> dict:
     """The `top` tokens whose logit rose and fell most from `clean` to `steered` (vocab,),
-    and the KL divergence of the steered distribution from the clean one."""
+    and KL(clean ‖ steered) of the next-token distributions, in nats."""
     change = steered.astype(np.float64) - clean
     order = np.argsort(-change, kind="stable")
 
@@ -110,8 +118,8 @@ def logit_changes(tokenizer, clean: np.ndarray, steered: np.ndarray, top: int) -
                  "change": float(change[i])} for i in ids]
 
     p, q = _log_softmax(clean), _log_softmax(steered)
-    return {"kl": float(np.sum(np.exp(p) * (p - q))), "logits_rose": rows(order[:top]),
-            "logits_fell": rows(order[::-1][:top])}
+    kl = max(0.0, float(np.sum(np.exp(p) * (p - q))))  # >= 0 but for rounding
+    return {"kl": kl, "logits_rose": rows(order[:top]), "logits_fell": rows(order[::-1][:top])}
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -155,9 +163,7 @@ def steer_generation(sae, model, prompts, feature: int, value: float, *, layer: 
     if not prompts:
         raise UserError("give at least one prompt to steer")
     check_not_transcoder(sae.config, "steering")
-    if not 0 <= feature < sae.width:
-        raise UserError(f"feature {feature} is out of range: the SAE has {sae.width} features "
-                        f"(0..{sae.width - 1})")
+    check_feature(sae, feature)
     if max_new_tokens < 1 or n_random < 0 or top < 1 or temperature < 0:
         raise UserError("max_new_tokens and top must be at least 1, n_random and temperature "
                         "at least 0")

@@ -46,7 +46,7 @@ import numpy as np
 
 from sae_jax import files
 from sae_jax.analysis.catalog import concept_texts, feature_label, find_catalog
-from sae_jax.analysis.generation import format_generation, generate_run
+from sae_jax.analysis.generation import check_feature, format_generation, generate_run
 from sae_jax.analysis.intervene import (
     activation_before_after,
     feature_direction,
@@ -113,7 +113,7 @@ def reference_sequences(store, holdout: float, tokenizer, n: int, seed: int,
     is the original source, not lower-cased WordPiece."""
     import itertools
 
-    from sae_jax.analysis.fidelity import rebuild_corpus
+    from sae_jax.analysis.heldout import rebuild_corpus
     from sae_jax.lm.corpus import Specials, untruncated_copy
 
     check_model_store(store, "steer")
@@ -160,13 +160,6 @@ def reference_for_run(run_dir, model, store, holdout: float, n: int = N_REFERENC
 
 # ----------------------------------------------------------------------------------------
 # Steering a model
-
-
-def check_feature(sae, feature: int) -> None:
-    """Refuses a feature id the SAE does not have."""
-    if not 0 <= feature < sae.width:
-        raise UserError(f"feature {feature} is out of range: the SAE has {sae.width} features "
-                        f"(0..{sae.width - 1})")
 
 
 def clamp_value(value: float | None, times: float | None, entry: dict | None) -> float:
