@@ -39,8 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# rebuild_corpus: steer imports it from here
-from sae_jax.analysis.heldout import heldout_sequences, rebuild_corpus  # noqa: F401
+from sae_jax.analysis.heldout import heldout_sequences
 from sae_jax.analysis.moments import rows_mean
 from sae_jax.batches import padded_batches
 from sae_jax.errors import UserError

@@ -71,19 +71,6 @@ def push_hook(h, sae, feature, value, directions, start):
                          mask)
 
 
-def on_model_devices(model, tree):
-    """`tree` (hook arguments: the SAE, arrays) replicated over a sharded model's mesh, so
-    one jitted call sees every argument on the same devices (a loaded SAE sits on one)."""
-    mesh = getattr(model, "mesh", None)
-    if mesh is None:
-        return tree
-    import jax
-
-    from sae_jax.mesh import replicated
-
-    return jax.device_put(tree, replicated(mesh))
-
-
 def prompt_ids(model, prompt: str, bos: bool | None = None) -> tuple[np.ndarray, int]:
     """The prompt's ids `(1, T)`, BOS (when `bos`, default: when the model has one) then its
     tokens, as harvest frames a document; and how many special tokens lead (0 or 1)."""
@@ -176,8 +163,8 @@ def steer_generation(sae, model, prompts, feature: int, value: float, *, layer: 
         ids, n_special = prompt_ids(model, prompt, bos)
         start = 0 if keep_special else n_special
         hook = (layer, site, push_hook)
-        args = on_model_devices(model, (sae, jnp.int32(feature), jnp.float32(value),
-                                        jnp.asarray(dirs), jnp.int32(start)))
+        args = (sae, jnp.int32(feature), jnp.float32(value), jnp.asarray(dirs),
+                jnp.int32(start))
         t0 = ids.shape[1]
         before = model.generate(ids, max_new_tokens, temperature=temperature, seed=seed)
         after = model.generate(np.repeat(ids, m, 0), max_new_tokens, temperature=temperature,

@@ -159,7 +159,13 @@ class CausalLM:
         """float32 `(B, T, vocab)`; `hook=(layer, site, fn)` edits the stream on the way with
         `fn(value, *hook_args)` (`hook_args` are traced, so one compile serves many values)."""
         batch, n = self._batch(ids)
+        hook_args = self._replicated(hook_args)
         return np.asarray(_logits_fn(self.arch, hook)(self.params, batch, hook_args))[:n]
+
+    def _replicated(self, tree):
+        """Hook arguments (an SAE, arrays) on every device of the mesh, next to the weights
+        (a loaded SAE sits on one device)."""
+        return jax.device_put(tree, NamedSharding(self.mesh, P()))
 
     def generate(self, ids, max_new_tokens: int, *, temperature: float = 0.0, seed: int = 0,
                  hook=None, hook_args=()) -> np.ndarray:
@@ -175,6 +181,7 @@ class CausalLM:
         buf[:, :t0] = ids
         key = jax.random.PRNGKey(seed)
         step = _logits_fn(self.arch, hook)
+        hook_args = self._replicated(hook_args)
         for t in range(t0, t0 + max_new_tokens):
             batch, _ = self._batch(buf)
             last = np.asarray(step(self.params, batch, hook_args)[:, t - 1])[:b]

@@ -122,8 +122,7 @@ def test_cli_steers_generation(llama_run):
         # position but BOS, generated with an independent hook.
         assert p["ids_before"] == model.generate(ids, N)[0, t0:].tolist()
         assert p["text_before"] == tok.decode(p["ids_before"])
-        args = generation.on_model_devices(model, (sae, jnp.int32(feature),
-                                                   jnp.float32(r["value"])))
+        args = (sae, jnp.int32(feature), jnp.float32(r["value"]))  # on one device: fine
         hooked = model.generate(ids, N, hook=(1, "resid", clamp_after_bos), hook_args=args)
         assert p["ids_after"] == hooked[0, t0:].tolist()
         # A large clamp moves the first next-token distribution; the random push elsewhere.
