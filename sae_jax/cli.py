@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-sae": ("sae_jax.saelens.import_sae",
                    "load a SAELens-format SAE into a new run directory"),
     "steer": ("sae_jax.analysis.steer",
-              "clamp a feature in MiniLM and measure the effect; last line is JSON"),
+              "clamp a feature and measure the effect (causal LMs: generation); last line is JSON"),
     "features": ("sae_jax.analysis.features",
                  "per-token active features of texts, with catalog labels; last line is JSON"),
     "audit": ("sae_jax.analysis.audit",

@@ -7,7 +7,7 @@ from pathlib import Path
 import sae_jax
 
 PACKAGE = Path(sae_jax.__file__).parent
-STAGES = ["saes", "data", "lm", "training", "analysis", "planning"]
+STAGES = ["saes", "data", "lm", "training", "analysis", "planning", "release"]
 """Pipeline stages, lowest first: each may import only itself and the stages before it (the
 top-level modules are the shared foundation and the entry points)."""
 MAX_LINES = 460
