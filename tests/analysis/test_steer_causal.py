@@ -3,7 +3,7 @@ Llama harvested and trained through the CLI, then steered (the "before" text is 
 own greedy continuation, the clamp is `clamp_feature` at every steered position, a zero-norm
 push changes nothing, the random control pushes elsewhere), its dashboard decoded with the
 Llama tokenizer, its SAELens export naming the TransformerLens hook, and the MiniLM-only
-commands refusing it in one line; plus a Gemma 2 steer smoke."""
+commands refusing it in one line; plus every command end to end on Gemma 2."""
 
 import argparse
 import dataclasses
@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from conftest import CAUSAL_FIXTURES, json_result, one_error_line, sae_jax_cli
 from test_dashboard import _browse
+from test_loss_recovered import check_arithmetic, write_corpus
 
 from sae_jax.analysis import generation, intervene, steer
 from sae_jax.errors import UserError
@@ -195,24 +196,30 @@ def test_minilm_commands_refuse_a_causal_run(llama_run):
         _steer_cli(run, "--feature", 0, "--value", 1, "--layer", 2, "hi")
 
 
-def test_gemma2_steer_smoke(llama_run, tmp_path):
-    """The CLI on Gemma 2 (soft-capping, sliding windows, post-norms) at its MLP output: the
-    Llama run's SAE (d 32 too, so no training here) pointed at a Gemma 2 store."""
-    import shutil
-
-    from sae_jax.rundir import read_run, write_run
-
-    _, run, _, _ = llama_run
-    _harvest(tmp_path / "store", GEMMA2, 1, "mlp_out", 600)
-    shutil.copytree(run, tmp_path / "run")
-    write_run(tmp_path / "run", dataclasses.replace(read_run(run),
-                                                    data_dir=str(tmp_path / "store"),
-                                                    store_id=None))
-    (tmp_path / "run" / "feature_catalog.json").unlink(missing_ok=True)  # Llama's
-    r = json_result(sae_jax_cli("steer", tmp_path / "run", "--feature", 0, "--value", 8,
+def test_gemma2_end_to_end(tmp_path):
+    """Every command a user runs, through the CLI, on Gemma 2 (soft-capping, sliding
+    windows, post-norms) at its MLP output: harvest, train, eval (loss recovered), dashboard,
+    steer (sampled) and export."""
+    store, run = tmp_path / "store", tmp_path / "run"
+    corpus = write_corpus(tmp_path / "corpus.txt")  # zeroing this site raises the loss there
+    json_result(sae_jax_cli("harvest", store, "--model", GEMMA2, "--layer", 1, "--site",
+                            "mlp_out", "--max-tokens", 2000, "--seq-len", 32, "--corpus",
+                            corpus))
+    json_result(sae_jax_cli("train", store, run, "arch=topk", "width=64", "k=4", "steps=60",
+                            "batch_size=128"))
+    ev = json_result(sae_jax_cli("eval", run, store, "--fidelity-sequences", 8, "--corpus",
+                                 corpus))
+    lm = ev["lm_loss"]
+    assert (lm["site"], lm["layer"]) == ("mlp_out", 1) and ev["loss_recovered"] is not None
+    check_arithmetic(lm)
+    site = json_result(sae_jax_cli("dashboard", run, store, tmp_path / "site", "--features", 8))
+    assert site["n_features"] == 8 and (tmp_path / "site" / "index.html").is_file()
+    r = json_result(sae_jax_cli("steer", run, "--feature", 0, "--value", 8,
                                 "--max-new-tokens", 4, "--n-random", 1, "--temperature", 0.8,
                                 PROMPT))
     p = r["prompts"][0]
     assert (r["model"], r["site"], r["temperature"]) == ("gemma2", "mlp_out", 0.8)
     assert (len(p["ids_before"]), len(p["ids_after"]), len(p["random"])) == (4, 4, 1)
     assert p["n_steered"] == p["n_prompt_tokens"] - 1 and p["kl"] > 0
+    out = json_result(sae_jax_cli("export", run, tmp_path / "sae"))
+    assert out["hook_name"] == "blocks.1.hook_mlp_out"

@@ -78,8 +78,12 @@ def test_greedy_generation_matches_transformers(family, loaded):
     np.testing.assert_array_equal(out, g["generated"])
 
 
-@pytest.mark.parametrize("mesh", ["data:8,model:1", "data:2,model:4", "data:1,model:8"])
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
+EIGHT_DEVICES = ([(f, "data:2,model:4") for f in CAUSAL_FAMILIES]
+                 + [(f, m) for f in ("llama", "gemma3") for m in ("data:8,model:1",
+                                                                  "data:1,model:8")])
+
+
+@pytest.mark.parametrize("family,mesh", EIGHT_DEVICES)
 def test_sharded_over_eight_devices(family, mesh, loaded):
     """The weights really are split over "model", and the outputs do not change."""
     m, g = loaded(family, mesh), golden(family)
