@@ -376,6 +376,24 @@ class MiniLM:
         return np.asarray(_forward_jit(self.params, ids, mask, _static(replace))), mask
 
 
+    def residual(self, ids, layer: int) -> np.ndarray:
+        """The `sae_jax.lm.load` contract: the residual stream after block `layer` (0-based,
+        = `hidden_states[layer + 1]`), float32 `(B, T, 384)`, for unpadded int ids `(B, T)`.
+        (`sae-jax harvest --layer` counts MiniLM's layers from 0 = embeddings instead.)"""
+        ids = np.asarray(ids)
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise UserError(f"ids must be an int array (B, T), got {ids.dtype} {ids.shape}")
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < N_LAYERS:
+            raise UserError(f"layer must be in 0..{N_LAYERS - 1} for MiniLM, got {layer}")
+        states = _forward_jit(self.params, ids.astype(np.int32), np.ones_like(ids, np.int32),
+                              None)
+        return np.asarray(states[layer + 1], np.float32)
+
+    def logits(self, ids):
+        raise UserError("all-MiniLM-L6-v2 is a sentence embedder: it has no LM head, so no "
+                        "logits (load a causal LM folder for those)")
+
+
 def _static(replace) -> Replace | None:
     # `jit` hashes static args: a list would be rejected, a tuple of (int, function) is fine.
     return None if replace is None else (int(replace[0]), *replace[1:])

@@ -181,3 +181,13 @@ def test_damaged_folders_are_one_line_errors(tmp_path):
     (folder / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(UserError, match="pickle, which is never read"):
         causal.load(folder)
+
+
+def test_minilm_under_the_same_roof():
+    m = sae_jax.lm.load("minilm")
+    ids, mask = m.tokenize(["a short sentence"])
+    n = int(mask.sum())  # the contract's ids carry no padding
+    states, _ = m.hidden_states(["a short sentence"])
+    np.testing.assert_allclose(m.residual(ids[:, :n], 2), states[3][:, :n], atol=1e-5)
+    with pytest.raises(UserError, match="no LM head"):
+        m.logits(ids)
