@@ -154,21 +154,25 @@ def _activations_fn(model: str, prov: dict):
     return harvest_models.causal_activations(m, layer, pair or prov.get("site") or "resid")
 
 
-def _check_model(model: str, checks: Checks, prov: dict | None, sae, arrays, samples: int,
+def _check_model(model: str, checks: Checks, prov, sae, arrays, samples: int,
                  seed: int) -> None:
     from sae_jax.data.store import STORE_DTYPES
     from sae_jax.release.provenance import model_sha256
 
-    if prov is None:
-        checks.add("model_hash", False, "provenance.json is unreadable")
-        checks.add("rederive", False, "provenance.json is unreadable")
+    record = prov.get("model") if isinstance(prov, dict) else None
+    if not (isinstance(record, dict) and record.get("kind") in ("minilm", "causal")
+            and isinstance(record.get("sha256"), dict) and isinstance(prov.get("layer"), int)):
+        why = "provenance.json is unreadable or lacks model kind, sha256 or layer"
+        checks.add("model_hash", False, why)
+        checks.add("rederive", False, why)
         return
     try:
-        found = model_sha256(model)
-        same = found == prov["model"].get("sha256")
-        checks.add("model_hash", same, "weight files match provenance" if same else
-                   f"weights of {model} {found} differ from provenance's "
-                   f"{prov['model'].get('sha256')}")
+        found, want = model_sha256(model), record["sha256"]
+        differ = sorted(k for k in set(found) | set(want) if found.get(k) != want.get(k))
+        checks.add("model_hash", not differ, "weight files match provenance" if not differ
+                   else f"{model}: weight file(s) {', '.join(differ)} missing or with another "
+                   f"SHA-256 than provenance records ({len(want)} recorded, {len(found)} "
+                   "found)")
     except UserError as e:
         checks.add("model_hash", False, f"cannot hash {model}: {e}")
     if sae is None or arrays is None:
@@ -180,12 +184,15 @@ def _check_model(model: str, checks: Checks, prov: dict | None, sae, arrays, sam
         checks.add("rederive", False, f"cannot run {model} as the bundle's model: {e}")
         return
     n = len(arrays["value"])
+    if n == 0:
+        checks.add("rederive", False, "contexts.npz holds no contexts to re-derive")
+        return
     pick = np.sort(np.random.default_rng(seed).choice(n, size=min(samples, n), replace=False))
     sample = {k: v[pick] for k, v in arrays.items()}
     dtype = STORE_DTYPES.get(prov.get("activation_dtype"), np.float32)
     try:
         _, bad = ctx.rederive(sample, fn, sae, dtype)
-    except (ValueError, TypeError, IndexError) as e:  # ids the model cannot embed, ...
+    except (UserError, ValueError, TypeError, IndexError) as e:  # widths that disagree, ...
         checks.add("rederive", False, f"{model} cannot run the contexts: {e}")
         return
     checks.add("rederive", not bad, f"{len(bad)} of {len(pick)} off: {_summary(bad)}" if bad
@@ -205,7 +212,8 @@ def _check_data(data: str, checks: Checks, prov: dict | None) -> None:
     if store.id != prov.get("store_id"):
         wrong.append(f"store id {store.id} != provenance's {prov.get('store_id')}")
     try:
-        if corpus_sha256(store) != (prov.get("corpus") or {}).get("sha256"):
+        corpus = prov.get("corpus") if isinstance(prov.get("corpus"), dict) else {}
+        if corpus_sha256(store) != corpus.get("sha256"):
             wrong.append("token ids/positions hash differs from provenance's corpus sha256")
     except UserError as e:
         wrong.append(str(e))

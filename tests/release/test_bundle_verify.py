@@ -213,3 +213,64 @@ def test_usage_errors(bundled):
         from sae_jax.release.bundle import write_bundle
 
         write_bundle(tmp / "run", tmp / "bundle")
+
+
+def test_an_existing_audit_report_is_included_unless_no_audit(bundled, tmp_path):
+    """RUN/audit/audit.json (where `sae-jax audit` writes it) travels as reports/audit.json;
+    the catalog and eval the first bundle made are reused, not rebuilt."""
+    from sae_jax.analysis.audit_report import AUDIT_DIR, AUDIT_FILE
+    from sae_jax.release.bundle import write_bundle
+
+    tmp, _ = bundled
+    run = tmp_path / "run"
+    shutil.copytree(tmp / "run", run)
+    report = {"summary": {"causal": {"median": 1.5, "median_random": 0.1, "auc": 0.9}},
+              "coverage": {"fvu": 0.2}, "features": []}
+    (run / AUDIT_DIR).mkdir()
+    (run / AUDIT_DIR / AUDIT_FILE).write_text(json.dumps(report))
+    said = []
+    result = write_bundle(run, tmp_path / "with", n_contexts=8, log=said.append)
+    assert said == [] and result["files"] == sorted([*FILES, names.AUDIT])
+    assert json.loads((tmp_path / "with" / names.AUDIT).read_text()) == report
+    assert verify_bundle(tmp_path / "with")["ok"]
+    result = write_bundle(run, tmp_path / "without", n_contexts=8, audit="skip")
+    assert result["files"] == FILES and verify_bundle(tmp_path / "without")["ok"]
+
+
+def test_a_causal_lm_bundle_verifies_against_its_model_only(tmp_path):
+    """A tiny causal LM (BOS-framed sequences, JumpReLU SAE): the bundle re-derives with its
+    own folder and fails against another family's."""
+    import jax
+
+    import sae_jax
+    from sae_jax.analysis.evaluate import evaluate, write_eval_artifacts
+    from sae_jax.config import make_config
+    from sae_jax.data.store import open_store
+    from sae_jax.lm.harvest import run_harvest
+    from sae_jax.release.bundle import write_bundle
+    from sae_jax.training.train import train
+
+    llama = CAUSAL_FIXTURES / "llama"
+    run_harvest(tmp_path / "store", model=str(llama), layer=1, max_tokens=2000, seq_len=32,
+                progress=False)
+    cfg = make_config(arch="jumprelu", width=128, steps=30, batch_size=128, holdout=0.2)
+    train(cfg, tmp_path / "store", tmp_path / "run", progress=False, devices=jax.devices()[:1])
+    # The core eval only (loss recovered compiles the LM twice more; the MiniLM bundle above
+    # runs the whole eval): a bundle takes the run's eval.json as it is.
+    sae, store = sae_jax.load(tmp_path / "run"), open_store(tmp_path / "store")
+    core = {"step": sae.step, **evaluate(sae, store.split(0.2)[1])}
+    write_eval_artifacts(core, tmp_path / "run" / "eval")
+    result = write_bundle(tmp_path / "run", tmp_path / "bundle", n_contexts=12)
+    assert json.loads((tmp_path / "bundle" / names.EVAL).read_text())["fvu"] == core["fvu"]
+    prov = json.loads((tmp_path / "bundle" / names.PROVENANCE).read_text())
+    assert prov["model"]["kind"] == "causal" and prov["model"]["sha256"] == result[
+        "model_sha256"]
+    with np.load(tmp_path / "bundle" / names.CONTEXTS, allow_pickle=False) as z:
+        bos = json.loads((llama / "config.json").read_text())["bos_token_id"]
+        assert np.all(z["ids"][:, 0] == bos)
+    ok = verify_bundle(tmp_path / "bundle", model=str(llama), data=str(tmp_path / "store"))
+    assert ok["ok"], ok["checks"]
+    other = verify_bundle(tmp_path / "bundle", model=str(CAUSAL_FIXTURES / "gpt2"))
+    assert failed(other) == {"model_hash", "rederive"}
+    assert failed(verify_bundle(tmp_path / "bundle", model="minilm")) == {"model_hash",
+                                                                          "rederive"}
