@@ -182,19 +182,19 @@ def write_bundle(run_dir, out_dir, *, data_dir=None, accelerator: str = DEFAULT_
 def add_arguments(parser) -> None:
     parser.add_argument("run_dir", help="a trained run")
     parser.add_argument("out_dir", help="the new bundle folder (must not exist, or be empty)")
-    parser.add_argument("--data", dest="data_dir",
+    parser.add_argument("--data", dest="data_dir", metavar="DATA",
                         help="the run's harvested store (default: the one it trained on)")
-    parser.add_argument("--accelerator", default=DEFAULT_ACCELERATOR,
+    parser.add_argument("--accelerator", default=DEFAULT_ACCELERATOR, metavar="NAME",
                         help="the chip-hours of bill.json are for this (default %(default)s)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--audit", dest="audit", action="store_const", const="run",
                        help="run sae-jax audit (default: include RUN/audit/audit.json if any)")
     which.add_argument("--no-audit", dest="audit", action="store_const", const="skip",
                        help="no audit report, even if the run has one")
-    parser.add_argument("--contexts", type=int, default=64, dest="n_contexts",
+    parser.add_argument("--contexts", type=int, default=64, dest="n_contexts", metavar="N",
                         help="top activations sampled into contexts.npz (default 64)")
-    parser.add_argument("--seed", type=int, default=0, help="picks the contexts")
-    parser.add_argument("--fidelity-sequences", type=int, default=32,
+    parser.add_argument("--seed", type=int, default=0, help="picks the contexts (default 0)")
+    parser.add_argument("--fidelity-sequences", type=int, default=32, metavar="N",
                         help="held-out sequences for the eval's fidelity, if the eval is run")
     parser.add_argument("--corpus", nargs="+", metavar="PATH",
                         help="the corpus the store was harvested from, if not the default")

@@ -259,10 +259,11 @@ def verify_bundle(bundle, model: str | None = None, data: str | None = None,
 
 def add_arguments(parser) -> None:
     parser.add_argument("bundle", help="a folder written by sae-jax bundle")
-    parser.add_argument("--model", help="re-derive activations with this model: a Hugging "
-                                        "Face folder, or minilm")
-    parser.add_argument("--data", help="check the store's id and corpus hash too")
-    parser.add_argument("--samples", type=int, default=32,
+    parser.add_argument("--model", metavar="PATH",
+                        help="re-derive activations with this model: a Hugging Face folder, "
+                             "or minilm")
+    parser.add_argument("--data", metavar="DATA", help="check the store's id and corpus hash too")
+    parser.add_argument("--samples", type=int, default=32, metavar="N",
                         help="contexts re-derived with --model (default 32)")
     parser.add_argument("--seed", type=int, default=0, help="picks the sampled contexts")
 

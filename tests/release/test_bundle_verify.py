@@ -81,6 +81,7 @@ def test_bundle_holds_the_contract(bundled):
     assert (tmp / "run" / "eval" / "eval.json").is_file()
 
 
+@pytest.mark.entry
 def test_verify_passes_against_the_model_and_the_store(bundled):
     tmp, _ = bundled
     out = sae_jax_cli("verify", tmp / "bundle", "--model", "minilm", "--data", tmp / "store",
@@ -171,6 +172,7 @@ def test_a_swapped_sae_fails(bundled, swap):
     assert failed(result) == {"rederive"}
 
 
+@pytest.mark.entry
 def test_a_different_model_fails(bundled, tmp_path):
     """A copy of MiniLM with 5 % weight noise on blocks 1..3 (as experiments/drift_minilm.py
     perturbs it), and a causal LM folder: the weight hashes differ and the features move."""
@@ -203,6 +205,7 @@ def test_a_different_model_fails(bundled, tmp_path):
     assert failed(result) == {"model_hash", "rederive"}
 
 
+@pytest.mark.entry
 def test_usage_errors(bundled):
     tmp, _ = bundled
     line = one_error_line(sae_jax_cli("verify", tmp / "nowhere"))
