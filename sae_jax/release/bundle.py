@@ -116,7 +116,9 @@ def write_bundle(run_dir, out_dir, *, data_dir=None, accelerator: str = DEFAULT_
       fidelity_sequences, corpus: for the eval, when it has to be run.
 
     Returns:
-      `{"bundle", "n_files", "files", "model_sha256", "bill", "seconds"}`.
+      `{"bundle", "manifest_sha256", "n_files", "files", "model_sha256", "n_contexts",
+      "bill", "seconds"}`. `manifest_sha256` is the bundle's fingerprint: the manifest pins
+      every other file, so publishing this one hash pins the whole bundle.
     """
     import sae_jax
     from sae_jax.data.store import open_store
@@ -173,7 +175,9 @@ def write_bundle(run_dir, out_dir, *, data_dir=None, accelerator: str = DEFAULT_
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already once it became OUT
-    return {"bundle": str(out.absolute()), "n_files": len(listed["files"]),
+    return {"bundle": str(out.absolute()),
+            "manifest_sha256": names.file_sha256(out / names.MANIFEST),
+            "n_files": len(listed["files"]),
             "files": sorted(listed["files"]), "model_sha256": prov["model"]["sha256"],
             "n_contexts": int(len(contexts["value"])), "bill": costs,
             "seconds": round(time.perf_counter() - t0, 3)}

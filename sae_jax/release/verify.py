@@ -20,11 +20,20 @@ with `--model PATH` (a causal LM's Hugging Face folder, a MiniLM folder, or `min
 
 with `--data DATA`:
 
-* **data**: the store's id and the SHA-256 of its token ids and positions equal provenance's.
+* **data**: the store's id and the SHA-256 of its token ids and positions equal provenance's;
 
-The last stdout line is JSON `{"bundle", "ok", "checks": [{"name", "ok", "detail"}],
-"failed"}`. Exit status 0 when every check passes, 1 when any fails (after that JSON line),
-2 for a usage error (no such bundle, model or store folder).
+with `--expect SHA256`:
+
+* **fingerprint**: manifest.json's own SHA-256 is the one the producer published.
+
+The hashes make a bundle consistent with its own manifest; whoever can rewrite the manifest
+can rewrite any file whose content nothing re-derives (bill, provenance text, eval numbers).
+So the result also gives `manifest_sha256`, the bundle's fingerprint: compare it with the one
+the producer published (`sae-jax bundle` prints it; `--expect`) to know it is *their* bundle.
+
+The last stdout line is JSON `{"bundle", "manifest_sha256", "ok", "checks": [{"name", "ok",
+"detail"}], "failed"}`. Exit status 0 when every check passes, 1 when any fails (after that
+JSON line), 2 for a usage error (no such bundle, model or store folder).
 """
 
 from __future__ import annotations
@@ -221,9 +230,10 @@ def _check_data(data: str, checks: Checks, prov: dict | None) -> None:
 
 
 def verify_bundle(bundle, model: str | None = None, data: str | None = None,
-                  samples: int = 32, seed: int = 0) -> dict:
-    """Every check of the module docstring on the bundle folder; returns `{"bundle", "ok",
-    "checks", "failed"}`. Raises UserError only for usage errors."""
+                  samples: int = 32, seed: int = 0, expect: str | None = None) -> dict:
+    """Every check of the module docstring on the bundle folder (`expect`: the published
+    manifest SHA-256, checked as **fingerprint**); returns `{"bundle", "manifest_sha256",
+    "ok", "checks", "failed"}`. Raises UserError only for usage errors."""
     root = Path(bundle)
     if not root.is_dir():
         raise UserError(f"no bundle folder at {bundle}")
@@ -253,8 +263,14 @@ def verify_bundle(bundle, model: str | None = None, data: str | None = None,
         _check_model(model, checks, prov, sae, arrays, samples, seed)
     if data is not None:
         _check_data(data, checks, prov)
-    return {"bundle": str(root.absolute()), "ok": not checks.failed, "checks": checks.items,
-            "failed": checks.failed}
+    fingerprint = (names.file_sha256(root / names.MANIFEST)
+                   if (root / names.MANIFEST).is_file() else None)
+    if expect is not None:
+        same = fingerprint == expect.strip().lower()
+        checks.add("fingerprint", same, "manifest SHA-256 is the one expected" if same else
+                   f"manifest SHA-256 {fingerprint} is not the expected {expect}")
+    return {"bundle": str(root.absolute()), "manifest_sha256": fingerprint,
+            "ok": not checks.failed, "checks": checks.items, "failed": checks.failed}
 
 
 def add_arguments(parser) -> None:
@@ -266,10 +282,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--samples", type=int, default=32, metavar="N",
                         help="contexts re-derived with --model (default 32)")
     parser.add_argument("--seed", type=int, default=0, help="picks the sampled contexts")
+    parser.add_argument("--expect", metavar="SHA256",
+                        help="the manifest SHA-256 the producer published (bundle prints it)")
 
 
 def run(args) -> dict:
-    result = verify_bundle(args.bundle, args.model, args.data, args.samples, args.seed)
+    result = verify_bundle(args.bundle, args.model, args.data, args.samples, args.seed,
+                           args.expect)
     for c in result["checks"]:
         print(f"{'PASS' if c['ok'] else 'FAIL'} {c['name']}: {c['detail']}", file=sys.stderr)
     if result["ok"]:
