@@ -51,14 +51,21 @@ def _check_out(out: Path) -> None:
     files.ensure_writable_dir(out.parent, "the bundle")
 
 
+def _same_place(a, b) -> bool:
+    if files.is_remote(str(a)) or files.is_remote(str(b)):
+        return str(a).rstrip("/") == str(b).rstrip("/")
+    return Path(a).resolve() == Path(b).resolve()
+
+
 def _catalog(run_dir, sae, data_dir, batch_size: int, progress: bool, log):
     """The run's catalog, built (and kept in the run, as `sae-jax dashboard` does) when it has
-    none or one of another checkpoint."""
+    none, or one of another checkpoint or store (its rows would not be this store's)."""
     from sae_jax.analysis.catalog import CATALOG_FILE, find_catalog, write_catalog
     from sae_jax.analysis.interpret import catalog_for_run
 
     catalog = find_catalog(run_dir)
-    if catalog is not None and catalog.header.get("step") == sae.step:
+    if (catalog is not None and catalog.header.get("step") == sae.step
+            and _same_place(catalog.header.get("data_dir") or "", data_dir)):
         return catalog
     log("building the feature catalog (as sae-jax dashboard does)")
     catalog = catalog_for_run(run_dir, data_dir, batch_size=batch_size, progress=progress)
@@ -94,6 +101,24 @@ def _audit_report(run_dir, data_dir, mode: str | None, corpus, log) -> dict | No
         log("running sae-jax audit")
         return audit(run_dir, data_dir, corpus=corpus, log=log)
     return read_audit(run_dir)
+
+
+def _check_recorded(sae, store, contexts: dict) -> None:
+    """The sampled values must be what the SAE gives on the stored rows: a catalog that does
+    not belong to this SAE and store is refused here, not found out by an auditor later."""
+    from sae_jax.data.store import ROWS
+    from sae_jax.release.contexts import ATOL, RTOL
+
+    rows = np.concatenate(store.read_many(ROWS, [(int(r), int(r) + 1) for r in contexts["row"]]))
+    got = np.asarray(sae.encode(rows.astype(np.float32)[:, :sae.d_in]))
+    got = got[np.arange(len(rows)), contexts["feature"]]
+    off = np.abs(got - contexts["value"]) > ATOL + RTOL * np.abs(contexts["value"])
+    if off.any():
+        i = int(np.flatnonzero(off)[0])
+        raise UserError(f"the run's catalog does not match its SAE on store {store.path} "
+                        f"({int(off.sum())} of {len(off)} sampled values differ, e.g. feature "
+                        f"{contexts['feature'][i]} row {contexts['row'][i]}: {got[i]:.6g} vs "
+                        f"{contexts['value'][i]:.6g}); rebuild it with sae-jax dashboard")
 
 
 def _npz_bytes(arrays: dict) -> bytes:
@@ -147,6 +172,7 @@ def write_bundle(run_dir, out_dir, *, data_dir=None, accelerator: str = DEFAULT_
     if len(contexts["value"]) == 0:
         raise UserError("the catalog has no top activation whose whole sequence the store "
                         "holds; contexts.npz would be empty")
+    _check_recorded(sae, store, contexts)
     costs = bill(run_dir, sae, accelerator)
 
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"

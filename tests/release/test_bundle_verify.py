@@ -253,6 +253,24 @@ def test_an_existing_audit_report_is_included_unless_no_audit(bundled, tmp_path)
     assert result["files"] == FILES and verify_bundle(tmp_path / "without")["ok"]
 
 
+def test_a_catalog_that_is_not_the_sae_s_is_refused(bundled, tmp_path):
+    """Every recorded value of the run's catalog doubled: bundle re-encodes the sampled rows
+    and refuses to ship it, writing nothing."""
+    from sae_jax.release.bundle import write_bundle
+
+    tmp, _ = bundled
+    run = tmp_path / "run"
+    shutil.copytree(tmp / "run", run)
+    catalog = json.loads((run / "feature_catalog.json").read_text())
+    for entry in catalog["features"]:
+        for example in entry["top_examples"]:
+            example["value"] *= 2
+    (run / "feature_catalog.json").write_text(json.dumps(catalog))
+    with pytest.raises(UserError, match="catalog does not match its SAE"):
+        write_bundle(run, tmp_path / "out", n_contexts=8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
 def test_a_causal_lm_bundle_verifies_against_its_model_only(tmp_path):
     """A tiny causal LM (BOS-framed sequences, JumpReLU SAE): the bundle re-derives with its
     own folder, and fails against MiniLM (another causal folder fails as in the MiniLM
