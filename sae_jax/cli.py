@@ -41,6 +41,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "FLOPs, hours and memory per chip of a planned run; last line is JSON"),
     "bench": ("sae_jax.planning.bench",
               "measure loader and train-step throughput; last line is JSON"),
+    "bundle": ("sae_jax.release.bundle",
+               "write a run's auditable release bundle (SAE, catalog, reports, provenance, "
+               "bill, manifest); last line is JSON"),
+    "verify": ("sae_jax.release.verify",
+               "check a bundle's hashes, and with --model re-derive its catalog's activations; "
+               "exit 1 names each failing check"),
 }
 """command -> (module with `add_arguments`/`run`, one-line help)."""
 

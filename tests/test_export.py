@@ -22,7 +22,7 @@ from safetensors.numpy import load_file, save_file
 import sae_jax
 from sae_jax.config import make_config
 from sae_jax.errors import UserError
-from sae_jax.saelens import export_saelens, import_saelens, saelens_tensors
+from sae_jax.saelens import export_saelens, import_saelens, load_saelens, saelens_tensors
 from sae_jax.training.train import train
 
 ARCHS = ["relu", "jumprelu", "topk", "batchtopk", "matryoshka"]
@@ -192,6 +192,10 @@ def test_round_trip_export_import_load(run, exported, x_raw, tmp_path):
     f = back.encode(x_raw)
     assert_same_codes(f, sae.encode(x_raw), back.decode(f), sae.decode(sae.encode(x_raw)),
                       x_raw)
+    # The same folder read in memory (no run written) is the same SAE, bit for bit.
+    in_memory = load_saelens(exported[0])
+    assert (in_memory.config.arch, in_memory.input_scale) == (back.config.arch, 1.0)
+    np.testing.assert_array_equal(in_memory.encode(x_raw), f)
 
 
 def test_feature_catalog_travels(runs, tmp_path):

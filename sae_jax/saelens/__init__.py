@@ -53,7 +53,7 @@ float32.
 """
 
 from sae_jax.saelens.export import export_saelens, saelens_cfg, saelens_tensors
-from sae_jax.saelens.import_sae import import_saelens, read_safetensors
+from sae_jax.saelens.import_sae import import_saelens, load_saelens, read_safetensors
 
-__all__ = ["export_saelens", "import_saelens", "read_safetensors", "saelens_cfg",
+__all__ = ["export_saelens", "import_saelens", "load_saelens", "read_safetensors", "saelens_cfg",
            "saelens_tensors"]

@@ -166,34 +166,23 @@ def _check_run_dir(run_dir: Path) -> None:
         raise UserError(f"{run_dir} exists and is not empty; choose a new RUN_DIR")
 
 
-def import_saelens(sae_dir: str | os.PathLike, run_dir: str | os.PathLike) -> dict:
-    """Reads a SAELens folder (standard/jumprelu/topk) into a new sae_jax run directory.
-
-    `sae_jax.load(run_dir)` then encodes/decodes raw activations as SAELens's
-    `SAE.load_from_disk(sae_dir)` does.
-
-    Returns:
-      `{"arch", "source_architecture", "d_in", "d_sae", "k", "run_dir", "files"}`.
-
-    Raises:
-      UserError: a folder SAELens could not load, or a variant sae_jax cannot represent.
-    """
+def _read_folder(sae_dir: Path, run_dir: Path | None = None):
+    """A checked SAELens folder: `(cfg.json, its checked fields, our TrainConfig, our params
+    as jax arrays)`; `run_dir` (an import's target) is checked before anything is folded."""
     import jax
     import jax.numpy as jnp
 
     from sae_jax.config import make_config
-    from sae_jax.rundir import CONFIG_FILE, RunInfo, write_run
     from sae_jax.sae import param_shapes
-    from sae_jax.training import checkpoint
 
-    sae_dir, run_dir = Path(sae_dir), Path(run_dir)
     cfg_json = _read_cfg(sae_dir)
     info = _check_cfg(cfg_json, sae_dir / CFG_FILE)
     weights = sae_dir / WEIGHTS_FILE
     if not weights.is_file():
         raise UserError(f"{sae_dir} has no {WEIGHTS_FILE}")
     tensors = _check_tensors(read_safetensors(weights), info, weights)
-    _check_run_dir(run_dir)
+    if run_dir is not None:
+        _check_run_dir(run_dir)
 
     meta = cfg_json.get("metadata") if isinstance(cfg_json.get("metadata"), dict) else {}
     details = meta.get("training_architecture_details")
@@ -215,6 +204,37 @@ def import_saelens(sae_dir: str | os.PathLike, run_dir: str | os.PathLike) -> di
     want = jax.tree.map(lambda a: (a.shape, a.dtype), param_shapes(cfg, info["d_in"]))
     if jax.tree.map(lambda a: (a.shape, a.dtype), new) != want:  # a bug here, not user input
         raise AssertionError(f"imported params {new.keys()} do not match {want}")
+    return cfg_json, info, cfg, new
+
+
+def load_saelens(sae_dir: str | os.PathLike):
+    """A SAELens folder as an in-memory `sae_jax.sae.SAE` (input scale 1, step 0), without
+    writing a run: what `sae-jax verify` encodes a bundle's contexts with. Same checks and
+    folding as `import_saelens`."""
+    from sae_jax.sae import SAE
+
+    _, _, cfg, params = _read_folder(Path(sae_dir))
+    return SAE(cfg, params, 1.0, 0)
+
+
+def import_saelens(sae_dir: str | os.PathLike, run_dir: str | os.PathLike) -> dict:
+    """Reads a SAELens folder (standard/jumprelu/topk) into a new sae_jax run directory.
+
+    `sae_jax.load(run_dir)` then encodes/decodes raw activations as SAELens's
+    `SAE.load_from_disk(sae_dir)` does.
+
+    Returns:
+      `{"arch", "source_architecture", "d_in", "d_sae", "k", "run_dir", "files"}`.
+
+    Raises:
+      UserError: a folder SAELens could not load, or a variant sae_jax cannot represent.
+    """
+    from sae_jax.rundir import CONFIG_FILE, RunInfo, write_run
+    from sae_jax.training import checkpoint
+
+    sae_dir, run_dir = Path(sae_dir), Path(run_dir)
+    cfg_json, info, cfg, new = _read_folder(sae_dir, run_dir)
+    arch = cfg.arch
 
     run_dir.mkdir(parents=True, exist_ok=True)
     write_run(run_dir, RunInfo(cfg, info["d_in"], 1.0, ""))
