@@ -1,4 +1,5 @@
-"""SAELens 6.x folders: `export_saelens(RUN_DIR, OUT_DIR)` and `import_saelens(SAE_DIR, RUN_DIR)`.
+"""SAELens 6.x folders: `export_saelens(RUN_DIR, OUT_DIR)`, `import_saelens(SAE_DIR, RUN_DIR)`,
+and `load_saelens(SAE_DIR)` (an in-memory `SAE`, no run written).
 
 An export is a folder `SAE.load_from_disk` opens: `cfg.json` plus `sae_weights.safetensors`
 (float32 `W_enc (d_in, d_sae)`, `b_enc (d_sae,)`, `W_dec (d_sae, d_in)`, `b_dec (d_in,)`, and
@@ -53,7 +54,12 @@ float32.
 """
 
 from sae_jax.saelens.export import export_saelens, saelens_cfg, saelens_tensors
-from sae_jax.saelens.import_sae import import_saelens, read_safetensors
+from sae_jax.saelens.import_sae import (
+    import_saelens,
+    load_saelens,
+    read_saelens,
+    read_safetensors,
+)
 
-__all__ = ["export_saelens", "import_saelens", "read_safetensors", "saelens_cfg",
-           "saelens_tensors"]
+__all__ = ["export_saelens", "import_saelens", "load_saelens", "read_saelens",
+           "read_safetensors", "saelens_cfg", "saelens_tensors"]

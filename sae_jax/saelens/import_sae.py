@@ -166,6 +166,53 @@ def _check_run_dir(run_dir: Path) -> None:
         raise UserError(f"{run_dir} exists and is not empty; choose a new RUN_DIR")
 
 
+def read_saelens(sae_dir: str | os.PathLike) -> tuple:
+    """A SAELens folder (standard/jumprelu/topk) read and checked, nothing written.
+
+    Returns:
+      `(config, params, d_in, cfg_json)`: our `TrainConfig`, our float32 params on raw inputs
+      (input scale 1; numpy), d_in, and the folder's cfg.json.
+
+    Raises:
+      UserError: a folder SAELens could not load, or a variant sae_jax cannot represent.
+    """
+    from sae_jax.config import make_config
+
+    sae_dir = Path(sae_dir)
+    cfg_json = _read_cfg(sae_dir)
+    info = _check_cfg(cfg_json, sae_dir / CFG_FILE)
+    weights = sae_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        raise UserError(f"{sae_dir} has no {WEIGHTS_FILE}")
+    tensors = _check_tensors(read_safetensors(weights), info, weights)
+    meta = cfg_json.get("metadata") if isinstance(cfg_json.get("metadata"), dict) else {}
+    details = meta.get("training_architecture_details")
+    details = details if isinstance(details, dict) else {}
+    theta = tensors.get("threshold")
+    batchtopk = (info["arch"] == "jumprelu"
+                 and meta.get("training_architecture") in ("batchtopk", "matryoshka_batchtopk")
+                 and bool(np.all(theta.astype(np.float32) == np.float32(theta[0]))))
+    arch, params = our_params(tensors, info, batchtopk)
+    k = info["k"]
+    if k is None:  # not used at inference; keep a valid config (k <= width)
+        saved_k = details.get("config", {}).get("k") if isinstance(
+            details.get("config"), dict) else None
+        k = saved_k if _is_int(saved_k) and 1 <= saved_k <= info["d_sae"] else min(
+            32, info["d_sae"])
+    return make_config(arch=arch, width=info["d_sae"], k=k), params, info["d_in"], cfg_json
+
+
+def load_saelens(sae_dir: str | os.PathLike):
+    """A SAELens folder as an in-memory `sae_jax.sae.SAE` (input scale 1, step 0), for
+    reading a shared SAE (e.g. a release bundle's) without importing it into a run."""
+    import jax.numpy as jnp
+
+    from sae_jax.sae import SAE
+
+    config, params, _, _ = read_saelens(sae_dir)
+    return SAE(config, {k: jnp.asarray(v) for k, v in params.items()}, 1.0, 0)
+
+
 def import_saelens(sae_dir: str | os.PathLike, run_dir: str | os.PathLike) -> dict:
     """Reads a SAELens folder (standard/jumprelu/topk) into a new sae_jax run directory.
 
@@ -181,43 +228,21 @@ def import_saelens(sae_dir: str | os.PathLike, run_dir: str | os.PathLike) -> di
     import jax
     import jax.numpy as jnp
 
-    from sae_jax.config import make_config
     from sae_jax.rundir import CONFIG_FILE, RunInfo, write_run
     from sae_jax.sae import param_shapes
     from sae_jax.training import checkpoint
 
     sae_dir, run_dir = Path(sae_dir), Path(run_dir)
-    cfg_json = _read_cfg(sae_dir)
-    info = _check_cfg(cfg_json, sae_dir / CFG_FILE)
-    weights = sae_dir / WEIGHTS_FILE
-    if not weights.is_file():
-        raise UserError(f"{sae_dir} has no {WEIGHTS_FILE}")
-    tensors = _check_tensors(read_safetensors(weights), info, weights)
+    cfg, params, d_in, cfg_json = read_saelens(sae_dir)
     _check_run_dir(run_dir)
 
-    meta = cfg_json.get("metadata") if isinstance(cfg_json.get("metadata"), dict) else {}
-    details = meta.get("training_architecture_details")
-    details = details if isinstance(details, dict) else {}
-    theta = tensors.get("threshold")
-    batchtopk = (info["arch"] == "jumprelu"
-                 and meta.get("training_architecture") in ("batchtopk", "matryoshka_batchtopk")
-                 and bool(np.all(theta.astype(np.float32) == np.float32(theta[0]))))
-    arch, params = our_params(tensors, info, batchtopk)
-    k = info["k"]
-    if k is None:  # not used at inference; keep a valid config (k <= width)
-        saved_k = details.get("config", {}).get("k") if isinstance(
-            details.get("config"), dict) else None
-        k = saved_k if _is_int(saved_k) and 1 <= saved_k <= info["d_sae"] else min(
-            32, info["d_sae"])
-    cfg = make_config(arch=arch, width=info["d_sae"], k=k)
-
     new = {name: jnp.asarray(v) for name, v in params.items()}
-    want = jax.tree.map(lambda a: (a.shape, a.dtype), param_shapes(cfg, info["d_in"]))
+    want = jax.tree.map(lambda a: (a.shape, a.dtype), param_shapes(cfg, d_in))
     if jax.tree.map(lambda a: (a.shape, a.dtype), new) != want:  # a bug here, not user input
         raise AssertionError(f"imported params {new.keys()} do not match {want}")
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_run(run_dir, RunInfo(cfg, info["d_in"], 1.0, ""))
+    write_run(run_dir, RunInfo(cfg, d_in, 1.0, ""))
     source = {"sae_dir": str(sae_dir.absolute()), "cfg": cfg_json}
     (run_dir / "imported_from.json").write_text(json.dumps(source, indent=2) + "\n")
     mngr = checkpoint.manager(run_dir, cfg)
@@ -229,8 +254,8 @@ def import_saelens(sae_dir: str | os.PathLike, run_dir: str | os.PathLike) -> di
     if (sae_dir / CATALOG_FILE).is_file():
         shutil.copyfile(sae_dir / CATALOG_FILE, run_dir / CATALOG_FILE)
         written.append(CATALOG_FILE)
-    return {"arch": arch, "source_architecture": info["arch"], "d_in": info["d_in"],
-            "d_sae": info["d_sae"], "k": cfg.k, "run_dir": str(run_dir.absolute()),
+    return {"arch": cfg.arch, "source_architecture": cfg_json["architecture"], "d_in": d_in,
+            "d_sae": cfg.width, "k": cfg.k, "run_dir": str(run_dir.absolute()),
             "files": written}
 
 
