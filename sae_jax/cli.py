@@ -41,6 +41,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "FLOPs, hours and memory per chip of a planned run; last line is JSON"),
     "bench": ("sae_jax.planning.bench",
               "measure loader and train-step throughput; last line is JSON"),
+    "gate": ("sae_jax.release.gate",
+             "release gate: a bundle against a policy.toml (and a baseline); exit 0 pass, 1 fail"),
 }
 """command -> (module with `add_arguments`/`run`, one-line help)."""
 
