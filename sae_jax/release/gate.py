@@ -142,7 +142,7 @@ def metric_checks(policy: Policy, ev: dict | None, audit: dict | None) -> list[d
     if least is not None:
         for score in policy.faithfulness_scores:
             auc = lookup(audit, "summary", score, "auc")
-            value = auc if margin is None or auc is None else auc - 0.5
+            value = auc if margin is None or auc is None else round(auc - 0.5, 12)
             name = f"faithfulness_auc{'_margin' if margin is not None else ''}[{score}]"
             metric = f"{AUDIT} summary.{score}.auc" + (" - 0.5" if margin is not None else "")
             rows.append(threshold_row(name, metric, value, ">=", least, policy, no_audit))
