@@ -30,6 +30,7 @@ from pathlib import Path
 
 from sae_jax import files
 from sae_jax.errors import UserError
+from sae_jax.release.gate_report import fmt_value, format_table, markdown
 from sae_jax.release.manifest import MANIFEST_FILE, read_manifest, verify_manifest
 from sae_jax.release.policy import Policy, read_policy
 
@@ -89,10 +90,6 @@ def poisoning_flags(audit: dict | None) -> list[int] | None:
 # Checks
 
 
-def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
 def row(check: str, metric: str, value, op: str | None, threshold, status: str,
         reason: str) -> dict:
     """One line of the gate's table."""
@@ -114,7 +111,7 @@ def threshold_row(check: str, metric: str, value: float | None, op: str, thresho
     word = {(">=", True): "at least", (">=", False): "below", ("<=", True): "at most",
             ("<=", False): "above"}[op, ok]
     return row(check, metric, value, op, threshold, PASS if ok else FAIL,
-               f"{_fmt(value)} is {word} {threshold:g}")
+               f"{fmt_value(value)} is {word} {threshold:g}")
 
 
 def metric_checks(policy: Policy, ev: dict | None, audit: dict | None) -> list[dict]:
@@ -308,8 +305,6 @@ def add_arguments(parser) -> None:
 
 def run(args) -> dict:
     """Runs the gate; exits 1 (after printing the JSON line) when a check fails."""
-    from sae_jax.release.gate_report import format_table, markdown
-
     bundle = Path(args.bundle)
     baseline = None if args.baseline is None else Path(args.baseline)
     for b, what in ((bundle, "BUNDLE"), (baseline, "--baseline")):

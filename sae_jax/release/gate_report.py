@@ -8,7 +8,8 @@ from __future__ import annotations
 STATUS_MARK = {"pass": "PASS", "fail": "FAIL", "skipped": "skip", "info": "info"}
 
 
-def _fmt(v) -> str:
+def fmt_value(v) -> str:
+    """A value as the table shows it: 4 significant digits, "-" for none."""
     return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
@@ -19,7 +20,7 @@ def _limit(c: dict) -> str:
 def format_table(result: dict) -> str:
     """The checks as aligned columns, then the verdict (what the command prints)."""
     head = ("check", "value", "limit", "result", "reason")
-    lines = [(c["check"], _fmt(c["value"]), _limit(c), STATUS_MARK[c["status"]], c["reason"])
+    lines = [(c["check"], fmt_value(c["value"]), _limit(c), STATUS_MARK[c["status"]], c["reason"])
              for c in result["checks"]]
     widths = [max(len(r[i]) for r in [head, *lines]) for i in range(4)]
     out = ["  ".join(v.ljust(w) for v, w in zip(r[:4], widths)) + "  " + r[4]
@@ -43,8 +44,8 @@ def _feature_line(e: dict) -> str:
 def _drift_section(drift: dict) -> list[str]:
     c = drift["counts"]
     out = ["", "## Drift against the baseline", "",
-           f"PW-MCC (mean one-to-one decoder cosine): **{_fmt(drift['pwmcc'])}** (median "
-           f"{_fmt(drift['matched_cosine_median'])}); {drift['n_matched']} pairs at cosine >= "
+           f"PW-MCC (mean one-to-one decoder cosine): **{fmt_value(drift['pwmcc'])}** (median "
+           f"{fmt_value(drift['matched_cosine_median'])}); {drift['n_matched']} pairs at cosine >= "
            f"{drift['threshold']:g} = {drift['matched_frac_a']:.1%} of the baseline's "
            f"{drift['width_a']} features, {drift['matched_frac_b']:.1%} of this SAE's "
            f"{drift['width_b']}.", "",
@@ -78,7 +79,7 @@ def markdown(result: dict) -> str:
            f"- baseline: `{result['baseline']}`" if result["baseline"] else "- baseline: none",
            "", "| check | metric | value | limit | result | reason |",
            "|---|---|---|---|---|---|"]
-    out += [f"| {c['check']} | {_cell(c['metric'])} | {_fmt(c['value'])} | {_limit(c)} | "
+    out += [f"| {c['check']} | {_cell(c['metric'])} | {fmt_value(c['value'])} | {_limit(c)} | "
             f"**{STATUS_MARK[c['status']]}** | {_cell(c['reason'])} |" for c in result["checks"]]
     if result["manifest_problems"]:
         out += ["", "## Manifest problems", ""]
