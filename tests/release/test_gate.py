@@ -211,6 +211,7 @@ min_drift_pwmcc = 0.99
 """
 
 
+@pytest.mark.entry
 def test_cli_pass_and_fail(bundles, tmp_path):
     """Through the `sae-jax` entry point: exit 0 with gate.json/gate.md next to the bundle,
     then exit 1 for a bundle that drifted, its table naming the failed check."""
