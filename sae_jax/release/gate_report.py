@@ -45,8 +45,8 @@ def _drift_section(drift: dict) -> list[str]:
     c = drift["counts"]
     out = ["", "## Drift against the baseline", "",
            f"PW-MCC (mean one-to-one decoder cosine): **{fmt_value(drift['pwmcc'])}** (median "
-           f"{fmt_value(drift['matched_cosine_median'])}); {drift['n_matched']} pairs at cosine >= "
-           f"{drift['threshold']:g} = {drift['matched_frac_a']:.1%} of the baseline's "
+           f"{fmt_value(drift['matched_cosine_median'])}); {drift['n_matched']} pair(s) at "
+           f"cosine >= {drift['threshold']:g} = {drift['matched_frac_a']:.1%} of the baseline's "
            f"{drift['width_a']} features, {drift['matched_frac_b']:.1%} of this SAE's "
            f"{drift['width_b']}.", "",
            "Baseline (A): " + ", ".join(f"{k[:-2]} {v}" for k, v in c.items()
