@@ -22,7 +22,7 @@ from safetensors.numpy import load_file, save_file
 import sae_jax
 from sae_jax.config import make_config
 from sae_jax.errors import UserError
-from sae_jax.saelens import export_saelens, import_saelens, saelens_tensors
+from sae_jax.saelens import export_saelens, import_saelens, load_saelens, saelens_tensors
 from sae_jax.training.train import train
 
 ARCHS = ["relu", "jumprelu", "topk", "batchtopk", "matryoshka"]
@@ -192,6 +192,11 @@ def test_round_trip_export_import_load(run, exported, x_raw, tmp_path):
     f = back.encode(x_raw)
     assert_same_codes(f, sae.encode(x_raw), back.decode(f), sae.decode(sae.encode(x_raw)),
                       x_raw)
+    # load_saelens: the same SAE in memory, no run written
+    mem = load_saelens(exported[0])
+    assert (mem.config.arch, mem.input_scale, mem.step, mem.width) == (
+        back.config.arch, 1.0, 0, 64)
+    np.testing.assert_array_equal(mem.encode(x_raw), f)
 
 
 def test_feature_catalog_travels(runs, tmp_path):
