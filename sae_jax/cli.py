@@ -47,6 +47,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("sae_jax.release.verify",
                "check a bundle's hashes, and with --model re-derive its catalog's activations; "
                "exit 1 names each failing check"),
+    "gate": ("sae_jax.release.gate",
+             "release gate: a bundle against a policy.toml (and a baseline); exit 0 pass, 1 fail"),
 }
 """command -> (module with `add_arguments`/`run`, one-line help)."""
 

@@ -14,7 +14,9 @@ import datetime
 import hashlib
 import json
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+
+from sae_jax.errors import UserError
 
 FORMAT = "sae-jax-bundle/1"
 MANIFEST = "manifest.json"
@@ -39,8 +41,9 @@ def bundle_files(root: str | os.PathLike) -> list[str]:
     files included: a file slipped into a bundle is as suspect as a changed one)."""
     root = Path(root)
     found = []
-    for folder, _, names in os.walk(root):
-        for name in names:
+    for folder, dirs, names in os.walk(root):
+        links = [d for d in dirs if (Path(folder) / d).is_symlink()]  # never followed
+        for name in names + links:
             rel = (Path(folder) / name).relative_to(root).as_posix()
             if rel != MANIFEST:
                 found.append(rel)
@@ -96,19 +99,42 @@ def read_manifest(root: str | os.PathLike) -> dict:
     return manifest
 
 
+def _unsafe(rel: str) -> bool:
+    """A listed path that could point outside the bundle (absolute, `..`, backslashes)."""
+    p = PurePosixPath(rel)
+    return p.is_absolute() or ".." in p.parts or "\\" in rel or rel in ("", ".")
+
+
 def compare_files(root: str | os.PathLike, manifest: dict) -> tuple[list[str], list[str]]:
-    """What differs between the bundle folder and its manifest: `(missing or unlisted files,
-    files whose size or SHA-256 changed)`, one line each."""
+    """What differs between the bundle folder and its manifest: `(listed paths that leave the
+    bundle, missing or unlisted files; files not regular or whose size or SHA-256 changed)`,
+    one line each."""
     root = Path(root)
     listed, present = manifest["files"], set(bundle_files(root))
-    layout = [f"missing: {rel}" for rel in sorted(set(listed) - present)]
-    layout += [f"unlisted: {rel}" for rel in sorted(present - set(listed))]
+    layout = [f"{rel}: listed path leaves the bundle" for rel in sorted(listed) if _unsafe(rel)]
+    safe = {rel for rel in listed if not _unsafe(rel)}
+    layout += [f"missing: {rel}" for rel in sorted(safe - present)]
+    layout += [f"unlisted: {rel}" for rel in sorted(present - safe)]
     changed = []
-    for rel in sorted(set(listed) & present):
-        want = listed[rel]
-        size = (root / rel).stat().st_size
-        if size != want["bytes"]:
-            changed.append(f"{rel}: {size} bytes, manifest says {want['bytes']}")
-        elif file_sha256(root / rel) != want["sha256"]:
+    for rel in sorted(safe & present):
+        want, path = listed[rel], root / rel
+        if path.is_symlink() or not path.is_file():
+            changed.append(f"{rel}: not a regular file")
+        elif path.stat().st_size != want["bytes"]:
+            changed.append(f"{rel}: {path.stat().st_size} bytes, manifest says {want['bytes']}")
+        elif file_sha256(path) != want["sha256"]:
             changed.append(f"{rel}: SHA-256 differs from the manifest")
     return layout, changed
+
+
+def verify_manifest(root: str | os.PathLike) -> list[str]:
+    """Every problem of a bundle against its manifest, one line each ([] = intact).
+
+    Raises:
+      UserError: no readable manifest to check against."""
+    try:
+        manifest = read_manifest(root)
+    except ValueError as e:
+        raise UserError(f"bundle {root}: {e}") from None
+    layout, changed = compare_files(root, manifest)
+    return layout + changed
