@@ -4,7 +4,8 @@ Every command lives in its own module, which provides `add_arguments(parser)` an
 `run(args) -> dict`, and is imported only when that command runs (so `sae-jax import` never
 loads the analysis stack). Commands end their stdout with one strict-JSON line (NaN and
 infinities become null) so scripts can parse them. Bad input exits with status 2 and a
-one-line `sae-jax: error: ...` on stderr.
+one-line `sae-jax: error: ...` on stderr; a check that ran and failed (`verify`, `gate`)
+prints its JSON line too and exits 1.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import importlib
 import sys
 
 from sae_jax import files
-from sae_jax.errors import Preempted, UserError, disk_full
+from sae_jax.errors import Failed, Preempted, UserError, disk_full
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: the run stopped early but resumably
+FAILED_EXIT = 1  # a check ran and failed (verify, gate)
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "import": ("sae_jax.data.importers", "copy (N, d) float activations into a new store"),
@@ -108,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"sae-jax: error: {e}", file=sys.stderr)
         return 2
+    except Failed as e:
+        print(files.strict_json(e.result), flush=True)
+        print(f"sae-jax: {args.command}: {e}", file=sys.stderr)
+        return FAILED_EXIT
     except Preempted as e:
         print(f"sae-jax: {e}", file=sys.stderr)
         return PREEMPTED_EXIT

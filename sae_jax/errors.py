@@ -10,6 +10,16 @@ class UserError(Exception):
     """Bad input from the user: printed as one line by the CLI, exit status 2."""
 
 
+class Failed(Exception):
+    """A check that ran and said no (`verify`, `gate`): the CLI prints `result` as its JSON
+    line as usual, then the message, and exits 1, so a pipeline can tell "failed" from
+    "bad input" (2)."""
+
+    def __init__(self, message: str, result: dict):
+        super().__init__(message)
+        self.result = result
+
+
 class Preempted(Exception):
     """A command stopped on SIGTERM, leaving nothing half-done: training after saving a
     checkpoint (rerunning resumes it), an import after removing what it wrote."""

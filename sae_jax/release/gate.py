@@ -29,7 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from sae_jax import files
-from sae_jax.errors import UserError
+from sae_jax.errors import Failed, UserError
 from sae_jax.release.gate_report import fmt_value, format_table, markdown
 from sae_jax.release.manifest import MANIFEST, read_manifest, verify_manifest
 from sae_jax.release.policy import Policy, read_policy
@@ -322,8 +322,6 @@ def run(args) -> dict:
     line = {k: result[k] for k in ("passed", "verdict", "bundle", "baseline", "failed", "out")}
     line["checks"] = [{k: c[k] for k in ("check", "value", "status", "reason")}
                       for c in result["checks"]]
-    if result["passed"]:
-        return line
-    print(files.strict_json(line))  # the CLI's last line, as for a pass
-    sys.stdout.flush()
-    raise SystemExit(1)
+    if not result["passed"]:
+        raise Failed(f"the gate fails: {', '.join(result['failed'])}", line)
+    return line

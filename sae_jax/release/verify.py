@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from sae_jax import files
-from sae_jax.errors import UserError
+from sae_jax.errors import Failed, UserError
 from sae_jax.release import contexts as ctx
 from sae_jax.release import manifest as names
 
@@ -291,9 +291,7 @@ def run(args) -> dict:
                            args.expect)
     for c in result["checks"]:
         print(f"{'PASS' if c['ok'] else 'FAIL'} {c['name']}: {c['detail']}", file=sys.stderr)
-    if result["ok"]:
-        return result
-    print(files.strict_json(result))
-    print(f"sae-jax: verify: {len(result['failed'])} check(s) failed: "
-          f"{', '.join(result['failed'])}", file=sys.stderr)
-    raise SystemExit(1)
+    if not result["ok"]:
+        raise Failed(f"{len(result['failed'])} check(s) failed: {', '.join(result['failed'])}",
+                     result)
+    return result
