@@ -175,20 +175,27 @@ def test_duplicates_keep_the_more_frequent():
 
 
 def test_bad_input_is_one_line(planted, tmp_path, capsys):
-    _, run, _ = planted
+    store, run, rows = planted
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "x").write_text("mine")
+    topk = tmp_path / "topk"
+    params = planted_params(sparse_dictionary_data(10, D, N_ATOMS, seed=3)[1], rows)
+    del params["log_threshold"]
+    write_params_run(topk, RunInfo(make_config(arch="topk", width=N_ATOMS + 6, k=8), D, 1.0,
+                                   str(store)), params)
     cases = [((run, taken), "exists and is not empty"),
              ((run, tmp_path / "a", "--width", 39), "larger than the SAE's width 38"),
              ((tmp_path / "nothing", tmp_path / "b"), "no run at"),
-             ((run, tmp_path / "c", "--fvu-budget", -1), "--fvu-budget must be >= 0")]
+             ((run, tmp_path / "c", "--fvu-budget", -1), "--fvu-budget must be >= 0"),
+             ((topk, tmp_path / "d", "--width", 7), "below the fewest latents a topk SAE can "
+                                                     "keep (8: each row takes its top k=8)")]
     for args, message in cases:
         status, err = prune_in_process(capsys, *args)
         lines = err.strip().splitlines()
         assert status == 2 and len(lines) == 1 and message in lines[0], err
     assert (taken / "x").read_text() == "mine"
-    assert not any((tmp_path / n).exists() for n in "abc")
+    assert not any((tmp_path / n).exists() for n in "abcd")
 
 
 def test_topk_keeps_k_latents():
