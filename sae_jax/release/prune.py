@@ -65,9 +65,11 @@ def _check_options(args, sae: SAE) -> None:
         raise UserError(f"--duplicate-cosine must be in (0, 1], got {args.duplicate_cosine}")
     if not args.fvu_budget >= 0:
         raise UserError(f"--fvu-budget must be >= 0, got {args.fvu_budget}")
-    for name in ("sample_rows", "fidelity_sequences", "bench_rounds", "train_rows"):
+    for name in ("sample_rows", "bench_rounds", "train_rows"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.fidelity_sequences < 0:
+        raise UserError("--fidelity-sequences must be >= 0 (0: skip)")
     if args.width is None:
         return
     if args.width > sae.width:
@@ -117,6 +119,8 @@ def _downstream(old: SAE, new: SAE, store, args) -> dict:
     a note instead for a store no model can be re-run for."""
     from sae_jax.lm.hooks import check_model_store
 
+    if args.fidelity_sequences == 0:
+        return {"downstream_note": "skipped: --fidelity-sequences 0"}
     try:
         check_model_store(store, "downstream fidelity")
     except UserError as e:
@@ -251,7 +255,7 @@ def add_arguments(parser) -> None:
                              "(default 16384)")
     parser.add_argument("--fidelity-sequences", type=int, default=32,
                         help="held-out sequences for downstream fidelity or loss recovered "
-                             "(default 32)")
+                             "(default 32; 0 skips it)")
     parser.add_argument("--corpus", nargs="+", metavar="PATH",
                         help="the corpus the store was harvested from, if not the default")
     parser.add_argument("--bench-rounds", type=int, default=3,
