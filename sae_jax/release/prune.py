@@ -154,9 +154,8 @@ def encode_speedup(old: SAE, new: SAE, rows: np.ndarray, rounds: int) -> dict:
             "speedup": best["after"] / best["before"]}
 
 
-def _write_run(out: Path, run_dir, info, new: SAE, keep, removed: list[dict]) -> list[str]:
-    import json
-
+def _write_run(out: Path, run_dir, info, new: SAE, keep) -> list[str]:
+    """OUT as a run: config + params, the source's metrics and its catalog with ids mapped."""
     written = write_params_run(out, dataclasses.replace(info, config=new.config), new.params,
                                new.step)
     metrics = Path(run_dir) / METRICS_FILE
@@ -168,11 +167,34 @@ def _write_run(out: Path, run_dir, info, new: SAE, keep, removed: list[dict]) ->
         mapped = pruning.map_catalog(catalog, keep, str(out.absolute()),
                                      str(Path(run_dir).absolute()))
         written.append(Path(write_catalog(mapped, out)).name)
-    record = {"run": str(Path(run_dir).absolute()), "step": new.step,
-              "width_before": int(len(keep) + len(removed)), "width_after": int(len(keep)),
-              "new_to_old": [int(i) for i in keep], "dropped": removed}
-    (out / PRUNED_FROM).write_text(json.dumps(record, indent=1) + "\n")
     return [*written, PRUNED_FROM]
+
+
+def _write_record(out: Path, record: dict) -> None:
+    files.write_text(out / PRUNED_FROM, files.strict_json(record, indent=1) + "\n")
+
+
+def choose_cut(sae: SAE, order: list[dict], heldout, budget: float):
+    """The longest prefix of `order` whose removal raises the held-out FVU by at most
+    `budget` (`pruning.largest_within_budget` on masks, then the sliced cut measured).
+
+    Returns:
+      `(m, cut, before, after)`: how many of `order` go, the pruned SAE, and `evaluate` of
+      the SAE and of the cut on `heldout`.
+    """
+    before = evaluate(sae, heldout)
+
+    def increase(m: int) -> float:
+        masked = _masked(sae, [c["id"] for c in order[:m]])
+        return evaluate(masked, heldout)["fvu"] - before["fvu"]
+
+    m = pruning.largest_within_budget(len(order), increase, budget)
+    while True:  # the cut itself, sliced; one fewer if rounding took it over the budget
+        cut = _pruned_sae(sae, pruning.kept_latents(sae.width, [c["id"] for c in order[:m]]))
+        after = evaluate(cut, heldout)
+        if m == 0 or after["fvu"] - before["fvu"] <= budget:
+            return m, cut, before, after
+        m -= 1
 
 
 def prune(args) -> dict:
@@ -191,34 +213,23 @@ def prune(args) -> dict:
         train = RowSpan(train.store, train.start, min(train.stop, train.start + args.train_rows))
     fires = eval_sums(sae, train)["fires"]
     order = _candidates(sae, fires, args, train)
-
-    before = evaluate(sae, heldout)
-
-    def increase(m: int) -> float:
-        masked = _masked(sae, [c["id"] for c in order[:m]])
-        return evaluate(masked, heldout)["fvu"] - before["fvu"]
-
-    m = pruning.largest_within_budget(len(order), increase, args.fvu_budget)
-    while True:  # the cut itself, sliced; one fewer if rounding took it over the budget
-        keep = pruning.kept_latents(sae.width, [c["id"] for c in order[:m]])
-        cut = _pruned_sae(sae, keep)
-        after = evaluate(cut, heldout)
-        if m == 0 or after["fvu"] - before["fvu"] <= args.fvu_budget:
-            break
-        m -= 1
+    m, cut, before, after = choose_cut(sae, order, heldout, args.fvu_budget)
     removed = order[:m]
-    files_written = _write_run(out, args.run_dir, info, cut, keep, removed)
+    keep = pruning.kept_latents(sae.width, [c["id"] for c in removed])
+    files_written = _write_run(out, args.run_dir, info, cut, keep)
+    record = {"run": str(Path(args.run_dir).absolute()), "step": sae.step,
+              "new_to_old": keep.tolist(), "dropped": removed}
+    _write_record(out, record)
     new = load(out)
     if not all(np.array_equal(new.params[k], cut.params[k]) for k in cut.params):
         raise AssertionError(f"the run written to {out} does not hold the pruned params")
 
-    count = {r: sum(c["reason"] == r for c in removed) for r in pruning.REASONS}
-    found = {r: sum(c["reason"] == r for c in order) for r in pruning.REASONS}
     result = {
-        "run": str(Path(args.run_dir).absolute()), "out": str(out.absolute()),
-        "step": sae.step, "arch": sae.config.arch,
+        "run": record["run"], "out": str(out.absolute()), "step": sae.step,
+        "arch": sae.config.arch,
         "width_before": sae.width, "width_after": new.width, "width_target": args.width,
-        "dropped": count, "candidates": found,
+        "dropped": {r: sum(c["reason"] == r for c in removed) for r in pruning.REASONS},
+        "candidates": {r: sum(c["reason"] == r for c in order) for r in pruning.REASONS},
         "stopped_by_budget": m < len(order),
         "fvu_budget": args.fvu_budget, "heldout_rows": before["n_rows"],
         "fvu_before": before["fvu"], "fvu_after": after["fvu"],
@@ -231,6 +242,7 @@ def prune(args) -> dict:
         "files": files_written,
         "seconds": round(time.perf_counter() - t0, 3),
     }
+    _write_record(out, {**record, "report": result})
     return result
 
 

@@ -85,7 +85,7 @@ def test_cli_drops_exactly_the_planted_latents(planted, tmp_path, capsys):
     assert result["extraction"]["speedup"] > 0
     assert result["downstream_note"].startswith("skipped: downstream fidelity needs a store ")
     record = json.loads((out / PRUNED_FROM).read_text())
-    assert record["new_to_old"] == list(range(N_ATOMS))
+    assert record["new_to_old"] == list(range(N_ATOMS)) and record["report"] == result
     dropped = {d["id"]: d for d in record["dropped"]}
     assert sorted(i for i, d in dropped.items() if d["reason"] == "dead") == DEAD
     assert {i: d["kept"] for i, d in dropped.items() if d["reason"] == "duplicate"} == DUPLICATES
