@@ -248,8 +248,7 @@ def prune(args) -> dict:
 
 def add_arguments(parser) -> None:
     parser.add_argument("run_dir", help="the trained run to prune")
-    parser.add_argument("out_dir", help="new run directory for the pruned SAE (must not exist "
-                                        "or be empty)")
+    parser.add_argument("out_dir", help="new run directory for the pruned SAE (new, or empty)")
     parser.add_argument("--data", default=None, metavar="DATA_DIR",
                         help="the store to measure on (default: the one the run was trained on)")
     parser.add_argument("--duplicate-cosine", type=float, default=0.9, metavar="C",
@@ -265,12 +264,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sample-rows", type=int, default=16384, metavar="N",
                         help="training rows the width contributions are measured on "
                              "(default 16384)")
-    parser.add_argument("--fidelity-sequences", type=int, default=32,
+    parser.add_argument("--fidelity-sequences", type=int, default=32, metavar="N",
                         help="held-out sequences for downstream fidelity or loss recovered "
                              "(default 32; 0 skips it)")
     parser.add_argument("--corpus", nargs="+", metavar="PATH",
                         help="the corpus the store was harvested from, if not the default")
-    parser.add_argument("--bench-rounds", type=int, default=3,
+    parser.add_argument("--bench-rounds", type=int, default=3, metavar="N",
                         help="alternating timing rounds of old and new encode (default 3)")
 
 
