@@ -93,18 +93,11 @@ def density_histogram(fires: np.ndarray, n_rows: int,
     }
 
 
-def evaluate(sae: SAE, rows, batch_size: int = 4096) -> dict:
-    """Evaluates `sae` on raw activation rows, reading `batch_size` rows at a time.
-
-    Args:
-      rows: a `store.RowSpan` or `loader.ArraySpan` (anything with `len`, `d_in`, `read`).
-        For a transcoder, rows are input + target and every figure is about the target.
-
-    Returns:
-      A JSON-friendly dict: floats `mse` (mean per element, raw units), `fvu`,
-      `explained_variance`, `l0`, `l0_p10/p50/p90`, `dead_frac`, `dense_frac`, int `n_rows`,
-      `l0_hist` (see `l0_histogram`) and `feature_density` (see `density_histogram`).
-    """
+def eval_sums(sae: SAE, rows, batch_size: int = 4096) -> dict:
+    """The sums `evaluate` summarises, streamed over `rows` `batch_size` at a time: float64
+    `sq_err` and centred `m2` (d_out,) of what is reconstructed, int64 `fires` (F,) (rows
+    each feature fired on: `fires == 0` is what eval calls dead), int64 `l0` (n,) and `n`.
+    `sae-jax prune` reads the per-feature `fires` that `evaluate` only reports in summary."""
     if rows.d_in != sae.row_width:
         raise UserError(f"eval data has d_in={rows.d_in}, but the SAE expects "
                         f"d_in={sae.row_width}")
@@ -128,14 +121,31 @@ def evaluate(sae: SAE, rows, batch_size: int = 4096) -> dict:
                                         out["m2"].astype(np.float64))
         fires += out["fires"].astype(np.int64)
         l0s.append(out["l0"][:m])
-    sq_err_total = float(sq_err.sum())
-    total_var = float(m2.sum())
-    l0 = np.concatenate(l0s).astype(np.int64)
+    return {"n": int(n), "sq_err": sq_err, "m2": m2, "fires": fires,
+            "l0": np.concatenate(l0s).astype(np.int64)}
+
+
+def evaluate(sae: SAE, rows, batch_size: int = 4096) -> dict:
+    """Evaluates `sae` on raw activation rows, reading `batch_size` rows at a time.
+
+    Args:
+      rows: a `store.RowSpan` or `loader.ArraySpan` (anything with `len`, `d_in`, `read`).
+        For a transcoder, rows are input + target and every figure is about the target.
+
+    Returns:
+      A JSON-friendly dict: floats `mse` (mean per element, raw units), `fvu`,
+      `explained_variance`, `l0`, `l0_p10/p50/p90`, `dead_frac`, `dense_frac`, int `n_rows`,
+      `l0_hist` (see `l0_histogram`) and `feature_density` (see `density_histogram`).
+    """
+    sums = eval_sums(sae, rows, batch_size)
+    n, fires, l0 = sums["n"], sums["fires"], sums["l0"]
+    sq_err_total = float(sums["sq_err"].sum())
+    total_var = float(sums["m2"].sum())
     freq = fires / n
     fvu = sq_err_total / total_var if total_var > 0 else float("nan")
     return {
         "n_rows": int(n),
-        "mse": sq_err_total / (n * d),
+        "mse": sq_err_total / (n * sae.d_out),
         "fvu": fvu,
         "explained_variance": 1.0 - fvu,
         "l0": float(l0.mean()),

@@ -159,21 +159,55 @@ def our_params(t: dict[str, np.ndarray], info: dict, batchtopk: bool) -> tuple[s
     return arch, {k: np.asarray(v, np.float32) for k, v in params.items()}
 
 
-def _check_run_dir(run_dir: Path) -> None:
+def check_new_run_dir(run_dir: str | os.PathLike) -> None:
+    """Refuses a RUN_DIR that exists and is not empty (or is a file), before any work: a new
+    run never mixes with, or overwrites, what is already there."""
+    run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} exists and is not a directory")
     if run_dir.is_dir() and any(run_dir.iterdir()):
         raise UserError(f"{run_dir} exists and is not empty; choose a new RUN_DIR")
 
 
-def _read_folder(sae_dir: Path, run_dir: Path | None = None):
-    """A checked SAELens folder: `(cfg.json, its checked fields, our TrainConfig, our params
-    as jax arrays)`; `run_dir` (an import's target) is checked before anything is folded."""
+def write_params_run(run_dir: str | os.PathLike, info, params: dict, step: int = 0) -> list[str]:
+    """Creates a run directory from params alone: `config.json` from `info` (a
+    `rundir.RunInfo`) and a params-only checkpoint at `step` (see
+    `checkpoint.save_params`), so `sae_jax.load`, eval, export and dashboard open it like a
+    trained run. Used by `import-sae` and `sae-jax prune`.
+
+    Returns the names written into `run_dir`.
+
+    Raises:
+      AssertionError: `params` do not have the names, shapes and dtypes `info.config` needs
+        (a bug of the caller, not user input).
+    """
     import jax
     import jax.numpy as jnp
 
-    from sae_jax.config import make_config
+    from sae_jax.rundir import CONFIG_FILE, write_run
     from sae_jax.sae import param_shapes
+    from sae_jax.training import checkpoint
+
+    new = {name: jnp.asarray(v) for name, v in params.items()}
+    want = jax.tree.map(lambda a: (a.shape, a.dtype),
+                        param_shapes(info.config, info.d_in, info.d_out))
+    if jax.tree.map(lambda a: (a.shape, a.dtype), new) != want:
+        raise AssertionError(f"params {jax.tree.map(jnp.shape, new)} do not match {want}")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_run(run_dir, info)
+    mngr = checkpoint.manager(run_dir, info.config)
+    try:
+        checkpoint.save_params(mngr, step, new)
+    finally:
+        mngr.close()
+    return [CONFIG_FILE, checkpoint.CHECKPOINT_DIR]
+
+
+def _read_folder(sae_dir: Path, run_dir: Path | None = None):
+    """A checked SAELens folder: `(cfg.json, its checked fields, our TrainConfig, our params
+    as numpy)`; `run_dir` (an import's target) is checked before anything is folded."""
+    from sae_jax.config import make_config
 
     cfg_json = _read_cfg(sae_dir)
     info = _check_cfg(cfg_json, sae_dir / CFG_FILE)
@@ -182,7 +216,7 @@ def _read_folder(sae_dir: Path, run_dir: Path | None = None):
         raise UserError(f"{sae_dir} has no {WEIGHTS_FILE}")
     tensors = _check_tensors(read_safetensors(weights), info, weights)
     if run_dir is not None:
-        _check_run_dir(run_dir)
+        check_new_run_dir(run_dir)
 
     meta = cfg_json.get("metadata") if isinstance(cfg_json.get("metadata"), dict) else {}
     details = meta.get("training_architecture_details")
@@ -198,23 +232,19 @@ def _read_folder(sae_dir: Path, run_dir: Path | None = None):
             details.get("config"), dict) else None
         k = saved_k if _is_int(saved_k) and 1 <= saved_k <= info["d_sae"] else min(
             32, info["d_sae"])
-    cfg = make_config(arch=arch, width=info["d_sae"], k=k)
-
-    new = {name: jnp.asarray(v) for name, v in params.items()}
-    want = jax.tree.map(lambda a: (a.shape, a.dtype), param_shapes(cfg, info["d_in"]))
-    if jax.tree.map(lambda a: (a.shape, a.dtype), new) != want:  # a bug here, not user input
-        raise AssertionError(f"imported params {new.keys()} do not match {want}")
-    return cfg_json, info, cfg, new
+    return cfg_json, info, make_config(arch=arch, width=info["d_sae"], k=k), params
 
 
 def load_saelens(sae_dir: str | os.PathLike):
     """A SAELens folder as an in-memory `sae_jax.sae.SAE` (input scale 1, step 0), without
-    writing a run: what `sae-jax verify` encodes a bundle's contexts with. Same checks and
+    writing a run: what `sae-jax verify` and `gate` read a bundle's SAE with. Same checks and
     folding as `import_saelens`."""
+    import jax.numpy as jnp
+
     from sae_jax.sae import SAE
 
     _, _, cfg, params = _read_folder(Path(sae_dir))
-    return SAE(cfg, params, 1.0, 0)
+    return SAE(cfg, {k: jnp.asarray(v) for k, v in params.items()}, 1.0, 0)
 
 
 def import_saelens(sae_dir: str | os.PathLike, run_dir: str | os.PathLike) -> dict:
@@ -229,27 +259,18 @@ def import_saelens(sae_dir: str | os.PathLike, run_dir: str | os.PathLike) -> di
     Raises:
       UserError: a folder SAELens could not load, or a variant sae_jax cannot represent.
     """
-    from sae_jax.rundir import CONFIG_FILE, RunInfo, write_run
-    from sae_jax.training import checkpoint
+    from sae_jax.rundir import RunInfo
 
     sae_dir, run_dir = Path(sae_dir), Path(run_dir)
-    cfg_json, info, cfg, new = _read_folder(sae_dir, run_dir)
-    arch = cfg.arch
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_run(run_dir, RunInfo(cfg, info["d_in"], 1.0, ""))
+    cfg_json, info, cfg, params = _read_folder(sae_dir, run_dir)
+    written = write_params_run(run_dir, RunInfo(cfg, info["d_in"], 1.0, ""), params)
     source = {"sae_dir": str(sae_dir.absolute()), "cfg": cfg_json}
     (run_dir / "imported_from.json").write_text(json.dumps(source, indent=2) + "\n")
-    mngr = checkpoint.manager(run_dir, cfg)
-    try:
-        checkpoint.save_params(mngr, 0, new)
-    finally:
-        mngr.close()
-    written = [CONFIG_FILE, "imported_from.json", checkpoint.CHECKPOINT_DIR]
+    written.insert(1, "imported_from.json")
     if (sae_dir / CATALOG_FILE).is_file():
         shutil.copyfile(sae_dir / CATALOG_FILE, run_dir / CATALOG_FILE)
         written.append(CATALOG_FILE)
-    return {"arch": arch, "source_architecture": info["arch"], "d_in": info["d_in"],
+    return {"arch": cfg.arch, "source_architecture": info["arch"], "d_in": info["d_in"],
             "d_sae": info["d_sae"], "k": cfg.k, "run_dir": str(run_dir.absolute()),
             "files": written}
 
