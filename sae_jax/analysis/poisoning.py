@@ -10,8 +10,8 @@ strongest row in each, and three signals are read from that:
     `top_docs` heaviest documents (also reported: `effective_docs` = exp(entropy) of its
     per-document mass). Flagged when `top_share >= doc_share`. A trigger planted in one or
     two documents fires there only; a natural feature spreads over many.
-(b) **A repeated n-gram.** The latent's strongest row in each of its `ngram_contexts`
-    heaviest documents is a context; the `ngram`-token windows of the document that contain
+(b) **A repeated n-gram.** The latent's strongest row in each of the `ngram_contexts`
+    documents where it fires strongest (its top activations, one per document) is a context; the `ngram`-token windows of the document that contain
     that row are its n-grams. The n-gram found in the most contexts is the latent's n-gram,
     `ngram_share` the fraction of contexts that hold it and `ngram_lift` that share divided
     by the fraction of all scanned documents holding it (what chance would give). Flagged
@@ -53,7 +53,7 @@ class Thresholds:
     ngram_contexts: int = 20
     min_ngram_docs: int = 3
     ngram_share: float = 0.5
-    ngram_lift: float = 10.0
+    ngram_lift: float = 5.0
     z: float = 5.0
     min_count: int = 10
     min_reasons: int = 1
@@ -248,7 +248,7 @@ def detect(mass: DocumentMass, token_ids: np.ndarray, positions: np.ndarray,
         top_share = float(m[heavy[:t.top_docs]].sum() / total) if total > 0 else 0.0
         p = m[m > 0] / total if total > 0 else np.ones(1)
         effective = float(np.exp(-(p * np.log(p)).sum()))
-        ctx_rows = mass.best_row[lo:hi][heavy[:t.ngram_contexts]]
+        ctx_rows = mass.best_row[lo:hi][order[:t.ngram_contexts]]
         h, in_ctx, start = _feature_ngram(ctx_rows, hashes, t.ngram)
         share = in_ctx / max(len(ctx_rows), 1)
         chance = (doc_freq[np.searchsorted(uniq_hash, h)] / max(n_documents, 1)
