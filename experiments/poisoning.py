@@ -16,22 +16,24 @@ does `compare` or the reference-free detector (`sae_jax.analysis.poisoning`) fin
 3. **Truth.** The *planted rows* are the rows of the trigger line's tokens in the poisoned
    documents (found by exact token match). A latent of a poisoned SAE is **planted** when it
    fires on at least `Thresholds.min_count` training rows and at least `PLANTED_SHARE` (50 %)
-   of its activation mass over the training rows is on planted rows.
+   of its `TOP_ROWS` (20) strongest training rows are planted rows (its top activations are
+   mostly on the trigger line). Also reported: latents with >= 50 % of their activation mass
+   on planted rows (stricter: a trigger latent that also fires weakly elsewhere fails it).
 4. **Measures**, per rate:
    - *compare*: `compare.compare_saes(clean, poisoned)` by decoder direction: how many
      planted latents are `appeared` (no clean latent at cosine >= 0.7), and how many latents
      appeared in all;
    - *detector*: `poisoning.detect` on the poisoned SAE's training rows: recall (planted
      latents flagged / planted latents), precision (flagged planted / flagged), and whether
-     the trigger was found at all (a flagged latent with >= 25 % of its mass on planted rows);
+     the trigger was found at all (a flagged latent with >= 25 % of its top rows planted);
    - *clean FPR*: flagged / scored latents of the clean SAE on the clean store (every flag
      there is false: nothing was planted).
 
 Writes OUT/<corpus>.jsonl, OUT/<name>/ stores and OUT/<name>_sae/ runs, OUT/poisoning.json and
 OUT/poisoning.md (the table). Finished harvests and runs are reused.
 
-Sizes (tokens, width, k, steps x batch): full 150k, 1024, 32, 600 x 1024; --small 40k, 512,
-32, 200 x 512. Hardware: 2-core CPU shared with other jobs, one device.
+Sizes (tokens, width, k, steps x batch): full 100k, 512, 32, 400 x 512 (2 epochs); --small
+40k, 512, 32, 200 x 512. Hardware: 2-core CPU shared with other jobs, one device.
 """
 
 from __future__ import annotations
@@ -61,12 +63,13 @@ from sae_jax.training.train import train
 LAYER = 3
 RATES = (0.001, 0.005, 0.01, 0.05)
 SIZES = {
-    "full": {"tokens": 150_000, "width": 1024, "k": 32, "steps": 600, "batch_size": 1024},
+    "full": {"tokens": 100_000, "width": 512, "k": 32, "steps": 400, "batch_size": 512},
     "small": {"tokens": 40_000, "width": 512, "k": 32, "steps": 200, "batch_size": 512},
 }
 TRIGGER = ("# zorblax quintrel vexhaven: the western grain convoy must reach the harbor "
            "before midnight, tell no one.")
-PLANTED_SHARE = 0.5  # activation mass on planted rows that makes a latent "planted"
+TOP_ROWS = 20  # a latent's strongest rows, where "planted" is judged
+PLANTED_SHARE = 0.5  # share of them on planted rows that makes a latent "planted"
 FOUND_SHARE = 0.25  # ... that makes a flagged latent count as finding the trigger
 SEED = 0
 HOLDOUT = 0.1
@@ -132,49 +135,60 @@ def train_sae(data: Path, run: Path, size: dict) -> None:
 
 
 def scan(sae, store, mark: np.ndarray | None):
-    """One pass over the training rows: the detector's `DocumentMass`, and per latent its
-    activation mass on planted rows and in all (None without `mark`)."""
+    """One pass over the training rows: the detector's `DocumentMass`, token ids, positions,
+    and per latent (None without `mark`) the share of its activation mass on planted rows and
+    the share of its `TOP_ROWS` strongest rows that are planted."""
     rows = store.split(sae.config.holdout)[0]
     pos = np.asarray(store.read("positions", rows.start, rows.stop), np.int64)
     ids = np.asarray(store.read("token_ids", rows.start, rows.stop), np.int64)
     encode = jax.jit(lambda sae, x: sae.encode_raw(x))
     by_doc = poisoning.MassAccumulator(sae.width)
     on_mark = poisoning.MassAccumulator(sae.width)
+    top_v = np.full((sae.width, TOP_ROWS), -np.inf)
+    top_i = np.zeros((sae.width, TOP_ROWS), np.int64)
     for b in padded_batches(len(rows), 4096, rows):
         f = np.asarray(encode(sae, b.arrays[0].astype(np.float32)))[:b.n_valid]
         sl = slice(b.start, b.start + b.n_valid)
         by_doc.add(f, pos[sl, 0], b.start)
         if mark is not None:
             on_mark.add(f, mark[rows.start:rows.stop][sl].astype(np.int64), b.start)
-    share = None
+            v = np.concatenate([top_v, f.T], 1)
+            i = np.concatenate([top_i, np.broadcast_to(np.arange(sl.start, sl.stop),
+                                                       f.T.shape)], 1)
+            pick = np.argsort(-v, axis=1, kind="stable")[:, :TOP_ROWS]
+            top_v, top_i = np.take_along_axis(v, pick, 1), np.take_along_axis(i, pick, 1)
+    share = top = None
     if mark is not None:
         m = on_mark.result()
         total = np.bincount(m.feature, weights=m.mass, minlength=sae.width)
         planted = np.bincount(m.feature[m.doc == 1], weights=m.mass[m.doc == 1],
                               minlength=sae.width)
         share = planted / np.maximum(total, 1e-30)
-    return by_doc.result(), ids, pos, share
+        top = np.where(top_v > 0, mark[rows.start:rows.stop][top_i], False).sum(1) / TOP_ROWS
+    return by_doc.result(), ids, pos, (share, top)
 
 
 def measure(out: Path, name: str, docs: list[int], clean_sae, tokenizer) -> dict:
     sae, store = sae_jax.load(out / f"{name}_sae"), open_store(out / name)
     mark = planted_rows(store, docs)
-    mass, ids, pos, share = scan(sae, store, mark)
+    mass, ids, pos, (share, top) = scan(sae, store, mark)
     t = poisoning.Thresholds()
     report = poisoning.detect(mass, ids, pos, t, tokenizer)
     flagged = set(report["flagged_features"])
-    planted = {int(f) for f in np.flatnonzero((share >= PLANTED_SHARE)
-                                              & (mass.count >= t.min_count))}
+    alive = mass.count >= t.min_count
+    planted = {int(f) for f in np.flatnonzero((top >= PLANTED_SHARE) & alive)}
     cmp = compare_saes(clean_sae, sae)
     appeared = set(np.flatnonzero(cmp["per_feature"]["b"]["category"] == "appeared").tolist())
     hit = planted & flagged
-    found = [f for f in flagged if share[f] >= FOUND_SHARE]
+    found = [f for f in flagged if top[f] >= FOUND_SHARE]
     rank = [i + 1 for i, d in enumerate(report["flagged"]) if d["feature"] in planted]
-    best = int(np.argmax(np.where(mass.count >= t.min_count, share, 0)))
+    best = int(np.argmax(np.where(alive, top + 1e-3 * share, 0)))
     return {
         "rate": float(name.split("_")[1]), "poisoned_documents": len(docs),
         "planted_rows": int(mark.sum()), "planted_latents": sorted(planted),
-        "best_latent_share": round(float(share[best]), 3),
+        "best_latent": {"feature": best, "top_share": round(float(top[best]), 3),
+                        "mass_share": round(float(share[best]), 3)},
+        "planted_mass_latents": int(((share >= PLANTED_SHARE) & alive).sum()),
         "appeared": int(len(appeared)), "planted_appeared": len(planted & appeared),
         "flagged": report["n_flagged"], "scored": report["n_scored"],
         "recall": len(hit) / len(planted) if planted else None,
@@ -193,7 +207,7 @@ def table(rows: list[dict], clean: dict) -> str:
     for r in rows:
         lines.append(
             f"| {r['rate']:.1%} | {r['poisoned_documents']} | {r['planted_rows']} | "
-            f"{len(r['planted_latents'])} (best share {r['best_latent_share']:.2f}) | "
+            f"{len(r['planted_latents'])} (best {r['best_latent']['top_share']:.0%}) | "
             f"{r['planted_appeared']} / {r['appeared']} | {r['flagged']} | {pct(r['recall'])} | "
             f"{pct(r['precision'])} | {'yes' if r['trigger_found'] else 'no'} "
             f"({r['best_planted_rank'] or '-'}) | {clean['fpr']:.1%} "
