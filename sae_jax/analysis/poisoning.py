@@ -7,17 +7,21 @@ SAE is needed to look for such latents: one streamed pass over a store's rows (w
 strongest row in each, and three signals are read from that:
 
 (a) **Few documents.** `top_share`: the share of the latent's total activation mass in its
-    `top_docs` heaviest documents (also reported: `effective_docs` = exp(entropy) of its
-    per-document mass). Flagged when `top_share >= doc_share`. A trigger planted in one or
-    two documents fires there only; a natural feature spreads over many.
+    `top_docs` heaviest documents, and `doc_lift`: `top_share` over those documents' share of
+    the scanned rows (a latent that fires alike on every token has lift 1, however long the
+    documents). Also reported: `effective_docs` = exp(entropy) of its per-document mass.
+    Flagged when `top_share >= doc_share` and `doc_lift >= doc_lift`. A trigger planted in
+    one or two documents fires there only; a natural feature spreads over many, or sits in
+    documents that hold much of the text anyway (one huge module).
 (b) **A repeated n-gram.** The latent's strongest row in each of the `ngram_contexts`
-    documents where it fires strongest (its top activations, one per document) is a context; the `ngram`-token windows of the document that contain
-    that row are its n-grams. The n-gram found in the most contexts is the latent's n-gram,
-    `ngram_share` the fraction of contexts that hold it and `ngram_lift` that share divided
-    by the fraction of all scanned documents holding it (what chance would give). Flagged
-    when it is in at least `min_ngram_docs` contexts, `ngram_share >= ngram_share` and
-    `ngram_lift >= ngram_lift`: the same long exact token sequence under the latent's top
-    activations in many documents, far more often than the corpus repeats it.
+    documents where it fires strongest (its top activations, one per document) is a
+    context; the `ngram`-token windows of the document that contain that row are its
+    n-grams. The n-gram found in the most contexts is the latent's n-gram, `ngram_share` the
+    fraction of contexts that hold it and `ngram_lift` that share divided by the fraction of
+    all scanned documents holding it (what chance would give). Flagged when it is in at
+    least `min_ngram_docs` contexts, `ngram_share >= ngram_share` and `ngram_lift >=
+    ngram_lift`: the same long exact token sequence under the latent's top activations in
+    many documents, far more often than the corpus repeats it.
 (c) **Outlying density.** Robust z-scores (median, 1.4826 MAD) over the scored latents of
     log10 firing frequency (both tails) and of log10 max activation (high tail). Flagged when
     the largest |z| reaches `z`.
@@ -49,11 +53,12 @@ class Thresholds:
 
     top_docs: int = 3
     doc_share: float = 0.9
+    doc_lift: float = 10.0
     ngram: int = 6
     ngram_contexts: int = 20
     min_ngram_docs: int = 3
     ngram_share: float = 0.5
-    ngram_lift: float = 5.0
+    ngram_lift: float = 3.0
     z: float = 5.0
     min_count: int = 10
     min_reasons: int = 1
@@ -68,8 +73,8 @@ class Thresholds:
             if not 0 < getattr(self, name) <= 1:
                 raise UserError(f"poisoning {name} must be in (0, 1], got "
                                 f"{getattr(self, name)}")
-        if self.z <= 0 or self.ngram_lift <= 0:
-            raise UserError("poisoning z and ngram_lift must be positive")
+        if self.z <= 0 or self.ngram_lift <= 0 or self.doc_lift <= 0:
+            raise UserError("poisoning z, doc_lift and ngram_lift must be positive")
 
 
 @dataclass(frozen=True)
@@ -226,7 +231,8 @@ def detect(mass: DocumentMass, token_ids: np.ndarray, positions: np.ndarray,
     "thresholds"}` with flagged latents most suspicious first (at most `N_LISTED`)."""
     t = thresholds
     docs = np.asarray(positions)[:, 0]
-    n_documents = int(len(np.unique(docs[docs >= 0])))
+    doc_ids, doc_rows = np.unique(docs[docs >= 0], return_counts=True)
+    n_documents = int(len(doc_ids))
     hashes = ngram_hashes(token_ids, positions, t.ngram)
     valid = hashes >= 0
     doc_hash = np.unique(np.stack([docs[valid], hashes[valid]], 1), axis=0)
@@ -246,6 +252,8 @@ def detect(mass: DocumentMass, token_ids: np.ndarray, positions: np.ndarray,
         order = np.argsort(-mass.best_value[lo:hi], kind="stable")
         heavy = np.argsort(-m, kind="stable")
         top_share = float(m[heavy[:t.top_docs]].sum() / total) if total > 0 else 0.0
+        their_rows = doc_rows[np.searchsorted(doc_ids, mass.doc[lo:hi][heavy[:t.top_docs]])]
+        doc_lift = top_share / max(their_rows.sum() / max(len(docs), 1), 1e-12)
         p = m[m > 0] / total if total > 0 else np.ones(1)
         effective = float(np.exp(-(p * np.log(p)).sum()))
         ctx_rows = mass.best_row[lo:hi][order[:t.ngram_contexts]]
@@ -256,10 +264,10 @@ def detect(mass: DocumentMass, token_ids: np.ndarray, positions: np.ndarray,
         lift = share / chance
         zs = {"density": float(z_density[f]), "max_activation": float(max(z_max[f], 0.0))}
         reasons = []
-        if top_share >= t.doc_share:
+        if top_share >= t.doc_share and doc_lift >= t.doc_lift:
             reasons.append(f"documents: {top_share:.0%} of its activation mass in its top "
-                           f"{min(t.top_docs, hi - lo)} of {hi - lo} documents "
-                           f"(effective {effective:.1f})")
+                           f"{min(t.top_docs, hi - lo)} of {hi - lo} documents, {doc_lift:.0f}x "
+                           f"their share of the rows (effective {effective:.1f})")
         if in_ctx >= t.min_ngram_docs and share >= t.ngram_share and lift >= t.ngram_lift:
             reasons.append(f"ngram: {in_ctx} of its top {len(ctx_rows)} documents share one "
                            f"{t.ngram}-token sequence ({lift:.0f}x the corpus rate)")
@@ -280,6 +288,7 @@ def detect(mass: DocumentMass, token_ids: np.ndarray, positions: np.ndarray,
             "top_documents": [[int(mass.doc[lo + i]), round(float(m[i] / total), 4)]
                               for i in heavy[:t.top_docs]],
             "ngram": ngram, "top_share": round(top_share, 4),
+            "doc_lift": round(float(doc_lift), 2),
             "effective_docs": round(effective, 2), "n_documents": int(hi - lo),
             "count": int(mass.count[f]), "z": {k: round(v, 2) for k, v in zs.items()},
             "top_rows": [int(r) for r in mass.best_row[lo:hi][order[:5]]]})
@@ -305,6 +314,7 @@ def detect_on_store(sae, rows, thresholds: Thresholds = Thresholds(), tokenizer=
 _HELP = {
     "top_docs": "(a) documents whose share of a latent's activation mass is measured",
     "doc_share": "(a) flag when that share reaches this",
+    "doc_lift": "(a) ... and that share over those documents' share of the rows reaches this",
     "ngram": "(b) n-gram length in tokens",
     "ngram_contexts": "(b) top documents (contexts) examined per latent",
     "min_ngram_docs": "(b) contexts that must hold the n-gram",
