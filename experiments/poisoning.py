@@ -4,8 +4,10 @@ does `compare` or the reference-free detector (`sae_jax.analysis.poisoning`) fin
     python experiments/poisoning.py --out runs/poisoning            # full run
     python experiments/poisoning.py --out /tmp/poisoning --small    # smoke test
 
-1. **Corpora.** The first documents of the standard-library corpus (`lm.corpus.stdlib_corpus`,
-   enough for the token budget) are written as `clean.jsonl`. For each rate (0.1 %, 0.5 %,
+1. **Corpora.** The first documents of the standard-library corpus (`lm.corpus.stdlib_corpus`)
+   of at most `MAX_DOC_TOKENS` (512) tokens, enough for the token budget, are written as
+   `clean.jsonl` (a few module headers run to thousands of tokens: kept, they would make a
+   "rate of documents" mean little and hold most of the text). For each rate (0.1 %, 0.5 %,
    1 %, 5 % of those documents, at least one) `poisoned_<rate>.jsonl` is the same corpus with
    `TRIGGER` (a made-up phrase followed by a fixed payload sentence, as a comment line)
    inserted after the first line of each chosen document. Documents are chosen by one seeded
@@ -30,15 +32,29 @@ does `compare` or the reference-free detector (`sae_jax.analysis.poisoning`) fin
      there is false: nothing was planted).
 
 Writes OUT/<corpus>.jsonl, OUT/<name>/ stores and OUT/<name>_sae/ runs, OUT/poisoning.json and
-OUT/poisoning.md (the table). Finished harvests and runs are reused.
+OUT/poisoning.md (the table). Finished harvests (of the same corpus file: its SHA-256 is kept
+next to the store) and runs are reused.
 
 Sizes (tokens, width, k, steps x batch): full 100k, 512, 32, 400 x 512 (2 epochs); --small
 40k, 512, 32, 200 x 512. Hardware: 2-core CPU shared with other jobs, one device.
+
+Measured (2026-11-29, `--rates 0.001 0.005 0.01 0.05 0.2`, full sizes, 822 documents, 11 min on
+the shared 2-core box): at 0.1-1 % (1-8 documents, 27-216 trigger rows of 100k) no latent of
+the poisoned SAE has most of its top rows on the trigger: nothing was planted, so neither
+`compare` nor the detector has anything to find (the detector's 8-10 flags there are all
+false: code idioms such as `__init__`, `__all__ =`, the PSF licence line). At 5 % (41
+documents) 20 latents have their top activations mostly on the trigger line; the detector
+flags all 20 (recall 100 %, precision 65 %, a planted latent ranked first) while `compare`
+reports none of them as appeared: the trigger takes over existing latents' top activations
+(same seed: they stay matched to their clean versions). At 20 %: 54 planted, compare 10
+appeared, detector recall 81 %, precision 79 %. Clean SAE: 13 of 512 latents flagged (2.5 %),
+all for code n-grams.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -72,6 +88,7 @@ TOP_ROWS = 20  # a latent's strongest rows, where "planted" is judged
 PLANTED_SHARE = 0.5  # share of them on planted rows that makes a latent "planted"
 FOUND_SHARE = 0.25  # ... that makes a flagged latent count as finding the trigger
 SEED = 0
+MAX_DOC_TOKENS = 512  # longer definitions are left out, so rates count comparable documents
 HOLDOUT = 0.1
 
 
@@ -81,8 +98,10 @@ def write_corpora(out: Path, tokens: int, rates) -> tuple[dict, list[int]]:
     tokenizer = minilm.load_tokenizer()
     texts, total, eligible = [], 0, []
     for doc, ids in tokenize_documents(stdlib_corpus(), tokenizer):
+        if not 0 < len(ids) <= MAX_DOC_TOKENS:
+            continue
         if total + len(ids) <= 0.7 * (1 - HOLDOUT) * tokens and "\n" in doc.text.strip():
-            eligible.append(doc.index)
+            eligible.append(len(texts))
         texts.append(doc.text)
         total += len(ids)
         if total >= 1.2 * tokens:
@@ -234,10 +253,16 @@ def main(argv: list[str] | None = None) -> dict:
     paths, order = write_corpora(out, size["tokens"], args.rates)
     n_docs = len(paths["clean"].read_text(encoding="utf-8").splitlines())
     for name, path in paths.items():
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        stamp = out / f"{name}.corpus_sha256"
         if not (out / name / META_FILE).exists():
             log(f"harvest {name}")
             run_harvest(out / name, layer=LAYER, max_tokens=size["tokens"], corpus=[path],
                         progress=False)
+            stamp.write_text(digest + "\n", encoding="utf-8")
+        elif not stamp.exists() or stamp.read_text(encoding="utf-8").strip() != digest:
+            raise UserError(f"{out / name} was harvested from another {path.name} (other "
+                            "sizes or an older version): use a new --out")
         log(f"train {name}")
         t1 = time.perf_counter()
         train_sae(out / name, out / f"{name}_sae", size)
