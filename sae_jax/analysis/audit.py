@@ -17,6 +17,10 @@ Scores (definitions in `faithfulness` and `coverage`) on a MiniLM harvest:
 3. **Scores.** Causal (ablation, steering) on the windows; explanatory on all the held-out
    rows; coverage of the trained SAE on the held-out rows and, through `fidelity`, on
    `n_sequences` whole held-out sequences.
+4. **Poisoning.** The reference-free detector (`poisoning`: latents whose activation mass
+   sits in few documents, on a repeated n-gram, or far outside the density distribution)
+   over every latent of the trained SAE, on the explanation rows; the report's `poisoning`
+   key (`--poison-*` options set its thresholds).
 
 Writes `RUN/audit/audit.json` (settings, summary, per-feature scores of both SAEs,
 histograms, best/worst features, coverage, dark matter) and `RUN/audit/feature_catalog.json`
@@ -34,7 +38,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from sae_jax.analysis import coverage, faithfulness
+from sae_jax.analysis import coverage, faithfulness, poisoning
 from sae_jax.analysis.audit_report import (
     AUDIT_FILE,
     SCORE_RANGES,
@@ -279,12 +283,14 @@ def audit_context(run, settings: AuditSettings, log) -> tuple[AuditContext, dict
     return ctx, reported, (positions, held)
 
 
-def audit(run_dir, data_dir=None, *, corpus=None, log=None, **sizes) -> dict:
+def audit(run_dir, data_dir=None, *, corpus=None, log=None,
+          poison_thresholds: poisoning.Thresholds | None = None, **sizes) -> dict:
     """Audits a run (module docstring) and returns the full report (what `audit.json` holds).
 
     Args:
       data_dir: its MiniLM harvest (default: the run's training store).
       corpus: the corpus the store was harvested from, if not the default.
+      poison_thresholds: the poisoning detector's (default `poisoning.Thresholds()`).
       sizes: `AuditSettings` fields (n_features, n_windows, window, ..., seed).
 
     Raises:
@@ -318,6 +324,11 @@ def audit(run_dir, data_dir=None, *, corpus=None, log=None, **sizes) -> dict:
         cov["downstream"] = None
         log(f"warning: downstream coverage skipped: {e}")
     seconds["coverage"] = time.perf_counter() - t0 - sum(seconds.values())
+    poisoned = poisoning.detect_on_store(sae, ctx.explain, poison_thresholds
+                                         or poisoning.Thresholds(), tokenizer=tok)
+    seconds["poisoning"] = time.perf_counter() - t0 - sum(seconds.values())
+    log(f"audit: poisoning detector flagged {poisoned['n_flagged']} of "
+        f"{poisoned['n_scored']} latents ({seconds['poisoning']:.1f}s)")
     seconds["total"] = time.perf_counter() - t0
     log(f"audit: coverage {seconds['coverage']:.1f}s; total {seconds['total']:.1f}s")
     report = {
@@ -331,6 +342,7 @@ def audit(run_dir, data_dir=None, *, corpus=None, log=None, **sizes) -> dict:
                        for k in SCORES},
         "ranked": {k: ranked(real, k) for k in ("causal", "explanatory")},
         "features": real, "random_features": control, "coverage": cov,
+        "poisoning": poisoned,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
     by_id = {r["id"]: r for r in real}
@@ -372,6 +384,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dashboard", metavar="SITE",
                         help="also add the audit to this `sae-jax dashboard` site")
     parser.add_argument("--seed", type=int, default=d.seed)
+    poisoning.add_arguments(parser)
 
 
 def run(args) -> dict:
@@ -382,6 +395,7 @@ def run(args) -> dict:
     sizes = ("n_features", "n_windows", "window", "n_contexts", "n_random", "steer_times",
              "explain_rows", "n_sequences", "seed")
     report = audit(args.run_dir, args.data_dir, corpus=args.corpus, log=log,
+                   poison_thresholds=poisoning.thresholds_from_args(args),
                    **{k: getattr(args, k) for k in sizes})
     result = summary_of(report)
     if args.dashboard:

@@ -90,4 +90,6 @@ def summary_of(report: dict) -> dict:
             "unexplained_token_median": cov["per_token"]["p50"],
             "unexplained_document_median": cov["per_document"]["p50"],
             "downstream_loss_mean": (down.get("per_sequence") or {}).get("mean"),
+            "poisoning_flagged": (report.get("poisoning") or {}).get("n_flagged"),
+            "poisoning_features": (report.get("poisoning") or {}).get("flagged_features"),
             "seconds": report["seconds"]["total"]}

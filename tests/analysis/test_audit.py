@@ -31,7 +31,8 @@ def audited(tmp_path_factory, params):  # `params` loads MiniLM once for the ses
     cfg = make_config(arch="topk", width=64, k=4, steps=30, batch_size=128, holdout=0.2)
     train(cfg, tmp / "store", tmp / "run", progress=False, devices=jax.devices()[:1])
     write_dashboard(tmp / "run", tmp / "store", tmp / "site", batch_size=1024)
-    out = sae_jax_cli("audit", tmp / "run", tmp / "store", *SMALL, "--dashboard", tmp / "site")
+    out = sae_jax_cli("audit", tmp / "run", tmp / "store", *SMALL, "--dashboard", tmp / "site",
+                      "--poison-z", "4.5")
     result = json_result(out)
     assert "audit: random control" in out.stderr
     report = json.loads((tmp / "run" / "audit" / "audit.json").read_text(encoding="utf-8"))
@@ -88,6 +89,22 @@ def test_coverage_agrees_with_eval_and_fidelity(audited):
     assert down["per_sequence"]["mean"] == pytest.approx(fid["loss_spliced"], rel=1e-6)
     assert down["fidelity"]["loss_spliced"] == fid["loss_spliced"]
     assert down["worst_sequences"][0]["text"]
+
+
+def test_report_has_poisoning_flags(audited):
+    """The poisoning detector ran over every latent on the explanation rows, with the
+    thresholds the `--poison-*` options set; the result line counts its flags."""
+    _, result, report = audited
+    p = report["poisoning"]
+    assert p["thresholds"]["z"] == 4.5 and p["thresholds"]["doc_share"] == 0.9
+    assert p["rows"] == report["settings"]["explain_rows"] and p["n_rows"] == 2000
+    assert 0 < p["n_scored"] <= report["width"] and p["n_documents"] > 0
+    assert result["poisoning_flagged"] == p["n_flagged"] == len(p["flagged_features"])
+    for f in p["flagged"]:
+        assert set(f) >= {"feature", "score", "reasons", "top_documents", "ngram"}
+        assert f["reasons"] and 0 <= f["score"] <= 3
+    scores = [f["score"] for f in p["flagged"]]
+    assert scores == sorted(scores, reverse=True)
 
 
 def test_audited_catalog_is_readable(audited):
