@@ -73,11 +73,15 @@ def lookup(report: dict | None, *keys: str) -> float | None:
 
 def poisoning_flags(audit: dict | None) -> list[int] | None:
     """Ids of the latents the audit's poisoning detector flagged, or None when it was not run.
-    Accepts a list of flags or `{"flagged": [...]}`; a flag is an id or a dict with `id`."""
+    Reads `sae_jax.analysis.poisoning`'s report (`flagged_features`: every flagged id; its
+    `flagged` details stop at 50), or a plain list of flags (an id or a dict with `id`)."""
     raw = None if audit is None else audit.get("poisoning")
     if raw is None:
         return None
-    flags = raw.get("flagged", raw.get("flags")) if isinstance(raw, dict) else raw
+    if isinstance(raw, dict):
+        flags = raw.get("flagged_features", raw.get("flagged"))
+    else:
+        flags = raw
     if not isinstance(flags, list):
         raise UserError(f"{AUDIT}: `poisoning` holds no list of flagged latents")
     ids = [f.get("id", f.get("feature")) if isinstance(f, dict) else f for f in flags]

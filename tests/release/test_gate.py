@@ -29,7 +29,8 @@ AUDIT = {"format": "sae_jax audit", "version": 1,
          "summary": {"causal": {"median": 2.1, "median_random": 0.0, "auc": 0.84},
                      "explanatory": {"median": 0.4, "median_random": 0.01, "auc": 0.91}},
          "coverage": {"fvu": 0.12, "no_active_fraction": 0.01},
-         "poisoning": {"flagged": [{"id": 3, "score": 9.5}, {"id": 7, "score": 6.0}]}}
+         "poisoning": {"n_flagged": 2, "flagged_features": [3, 7],  # analysis.poisoning
+                       "flagged": [{"feature": 3, "score": 9.5}, {"feature": 7, "score": 6.0}]}}
 
 
 def decoder(seed: int) -> np.ndarray:
