@@ -23,8 +23,12 @@ install: $(STAMP)
 $(CHROMIUM):
 	$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium
 
+# Two pytest workers (pytest-xdist), one test file at a time each, so a file's module fixtures
+# (a harvested store, a trained run) are built once: most tests wait on compiles and
+# subprocesses on one core, so two workers fill a 2-core box (19.3 -> 12.8 min, measured).
+TEST_WORKERS ?= 2
 test: $(STAMP) $(CHROMIUM)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 DEMO := demo_out
 
