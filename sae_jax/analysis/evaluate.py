@@ -35,6 +35,7 @@ DENSE_FREQUENCY = 0.1
 DENSITY_BIN_WIDTH = 0.25  # decades per bin of the feature density histogram
 EVAL_JSON = "eval.json"
 DENSITY_PNG = "feature_density.png"
+LM_BATCH = 8  # sequences per causal-LM call for loss recovered (`loss_recovered.BATCH_SEQUENCES`)
 
 
 @jax.jit
@@ -212,6 +213,10 @@ def add_arguments(parser) -> None:
                              "recovered (causal LMs) (default 128)")
     parser.add_argument("--corpus", nargs="+", metavar="PATH",
                         help="the corpus the store was harvested from, if not the default")
+    parser.add_argument("--lm-batch", type=int, default=LM_BATCH, metavar="N",
+                        help="sequences per causal-LM call for loss recovered; each call holds "
+                             "the logits of 5 passes (clean and 4 spliced), so lower it for a "
+                             f"large vocabulary (default {LM_BATCH})")
     parser.add_argument("--mesh", default="", metavar="SPEC",
                         help="mesh to run a causal LM on for loss recovered, e.g. "
                              "data:2,model:4 (default: every device on data)")
@@ -229,7 +234,8 @@ def downstream(sae: SAE, store, args, mesh=None) -> dict:
 
         try:
             lm = loss_recovered(sae, store, n_sequences=args.fidelity_sequences,
-                                corpus=args.corpus, mesh=mesh)
+                                corpus=args.corpus, mesh=mesh,
+                                batch_sequences=getattr(args, "lm_batch", LM_BATCH))
         except UserError as e:
             print(f"sae-jax: warning: loss recovered skipped: {e}", file=sys.stderr)
             return {"lm_loss": None, "loss_recovered": None}
@@ -253,6 +259,8 @@ def run(args) -> dict:
     from sae_jax.sae import load
 
     mesh = make_mesh(args.mesh)  # a bad spec is refused before anything is computed
+    if args.lm_batch < 1:
+        raise UserError(f"--lm-batch must be at least 1, got {args.lm_batch}")
     sae = load(args.run_dir)
     files.ensure_writable_dir(files.join(args.run_dir, "eval"), "the eval results")
     store = open_store(args.data_dir)

@@ -139,6 +139,8 @@ def loss_recovered(sae: SAE, store, n_sequences: int = 128, seed: int = 0,
         model, its corpus cannot be rebuilt or does not match the stored tokens, its width
         differs from the SAE's, or no whole held-out sequence exists.
     """
+    if batch_sequences < 1:
+        raise UserError(f"the LM batch (--lm-batch) must be at least 1, got {batch_sequences}")
     check_model_store(store, "loss recovered")
     meta = store.meta
     if not is_causal(meta):

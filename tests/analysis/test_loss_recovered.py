@@ -12,7 +12,7 @@ import random
 
 import numpy as np
 import pytest
-from conftest import CAUSAL_FIXTURES, json_result, sae_jax_cli
+from conftest import CAUSAL_FIXTURES, json_result, one_error_line, sae_jax_cli
 
 from sae_jax.analysis.evaluate import EVAL_JSON
 from sae_jax.errors import UserError
@@ -53,8 +53,10 @@ def llama(tmp_path_factory):
     corpus = write_corpus(tmp / "corpus.txt")
     store, run = harvest(tmp, "llama", 1, corpus), tmp / "run"
     json_result(sae_jax_cli("train", store, run, *TRAIN, devices=1))
+    # --lm-batch 4 here, the default 8 in process below: the batch changes no number
     result = json_result(sae_jax_cli("eval", run, store, "--fidelity-sequences", N_SEQ,
-                                     "--corpus", corpus, "--mesh", "data:2,model:4"))
+                                     "--corpus", corpus, "--mesh", "data:2,model:4",
+                                     "--lm-batch", 4))
     return store, run, corpus, result
 
 
@@ -167,3 +169,7 @@ def test_refusals(llama, synthetic_store):
         loss_recovered(sae, open_store(synthetic_store))
     with pytest.raises(UserError, match="comes from a causal LM"):
         downstream_fidelity(sae, open_store(store))
+    with pytest.raises(UserError, match="--lm-batch"):
+        loss_recovered(sae, open_store(store), batch_sequences=0)
+    line = one_error_line(sae_jax_cli("eval", run, store, "--lm-batch", 0))
+    assert "--lm-batch must be at least 1" in line
