@@ -259,8 +259,9 @@ def run(args) -> dict:
     from sae_jax.sae import load
 
     mesh = make_mesh(args.mesh)  # a bad spec is refused before anything is computed
-    if args.lm_batch < 1:
-        raise UserError(f"--lm-batch must be at least 1, got {args.lm_batch}")
+    lm_batch = getattr(args, "lm_batch", LM_BATCH)  # bundle and prune build their own args
+    if lm_batch < 1:
+        raise UserError(f"--lm-batch must be at least 1, got {lm_batch}")
     sae = load(args.run_dir)
     files.ensure_writable_dir(files.join(args.run_dir, "eval"), "the eval results")
     store = open_store(args.data_dir)
