@@ -4,6 +4,7 @@ key-value stores, so run directories and stores work the same on a laptop and a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -99,6 +100,12 @@ def ensure_writable_dir(path, what: str) -> None:
         probe.unlink()
     except OSError as e:
         raise UserError(f"cannot write {what} to {path}: {e.strerror or e}") from None
+
+
+def file_sha256(path) -> str:
+    """Hex SHA-256 of a local file, streamed: the one file hash of model weights and bundles."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def exists(path) -> bool:

@@ -9,7 +9,6 @@ hand us are data, never code.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 
 from sae_jax.data.safetensors_io import read_header, read_tensor
 from sae_jax.errors import UserError
+from sae_jax.files import file_sha256
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -74,14 +74,7 @@ def read_weights(folder: str | Path) -> dict[str, np.ndarray]:
 
 def weights_sha256(folder: str | Path) -> dict[str, str]:
     """SHA-256 of each weight file: the model's identity in store metadata and provenance."""
-    out = {}
-    for path in weight_files(folder):
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                digest.update(block)
-        out[path.name] = digest.hexdigest()
-    return out
+    return {path.name: file_sha256(path) for path in weight_files(folder)}
 
 
 def load_tokenizer(folder: str | Path):

@@ -11,12 +11,12 @@ lists every other file of the bundle (relative, '/'-separated), and nothing else
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 from pathlib import Path, PurePosixPath
 
 from sae_jax.errors import UserError
+from sae_jax.files import file_sha256
 
 FORMAT = "sae-jax-bundle/1"
 MANIFEST = "manifest.json"
@@ -28,12 +28,6 @@ EVALS = "reports/evals.json"
 PROVENANCE = "provenance.json"
 BILL = "bill.json"
 CONTEXTS = "contexts.npz"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, streamed."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def bundle_files(root: str | os.PathLike) -> list[str]:
