@@ -54,8 +54,11 @@ class TrainConfig:
     """Dead latents used by the AuxK loss (topk/batchtopk; default d_in // 2)."""
     aux_coeff: float = 1 / 32
     """Weight of the AuxK dead-latent loss (topk/batchtopk; 0 turns it off)."""
-    dead_tokens: int = 1_000_000
-    """A feature that has not fired for this many training tokens counts as dead."""
+    dead_tokens: int = 10_000_000
+    """A feature that has not fired for this many training tokens counts as dead (and feeds
+    AuxK). 10M as in Gao et al. and OpenAI's code: a shorter window calls rare but live
+    features dead (at 1M, anything rarer than 1e-6) and spends AuxK on them. Runs much
+    shorter than 10M tokens never call anything dead; set it lower there to use AuxK."""
     init_norm: float = 0.1
     """Initial L2 norm of decoder rows for relu (others start at unit norm)."""
     lr: float | None = None
