@@ -7,9 +7,9 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import json_result, sae_jax_cli
 
 import sae_jax
-from conftest import json_result, sae_jax_cli
 from sae_jax.config import config_from_dict, make_config
 from sae_jax.errors import UserError
 from sae_jax.training.grid import expand_grid, run_names
