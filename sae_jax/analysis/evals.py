@@ -29,6 +29,7 @@ import numpy as np
 
 from sae_jax import files, plots
 from sae_jax.analysis import seed_stats
+from sae_jax.analysis.evaluate import LM_BATCH
 from sae_jax.errors import UserError
 
 EVALS_DIR = "evals"
@@ -287,7 +288,7 @@ def add_arguments(parser) -> None:
                              "(0: skip)")
     parser.add_argument("--corpus", nargs="+", metavar="PATH",
                         help="the corpus the store was harvested from, if not the default")
-    parser.add_argument("--lm-batch", type=int, default=8, metavar="N",
+    parser.add_argument("--lm-batch", type=int, default=LM_BATCH, metavar="N",
                         help="sequences per causal-LM call for loss recovered")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
