@@ -78,7 +78,10 @@ class TrainConfig:
     batch_size: int = 4096
     """Rows (tokens) per global batch."""
     seed: int = 0
-    """Seed for initialisation and data order."""
+    """Seed for initialisation (and the batch order, unless data_seed is set)."""
+    data_seed: int | None = None
+    """Seed of the batch order (default: seed). A seed sweep (seed=0,1,2) shares one: the
+    first seed listed, so its members differ only in their initialisation."""
     compute_dtype: str = "auto"
     """Matmul input dtype: float32, bfloat16, or auto (bfloat16 on TPU, else float32)."""
     mesh: str = ""
@@ -100,6 +103,8 @@ class TrainConfig:
                 object.__setattr__(self, key, value)
         if self.lr is None:
             object.__setattr__(self, "lr", 2e-4 / math.sqrt(self.width / 16384))
+        if self.data_seed is None:  # also a run saved before data_seed existed: same batches
+            object.__setattr__(self, "data_seed", self.seed)
         _check_choice("penalty", self.penalty, penalties.PENALTIES)
         _check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         for key in ("width", "k", "steps", "batch_size", "log_every", "ckpt_every",
