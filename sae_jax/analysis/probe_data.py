@@ -118,43 +118,53 @@ def label_rows(documents, encodings, docs: np.ndarray, positions: np.ndarray,
     n = len(docs)
     per_char = {"token_type": np.full(n, UNLABELED, np.int32),
                 "prose": np.full(n, UNLABELED, np.int32)}
-    doc_level: dict[str, list] = {}
     by_doc = {d.index: (d, e) for d, e in zip(documents, encodings)}
-    jsonl_lines: dict[str, set[int]] = {}
-    for doc_index in np.unique(docs):
-        rows = np.flatnonzero(docs == doc_index)
-        doc, enc = by_doc[int(doc_index)]
+    unique, inverse = np.unique(docs, return_inverse=True)
+    for j, doc_index in enumerate(unique.tolist()):
+        rows = np.flatnonzero(inverse == j)
+        doc, enc = by_doc[doc_index]
         pos = positions[rows]
-        if pos.max() >= len(enc.ids) or not np.array_equal(
-                np.asarray(enc.ids, np.int64)[pos], token_ids[rows]):
+        ids = np.asarray(enc.ids, np.int64)
+        if pos.max() >= len(ids) or not np.array_equal(ids[pos], token_ids[rows]):
             raise UserError(f"the rebuilt corpus does not match the tokens stored in {where} "
                             "(was it harvested from other text or with another tokenizer?)")
         if stdlib:
-            found = subword_labels(doc.text, [enc.offsets[p] for p in pos],
+            offsets = enc.offsets  # built anew on every access: read once
+            found = subword_labels(doc.text, [offsets[p] for p in pos],
                                    python_char_labels(doc.text))
             for name, values in found.items():
                 per_char[name][rows] = values
-        else:
-            path, _, line = doc.source.rpartition(":")
-            if path.endswith(".jsonl") and line.isdigit():
-                jsonl_lines.setdefault(path, set()).add(int(line))
+    sources = [by_doc[d][0].source for d in unique.tolist()]
+    doc_level: dict[str, list] = {}  # family -> one value per unique document
     labels = {}
     if stdlib:
         labels["token_type"] = (per_char["token_type"], list(TOKEN_TYPES))
         labels["prose"] = (per_char["prose"], list(PROSE_CLASSES))
-        doc_level["package"] = [stdlib_package(by_doc[int(d)][0].source) for d in docs]
+        doc_level["package"] = [stdlib_package(s) for s in sources]
     else:
-        fields = {path: jsonl_record_labels(path, lines) for path, lines in jsonl_lines.items()}
-        record = {}
-        for d in np.unique(docs).tolist():
-            path, _, line = by_doc[d][0].source.rpartition(":")
-            record[d] = fields.get(path, {}).get(int(line), {}) if line.isdigit() else {}
-        for name in sorted({k for r in record.values() for k in r}):
-            doc_level[name] = [record[int(d)].get(name) for d in docs]
-        doc_level["file"] = [source_file(by_doc[int(d)][0].source) for d in docs]
+        records = _jsonl_records(sources)
+        for name in sorted({k for r in records for k in r}):
+            doc_level[name] = [r.get(name) for r in records]
+        doc_level["file"] = [source_file(s) for s in sources]
     for name, values in doc_level.items():
-        labels[name] = encode_classes(values)
+        codes, classes = encode_classes(values)
+        labels[name] = (codes[inverse], classes)
     return labels
+
+
+def _jsonl_records(sources: list[str]) -> list[dict[str, str]]:
+    """The label fields of each document's jsonl record (`{}` for other documents)."""
+    wanted: dict[str, set[int]] = {}
+    for source in sources:
+        path, _, line = source.rpartition(":")
+        if path.endswith(".jsonl") and line.isdigit():
+            wanted.setdefault(path, set()).add(int(line))
+    fields = {path: jsonl_record_labels(path, lines) for path, lines in wanted.items()}
+    out = []
+    for source in sources:
+        path, _, line = source.rpartition(":")
+        out.append(fields.get(path, {}).get(int(line), {}) if line.isdigit() else {})
+    return out
 
 
 def make_sample(store, heldout, n_rows: int = PROBE_ROWS, corpus=None) -> ProbeSample:

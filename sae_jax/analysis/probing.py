@@ -27,8 +27,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from sae_jax.analysis.probe_data import PROBE_ROWS, document_split, load_sample
-from sae_jax.analysis.probe_fit import (accuracy, balanced_indices, class_means, fit_logistic,
-                                        latent_columns, top_latents)
+from sae_jax.analysis.probe_fit import (
+    accuracy,
+    balanced_indices,
+    class_means,
+    fit_logistic,
+    latent_columns,
+    top_latents,
+)
 from sae_jax.analysis.probe_labels import UNLABELED
 from sae_jax.errors import UserError
 

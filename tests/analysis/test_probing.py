@@ -5,8 +5,15 @@ import numpy as np
 import pytest
 from conftest import relu_sae
 
-from sae_jax.analysis.probe_fit import (balanced_indices, class_means, f1_score, fit_logistic,
-                                        latent_columns, logistic_objective, top_latents)
+from sae_jax.analysis.probe_fit import (
+    balanced_indices,
+    class_means,
+    f1_score,
+    fit_logistic,
+    latent_columns,
+    logistic_objective,
+    top_latents,
+)
 from sae_jax.analysis.probing import make_tasks, probe_tasks, summarize
 
 
