@@ -23,7 +23,7 @@ splits its vocabulary).
    reconstruction's projection (raw units; SAEBench's fᵢ·cos assumes unit decoder rows):
    - **absorption fraction**: M = Σ pᵢ over the main latents; the absorbers are the other
      latents with cos(W_dec,ᵢ, p̂) ≥ `FRACTION_COS` (0.1) and pᵢ > 0, their top
-     `MAX_ABSORBERS` (3) summing to A. If M ≥ a or A < `PROJ_PROPORTION`·a (0.4), 0;
+     `MAX_ABSORBERS` (3) summing to A. If M ≥ a, a ≤ 0 or A < `PROJ_PROPORTION`·a (0.4), 0;
      else if M ≤ 0, 1; else min(A, a − M) / (min(A, a − M) + M), clipped to [0, 1].
    - **full absorption**: every main latent is silent (< 1e-8), the latent with the largest
      pᵢ has cos ≥ `FULL_COS` (0.025), a ≥ 0, and that latent's pᵢ ≥ 0.4·a.
@@ -131,7 +131,8 @@ def token_absorption(x_proj: np.ndarray, f: np.ndarray, w_dec_proj: np.ndarray,
     unaccounted = np.minimum(top, x_proj - main_proj)
     with np.errstate(divide="ignore", invalid="ignore"):
         partial = np.clip(unaccounted / (unaccounted + main_proj), 0.0, 1.0)
-    fraction = np.where((main_proj >= x_proj) | (top < PROJ_PROPORTION * x_proj), 0.0,
+    none = (main_proj >= x_proj) | (top < PROJ_PROPORTION * x_proj) | (x_proj <= 0)
+    fraction = np.where(none, 0.0,
                         np.where(main_proj <= 0, 1.0, partial))
     best = np.argmax(proj, axis=1)
     best_proj = proj[np.arange(len(proj)), best]

@@ -174,7 +174,7 @@ def make_sample(store, heldout, n_rows: int = PROBE_ROWS, corpus=None) -> ProbeS
       UserError: the store is not a harvest with token ids and positions, its corpus cannot
         be rebuilt or does not match, or the sample holds no document token.
     """
-    check_model_store(store, "probing", tokens=True)
+    check_model_store(store, "probing and absorption", tokens=True)
     ranges = [(heldout.start + a, heldout.start + b)
               for a, b in sample_ranges(len(heldout), n_rows)]
     pos = np.concatenate(store.read_many(POSITIONS, ranges)).astype(np.int64)

@@ -78,10 +78,12 @@ def test_per_token_formula_on_hand_made_numbers():
     f = np.array([[0.3, 1.0, 0.0, 4.0],    # partial: M=0.3, A=0.5 -> 0.5 / 0.8
                   [0.0, 1.6, 0.0, 0.0],    # full: main silent, absorber 0.8 >= 0.4
                   [0.0, 0.2, 0.5, 0.0],    # A = 0.2 < 0.4: none
-                  [1.2, 1.0, 0.0, 0.0]])   # M >= a: none
-    fraction, full = token_absorption(np.ones(4), f, w_proj, cos, [0])
-    np.testing.assert_allclose(fraction, [0.625, 1.0, 0.0, 0.0])
-    assert full.tolist() == [False, True, False, False]
+                  [1.2, 1.0, 0.0, 0.0],    # M >= a: none
+                  [0.0, 1.6, 0.0, 0.0]])   # the activation projects negatively: none
+    a = np.array([1.0, 1.0, 1.0, 1.0, -1.0])
+    fraction, full = token_absorption(a, f, w_proj, cos, [0])
+    np.testing.assert_allclose(fraction, [0.625, 1.0, 0.0, 0.0, 0.0])
+    assert full.tolist() == [False, True, False, False, False]
 
 
 def test_the_task_takes_word_initial_alphabetic_tokens(tokenizer):
