@@ -118,7 +118,7 @@ def test_write_artifacts_to_object_store():
 
 
 def test_last_batch_is_padded_so_the_pass_compiles_once():
-    from sae_jax.analysis import evaluate as ev
+    from sae_jax.analysis import core_metrics as ev
 
     rng = np.random.default_rng(3)
     x = rng.standard_normal((301, 5)).astype(np.float32)  # 4 batches of 64 and one of 45
