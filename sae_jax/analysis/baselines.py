@@ -34,7 +34,7 @@ import numpy as np
 
 from sae_jax import saes
 from sae_jax.analysis.core_metrics import HIGHER_IS_BETTER, eval_sums, row_metrics
-from sae_jax.analysis.downstream import downstream, recovered
+from sae_jax.analysis.downstream import recovered
 from sae_jax.sae import SAE
 
 SCORED = ("fvu", "explained_variance", "mse", "l0")
@@ -116,22 +116,21 @@ def margins(trained: dict, baselines: dict[str, dict],
     return out
 
 
-def score_baselines(sae: SAE, rows, trained: dict, store=None, args=None, mesh=None,
-                    seed: int = 0) -> dict:
+def score_baselines(baselines: dict[str, SAE], rows, trained: dict,
+                    downstream_scores: dict[str, dict] | None = None) -> dict:
     """What `sae-jax eval` adds: `{"baselines": {name: {fvu, explained_variance, mse, l0,
     and fidelity_recovered or loss_recovered}}, "margins": {name: {metric: margin}}}`.
 
     Args:
-      trained: the trained SAE's eval result on `rows` (its `l0` sets the random-directions
-        k; its `fidelity` / `loss_recovered` says whether the downstream measure ran: only
-        then are the baselines measured downstream too, on `store` with eval's `args`).
+      baselines: `baseline_saes(...)` of the trained SAE.
+      trained: the trained SAE's eval result on `rows`.
+      downstream_scores: `{name: {"fidelity_recovered" or "loss_recovered": ...}}`, the
+        baselines' downstream numbers (`downstream.downstream(..., others=baselines)`),
+        present only where the trained SAE's downstream measure ran.
     """
-    ran = {k: v for k, v in recovered(trained).items() if v is not None}
     scores = {}
-    for name, baseline in baseline_saes(sae, trained["l0"], seed).items():
+    for name, baseline in baselines.items():
         row = row_metrics(eval_sums(baseline, rows), baseline.d_out)
-        scores[name] = {k: row[k] for k in SCORED}
-        if ran and store is not None:
-            scores[name].update(recovered(downstream(baseline, store, args, mesh)))
+        scores[name] = {**{k: row[k] for k in SCORED}, **(downstream_scores or {}).get(name, {})}
     return {"baselines": scores,
-            "margins": margins({**trained, **ran}, scores, HIGHER_IS_BETTER)}
+            "margins": margins({**trained, **recovered(trained)}, scores, HIGHER_IS_BETTER)}

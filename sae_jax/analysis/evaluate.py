@@ -161,7 +161,7 @@ def run(args) -> dict:
     (`downstream`) where the store was harvested from a model we can run, and (unless
     `--no-baselines`) `baselines` and `margins` (`baselines.score_baselines`), written to
     RUN_DIR/eval."""
-    from sae_jax.analysis.baselines import score_baselines
+    from sae_jax.analysis.baselines import baseline_saes, score_baselines
     from sae_jax.data.store import open_store
     from sae_jax.mesh import make_mesh
     from sae_jax.sae import load
@@ -178,8 +178,12 @@ def run(args) -> dict:
                         f"{args.run_dir} was trained on d_in={sae.row_width}")
     rows = store.span() if args.split == "all" else store.split(sae.config.holdout)[1]
     result = {"step": sae.step, "split": args.split, **evaluate(sae, rows)}
-    result.update(downstream(sae, store, args, mesh))
-    if not getattr(args, "no_baselines", False):  # bundle and prune build their own args
-        result.update(score_baselines(sae, rows, result, store, args, mesh, BASELINE_SEED))
+    baselines = (None if getattr(args, "no_baselines", False)  # bundle builds its own args
+                 else baseline_saes(sae, result["l0"], BASELINE_SEED))
+    lost = downstream(sae, store, args, mesh, others=baselines)
+    others = lost.pop("others", None)
+    result.update(lost)
+    if baselines is not None:
+        result.update(score_baselines(baselines, rows, result, others))
     write_eval_artifacts(result, files.join(args.run_dir, "eval"))
     return result
