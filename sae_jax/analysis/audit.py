@@ -13,7 +13,7 @@ Scores (definitions in `faithfulness` and `coverage`) on a MiniLM harvest:
    first 2 × `n_features` of them is built on the *explanation rows* (the last
    `explain_rows` training rows), and the first `n_features` that fire there at least
    `MIN_EXPLAIN` times are scored. The same is done for the random control
-   (`faithfulness.random_sae`, seeded), so real and random distributions are comparable.
+   (`baselines.random_weights_sae`, seeded), so real and random distributions are comparable.
 3. **Scores.** Causal (ablation, steering) on the windows; explanatory on all the held-out
    rows; coverage of the trained SAE on the held-out rows and, through `fidelity`, on
    `n_sequences` whole held-out sequences.
@@ -49,6 +49,7 @@ from sae_jax.analysis.audit_report import (
     summary_of,
     write_report,
 )
+from sae_jax.analysis.baselines import random_weights_sae
 from sae_jax.analysis.catalog import concept_texts, feature_label
 from sae_jax.analysis.dashboard import write_audit_js
 from sae_jax.analysis.faithfulness import MIN_CONTEXTS
@@ -312,7 +313,7 @@ def audit(run_dir, data_dir=None, *, corpus=None, log=None,
     real, catalog, hp = score_sae(sae, ctx, settings, str(run_dir), log)
     seconds["trained"] = time.perf_counter() - t0 - sum(seconds.values())
     log("audit: random control")
-    control, _, _ = score_sae(faithfulness.random_sae(sae, settings.seed + 1), ctx, settings,
+    control, _, _ = score_sae(random_weights_sae(sae, settings.seed + 1), ctx, settings,
                               str(run_dir), log)
     seconds["random"] = time.perf_counter() - t0 - sum(seconds.values())
     cov = coverage.token_coverage(hp, positions, ctx.token_ids, held.start, tok,

@@ -1,63 +1,39 @@
-"""Evaluation of a trained SAE on held-out rows, streamed in batches.
+"""Evaluation of a trained SAE on held-out rows, streamed in batches: `sae-jax eval`.
 
-Reports reconstruction (MSE, FVU, explained variance), sparsity (L0 mean, quantiles and its
-exact distribution) and feature health (dead: never fired on the eval rows; dense: fires on
-> 10% of them; the feature density histogram of log10 firing frequencies).
-`write_eval_artifacts` writes the result as `eval.json` plus `feature_density.png`.
-`sae-jax eval` adds what the model loses downstream when the SAE stands in for its layer
-(`downstream`): embedding fidelity for a MiniLM store, next-token loss recovered for a
-causal-LM store.
-
-Numerics: each batch's sums are taken on the device in float32, but the data variance
-(FVU's denominator) is accumulated *centred* and merged on the host in float64
-(`moments.merge_moments`). Rows holding NaN or infinity are refused with one line: they
-would turn every number into NaN, which is a damaged store, not an SAE result.
+Reports the core metrics (`core_metrics`: reconstruction, L0 and its percentiles, dead and
+dense fractions, shrinkage, decoder similarity, encoder/decoder alignment) from one pass
+over the rows, plus the exact L0 distribution and the feature density histogram of log10
+firing frequencies. `write_eval_artifacts` writes the result as `eval.json` plus
+`feature_density.png`. `sae-jax eval` adds what the model loses downstream when the SAE
+stands in for its layer (`downstream`: embedding fidelity for a MiniLM store, next-token
+loss recovered for a causal-LM store) and the same numbers for two random baselines of the
+same width and L0 (`baselines`), with the trained SAE's margin over each.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import sys
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sae_jax import files, plots
-from sae_jax.analysis.moments import merge_moments
-from sae_jax.batches import padded_batches
+from sae_jax.analysis.core_metrics import (
+    DENSE_FREQUENCY,
+    eval_sums,
+    row_metrics,
+    shrinkage_by_l0,
+    weight_metrics,
+)
+from sae_jax.analysis.downstream import LM_BATCH, downstream
 from sae_jax.errors import UserError
 from sae_jax.sae import SAE
 
-DENSE_FREQUENCY = 0.1
 DENSITY_BIN_WIDTH = 0.25  # decades per bin of the feature density histogram
 EVAL_JSON = "eval.json"
 DENSITY_PNG = "feature_density.png"
-LM_BATCH = 8  # sequences per causal-LM call for loss recovered (`loss_recovered.BATCH_SEQUENCES`)
-
-
-@jax.jit
-def _batch_sums(sae: SAE, rows, n_valid):
-    """One batch's statistics in float32 (merged on the host in float64); rows from
-    `n_valid` on are fill and count nowhere."""
-    valid = jnp.arange(rows.shape[0]) < n_valid
-    finite = jnp.isfinite(rows).all(-1)
-    rows = jnp.where((valid & finite)[:, None], rows, 0.0)
-    x_in, x = sae.split_rows(rows)  # x: what is reconstructed (a transcoder's target)
-    f = sae.encode_raw(x_in)
-    x_hat = sae.reconstruct_raw(x_in, f)
-    active = (f > 0) & valid[:, None]
-    mean = jnp.sum(x, axis=0) / n_valid
-    return {
-        "sq_err": jnp.sum(jnp.where(valid[:, None], jnp.square(x - x_hat), 0.0), axis=0),
-        "mean": mean,
-        "m2": jnp.sum(jnp.where(valid[:, None], jnp.square(x - mean), 0.0), axis=0),
-        "l0": active.sum(-1),
-        "fires": active.sum(0),
-        "finite": finite | ~valid,
-    }
+BASELINE_SEED = 0
 
 
 def l0_histogram(l0: np.ndarray) -> dict:
@@ -94,38 +70,6 @@ def density_histogram(fires: np.ndarray, n_rows: int,
     }
 
 
-def eval_sums(sae: SAE, rows, batch_size: int = 4096) -> dict:
-    """The sums `evaluate` summarises, streamed over `rows` `batch_size` at a time: float64
-    `sq_err` and centred `m2` (d_out,) of what is reconstructed, int64 `fires` (F,) (rows
-    each feature fired on: `fires == 0` is what eval calls dead), int64 `l0` (n,) and `n`.
-    `sae-jax prune` reads the per-feature `fires` that `evaluate` only reports in summary."""
-    if rows.d_in != sae.row_width:
-        raise UserError(f"eval data has d_in={rows.d_in}, but the SAE expects "
-                        f"d_in={sae.row_width}")
-    n = len(rows)
-    if n == 0:
-        raise UserError("no rows to evaluate")
-    d = sae.d_out
-    sq_err = np.zeros(d)
-    count, mean, m2 = 0, np.zeros(d), np.zeros(d)
-    fires, l0s = np.zeros(sae.width, np.int64), []
-    for batch in padded_batches(n, batch_size, rows):
-        m = batch.n_valid
-        out = jax.device_get(_batch_sums(sae, batch.arrays[0].astype(np.float32), m))
-        if not out["finite"].all():
-            bad = batch.start + int(np.argmin(out["finite"]))
-            raise UserError(f"eval row {bad} (row {getattr(rows, 'start', 0) + bad} of the "
-                            "store) holds NaN or infinite values: the data is damaged; "
-                            "re-import or re-harvest it")
-        sq_err += out["sq_err"].astype(np.float64)
-        count, mean, m2 = merge_moments(count, mean, m2, m, out["mean"].astype(np.float64),
-                                        out["m2"].astype(np.float64))
-        fires += out["fires"].astype(np.int64)
-        l0s.append(out["l0"][:m])
-    return {"n": int(n), "sq_err": sq_err, "m2": m2, "fires": fires,
-            "l0": np.concatenate(l0s).astype(np.int64)}
-
-
 def evaluate(sae: SAE, rows, batch_size: int = 4096) -> dict:
     """Evaluates `sae` on raw activation rows, reading `batch_size` rows at a time.
 
@@ -134,30 +78,17 @@ def evaluate(sae: SAE, rows, batch_size: int = 4096) -> dict:
         For a transcoder, rows are input + target and every figure is about the target.
 
     Returns:
-      A JSON-friendly dict: floats `mse` (mean per element, raw units), `fvu`,
-      `explained_variance`, `l0`, `l0_p10/p50/p90`, `dead_frac`, `dense_frac`, int `n_rows`,
-      `l0_hist` (see `l0_histogram`) and `feature_density` (see `density_histogram`).
+      A JSON-friendly dict: the flat `core_metrics` (floats `mse` (per element, raw units),
+      `fvu`, `explained_variance`, `l0`, `l0_p1` … `l0_p99`, `dead_frac`, `dense_frac`,
+      `shrinkage`, `decoder_sim_mean`, `decoder_sim_dup_frac`, `enc_dec_cos_mean/median`,
+      int `n_rows`), `shrinkage_by_l0`, `l0_hist` (see `l0_histogram`) and
+      `feature_density` (see `density_histogram`).
     """
     sums = eval_sums(sae, rows, batch_size)
-    n, fires, l0 = sums["n"], sums["fires"], sums["l0"]
-    sq_err_total = float(sums["sq_err"].sum())
-    total_var = float(sums["m2"].sum())
-    freq = fires / n
-    fvu = sq_err_total / total_var if total_var > 0 else float("nan")
-    return {
-        "n_rows": int(n),
-        "mse": sq_err_total / (n * sae.d_out),
-        "fvu": fvu,
-        "explained_variance": 1.0 - fvu,
-        "l0": float(l0.mean()),
-        "l0_p10": float(np.percentile(l0, 10)),
-        "l0_p50": float(np.percentile(l0, 50)),
-        "l0_p90": float(np.percentile(l0, 90)),
-        "dead_frac": float(np.mean(fires == 0)),
-        "dense_frac": float(np.mean(freq > DENSE_FREQUENCY)),
-        "l0_hist": l0_histogram(l0),
-        "feature_density": density_histogram(fires, n),
-    }
+    return {**row_metrics(sums, sae.d_out), **weight_metrics(sae),
+            "shrinkage_by_l0": shrinkage_by_l0(sums["norm_ratio"], sums["l0"]),
+            "l0_hist": l0_histogram(sums["l0"]),
+            "feature_density": density_histogram(sums["fires"], sums["n"])}
 
 
 def plot_feature_density(density: dict, title: str | None = None) -> bytes:
@@ -220,40 +151,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--mesh", default="", metavar="SPEC",
                         help="mesh to run a causal LM on for loss recovered, e.g. "
                              "data:2,model:4 (default: every device on data)")
-
-
-def downstream(sae: SAE, store, args, mesh=None) -> dict:
-    """What the model loses when the SAE stands in for its layer, as eval reports it: for a
-    causal-LM store `lm_loss` (`loss_recovered.loss_recovered`) and its `loss_recovered`
-    number, for a MiniLM store `fidelity` (`fidelity.downstream_fidelity`); None with one
-    warning line where it cannot be measured (not a harvested store, no corpus, no model)."""
-    from sae_jax.lm.hooks import is_causal
-
-    if is_causal(store.meta):
-        from sae_jax.analysis.loss_recovered import loss_recovered
-
-        try:
-            lm = loss_recovered(sae, store, n_sequences=args.fidelity_sequences,
-                                corpus=args.corpus, mesh=mesh,
-                                batch_sequences=getattr(args, "lm_batch", LM_BATCH))
-        except UserError as e:
-            print(f"sae-jax: warning: loss recovered skipped: {e}", file=sys.stderr)
-            return {"lm_loss": None, "loss_recovered": None}
-        return {"lm_loss": lm, "loss_recovered": lm["loss_recovered"]}
-    from sae_jax.analysis.fidelity import downstream_fidelity
-
-    try:
-        return {"fidelity": downstream_fidelity(sae, store, n_sequences=args.fidelity_sequences,
-                                                corpus=args.corpus)}
-    except UserError as e:  # not a harvested store, or its corpus cannot be rebuilt
-        print(f"sae-jax: warning: fidelity skipped: {e}", file=sys.stderr)
-        return {"fidelity": None}
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="skip the random baselines (one more pass over the rows each, "
+                             "and one more downstream measure each where it runs)")
 
 
 def run(args) -> dict:
-    """`sae-jax eval`: core metrics on the held-out rows, and what the model loses downstream
-    (`downstream`) where the store was harvested from a model we can run, written to
+    """`sae-jax eval`: core metrics on the held-out rows, what the model loses downstream
+    (`downstream`) where the store was harvested from a model we can run, and (unless
+    `--no-baselines`) `baselines` and `margins` (`baselines.score_baselines`), written to
     RUN_DIR/eval."""
+    from sae_jax.analysis.baselines import baseline_saes, score_baselines
     from sae_jax.data.store import open_store
     from sae_jax.mesh import make_mesh
     from sae_jax.sae import load
@@ -270,6 +178,12 @@ def run(args) -> dict:
                         f"{args.run_dir} was trained on d_in={sae.row_width}")
     rows = store.span() if args.split == "all" else store.split(sae.config.holdout)[1]
     result = {"step": sae.step, "split": args.split, **evaluate(sae, rows)}
-    result.update(downstream(sae, store, args, mesh))
+    baselines = (None if getattr(args, "no_baselines", False)  # bundle builds its own args
+                 else baseline_saes(sae, result["l0"], BASELINE_SEED))
+    lost = downstream(sae, store, args, mesh, others=baselines)
+    others = lost.pop("others", None)
+    result.update(lost)
+    if baselines is not None:
+        result.update(score_baselines(baselines, rows, result, others))
     write_eval_artifacts(result, files.join(args.run_dir, "eval"))
     return result

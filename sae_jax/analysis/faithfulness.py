@@ -1,9 +1,9 @@
 """Faithfulness per feature: is a feature what the model computes, or only a plausible label?
 
 Two complementary scores, each computed the same way for the trained SAE and for a
-**random control** (`random_sae`: every encoder column and decoder row replaced by an
-independent random direction of the same norm, biases kept), so a report can show real
-against random distributions.
+**random control** (`baselines.random_weights_sae`: every encoder column and decoder row
+replaced by an independent random direction of the same norm, biases kept), so a report can
+show real against random distributions.
 
 **Causal** (on held-out contexts, through the model's own downstream computation; the SAE's
 error term is always kept, so only the feature changes). Let e(h) be the model output (for
@@ -52,7 +52,6 @@ control feature) (Mann-Whitney, ties ½); 0.5 = indistinguishable, 1 = fully sep
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -71,21 +70,6 @@ MIN_CONTEXTS = 3  # a correlation over fewer contexts says nothing
 
 # ----------------------------------------------------------------------------------------
 # The SAEs scored
-
-
-def random_sae(sae, seed: int = 0):
-    """The control: `sae` with each encoder column and decoder row replaced by an
-    independent Gaussian direction of the same norm (biases and thresholds kept), so its
-    features fire on random projections and write random directions."""
-    rng = np.random.default_rng(seed)
-    params = dict(sae.params)
-    for name, axis in (("W_enc", 0), ("W_dec", 1)):
-        w = np.asarray(params[name], np.float32)
-        r = rng.standard_normal(w.shape)
-        r *= np.linalg.norm(w, axis=axis, keepdims=True) / np.linalg.norm(r, axis=axis,
-                                                                           keepdims=True)
-        params[name] = jnp.asarray(r, jnp.float32)
-    return dataclasses.replace(sae, params=params)
 
 
 def feature_columns(sae, x: np.ndarray, columns: np.ndarray, batch: int = 4096) -> np.ndarray:

@@ -59,34 +59,38 @@ def _make_runner(layer: int, site: str = "resid"):
     transcoder's prediction from that sub-layer's input."""
     from sae_jax.lm import minilm
 
-    def run(params, sae, mean, ids, mask, splice):
-        """Embeddings (5, n, 384): clean, then `VARIANTS`; and the batch's SAE sq-error sums."""
+    def run(params, sae, mean, ids, mask, splice, others=()):
+        """Embeddings (5 + len(others), n, 384): clean, then `VARIANTS`, then each of
+        `others` spliced; and the batch's SAE sq-error sums."""
         n = ids.shape[0]
         if site == "resid":
             inp = clean_h = layer_state(params, ids, mask, layer=layer)
         else:
             inp, clean_h = minilm.sublayer_io(params, ids, mask, layer, site)
-        x_hat = sae.reconstruct_raw(inp.reshape(-1, inp.shape[-1])).reshape(clean_h.shape)
+        flat = inp.reshape(-1, inp.shape[-1])
+        x_hat = sae.reconstruct_raw(flat).reshape(clean_h.shape)
         sel = splice[..., None]
         err = jnp.where(sel, jnp.square(clean_h - x_hat), 0.0).sum()
         dev = jnp.where(sel, jnp.square(clean_h - mean.astype(jnp.float32)), 0.0).sum()
+        n_var = 4 + len(others)
 
-        def replace(h):  # h: (4n, L, d), the clean stream of the 4 stacked copies
-            hs = h.reshape(4, n, *h.shape[1:])
+        def replace(h):  # h: (n_var·n, L, d), the clean stream of the stacked copies
+            hs = h.reshape(n_var, n, *h.shape[1:])
             new = jnp.stack([
                 x_hat,                              # spliced
                 jnp.zeros_like(x_hat),              # zero ablation
                 jnp.broadcast_to(mean.astype(h.dtype), x_hat.shape),  # mean ablation
                 x_hat + (hs[3] - x_hat),            # spliced with the error term
+                *[o.reconstruct_raw(flat).reshape(clean_h.shape) for o in others],
             ])
             return jnp.where(sel[None], new, hs).reshape(h.shape)
 
-        tile = lambda a: jnp.concatenate([a] * 4)  # noqa: E731
+        tile = lambda a: jnp.concatenate([a] * n_var)  # noqa: E731
         clean = minilm.embed(params, ids, mask)
         hook = ((layer, replace) if site == "resid" else
                 (layer, lambda _inp, out: replace(out), site))
         variants = minilm.embed(params, tile(ids), tile(mask), replace=hook)
-        return jnp.concatenate([clean[None], variants.reshape(4, n, -1)]), err, dev
+        return jnp.concatenate([clean[None], variants.reshape(n_var, n, -1)]), err, dev
 
     return jax.jit(run)
 
@@ -94,7 +98,7 @@ def _make_runner(layer: int, site: str = "resid"):
 def downstream_fidelity(sae: SAE, store, n_sequences: int = 128, seed: int = 0,
                         corpus: None | str | os.PathLike | list = None,
                         batch_sequences: int = BATCH_SEQUENCES,
-                        per_sequence: bool = False) -> dict:
+                        per_sequence: bool = False, others: dict | None = None) -> dict:
     """Cosine similarity of MiniLM sentence embeddings to the clean run when the SAE's layer
     is spliced / ablated on held-out sequences (see the module docstring).
 
@@ -108,13 +112,17 @@ def downstream_fidelity(sae: SAE, store, n_sequences: int = 128, seed: int = 0,
         float rounding).
       per_sequence: also return `per_sequence`: per sampled sequence its `doc`, `text` and
         `loss_<name>` (1 − cos) for each variant (what `coverage` reports per sequence).
+      others: `{name: SAE}` of the same layer (the random baselines) spliced in the same
+        model calls, on the same sequences: one more pass each instead of a whole run.
 
     Returns:
       A JSON-friendly dict: `n_sequences`, `n_tokens_spliced`, `layer`, `seed`, for each of
       clean/spliced/zero_ablation/mean_ablation/spliced_with_error `cos_<name>` (mean cosine
       to clean) and `loss_<name>` (mean 1 − cos), `cos_min_spliced_with_error`,
       `fidelity_recovered` (vs mean ablation), `fidelity_recovered_zero` (vs zero ablation),
-      and `fvu_spliced` (the SAE's FVU on the spliced tokens, against the store mean).
+      and `fvu_spliced` (the SAE's FVU on the spliced tokens, against the store mean);
+      with `others`, `others: {name: {cos_spliced, loss_spliced, fidelity_recovered,
+      fidelity_recovered_zero}}` against the same clean and ablated runs.
 
     Raises:
       UserError: the store is not a MiniLM harvest, its corpus cannot be rebuilt or does not
@@ -147,19 +155,21 @@ def downstream_fidelity(sae: SAE, store, n_sequences: int = 128, seed: int = 0,
     n = len(ids)
     embs, sq_err, sq_dev = [], 0.0, 0.0
     # Fill rows splice nothing, so they add nothing to the error sums.
+    extra = tuple((others or {}).values())
     for b in padded_batches(n, batch_sequences, ids, mask, splice, attend=1):
-        e, err, dev = run(params, sae, mean, *b.arrays)
+        e, err, dev = run(params, sae, mean, *b.arrays, extra)
         embs.append(np.asarray(e, np.float64)[:, :b.n_valid])
         sq_err += float(err)
         sq_dev += float(dev)
-    emb = unit_vectors(np.concatenate(embs, axis=1))  # (5, n, 384)
+    emb = unit_vectors(np.concatenate(embs, axis=1))  # (5 + len(others), n, 384)
     cos = np.einsum("vnd,nd->vn", emb, emb[0])
     names = ("clean",) + VARIANTS
     loss = {name: float(np.mean(1.0 - cos[i])) for i, name in enumerate(names)}
 
-    def recovered(ablated: str) -> float | None:
+    def recovered(ablated: str, spliced: float | None = None) -> float | None:
         ref = loss[ablated] - loss["clean"]
-        return (loss[ablated] - loss["spliced"]) / ref if ref > 0 else None
+        spliced = loss["spliced"] if spliced is None else spliced
+        return (loss[ablated] - spliced) / ref if ref > 0 else None
 
     out = {"n_sequences": int(n), "n_tokens_spliced": int(splice.sum()), "layer": layer,
            "seed": int(seed), "seq_len": seq_len, "n_heldout_documents": sample.n_documents}
@@ -171,6 +181,14 @@ def downstream_fidelity(sae: SAE, store, n_sequences: int = 128, seed: int = 0,
     out["fidelity_recovered"] = recovered("mean_ablation")
     out["fidelity_recovered_zero"] = recovered("zero_ablation")
     out["fvu_spliced"] = sq_err / sq_dev if sq_dev > 0 else None
+    if others:
+        out["others"] = {}
+        for j, name in enumerate(others):
+            spliced = float(np.mean(1.0 - cos[len(names) + j]))
+            out["others"][name] = {
+                "cos_spliced": float(np.mean(cos[len(names) + j])), "loss_spliced": spliced,
+                "fidelity_recovered": recovered("mean_ablation", spliced),
+                "fidelity_recovered_zero": recovered("zero_ablation", spliced)}
     if per_sequence:
         out["per_sequence"] = {
             "doc": doc_of.tolist(),

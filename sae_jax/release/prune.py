@@ -28,7 +28,9 @@ import numpy as np
 
 from sae_jax import files
 from sae_jax.analysis.catalog import find_catalog, write_catalog
-from sae_jax.analysis.evaluate import downstream, eval_sums, evaluate
+from sae_jax.analysis.core_metrics import DUPLICATE_COSINE, eval_sums, row_metrics
+from sae_jax.analysis.downstream import downstream
+from sae_jax.analysis.evaluate import evaluate
 from sae_jax.data.loader import stats_sample
 from sae_jax.data.store import RowSpan, open_store
 from sae_jax.errors import UserError
@@ -185,8 +187,8 @@ def choose_cut(sae: SAE, order: list[dict], heldout, budget: float):
     before = evaluate(sae, heldout)
 
     def increase(m: int) -> float:
-        masked = _masked(sae, [c["id"] for c in order[:m]])
-        return evaluate(masked, heldout)["fvu"] - before["fvu"]
+        masked = _masked(sae, [c["id"] for c in order[:m]])  # the FVU alone: one pass
+        return row_metrics(eval_sums(masked, heldout), masked.d_out)["fvu"] - before["fvu"]
 
     m = pruning.largest_within_budget(len(order), increase, budget)
     while True:  # the cut itself, sliced; one fewer if rounding took it over the budget
@@ -251,9 +253,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("out_dir", help="new run directory for the pruned SAE (new, or empty)")
     parser.add_argument("--data", default=None, metavar="DATA_DIR",
                         help="the store to measure on (default: the one the run was trained on)")
-    parser.add_argument("--duplicate-cosine", type=float, default=0.9, metavar="C",
+    parser.add_argument("--duplicate-cosine", type=float, default=DUPLICATE_COSINE,
+                        metavar="C",
                         help="decoder cosine at or above which two latents are duplicates; "
-                             "the more frequent is kept (default 0.9)")
+                             f"the more frequent is kept (default {DUPLICATE_COSINE:g})")
     parser.add_argument("--width", type=int, default=None, metavar="W",
                         help="also drop the least-contributing latents down to W")
     parser.add_argument("--fvu-budget", type=float, default=0.01, metavar="B",

@@ -3,7 +3,7 @@ functions over params, fire counts and decoder rows (the command is `release/pru
 
 **Candidates, in the order they are removed:**
 1. *dead* latents: never fired on the store's training rows (`fires == 0`, the count
-   `evaluate.eval_sums` keeps, whose fraction eval reports as `dead_frac`);
+   `core_metrics.eval_sums` keeps, whose fraction eval reports as `dead_frac`);
 2. *duplicates*: among the live latents, pairs whose decoder directions have cosine ≥ the
    threshold (each latent's `N_CANDIDATES` nearest rows, `matching.scan_cosines`); taken from
    the highest cosine down, the less frequent of each pair is dropped while both remain

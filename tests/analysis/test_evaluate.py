@@ -118,7 +118,7 @@ def test_write_artifacts_to_object_store():
 
 
 def test_last_batch_is_padded_so_the_pass_compiles_once():
-    from sae_jax.analysis import evaluate as ev
+    from sae_jax.analysis import core_metrics as ev
 
     rng = np.random.default_rng(3)
     x = rng.standard_normal((301, 5)).astype(np.float32)  # 4 batches of 64 and one of 45
@@ -168,6 +168,12 @@ def test_eval_command_on_a_minilm_run_and_a_damaged_copy(tmp_path_factory, tmp_p
     assert r["n_rows"] == 150 and 0 < r["fvu"] < 1 and r["l0"] == pytest.approx(4.0)
     assert r["fidelity"]["n_sequences"] == 4 and 0 < r["fidelity"]["fidelity_recovered"] < 1
     assert json.loads((run / "eval" / EVAL_JSON).read_text())["fvu"] == r["fvu"]
+    # The downstream measure ran, so each random baseline is measured downstream too.
+    for name in ("random_directions", "random_init"):
+        assert isinstance(r["baselines"][name]["fidelity_recovered"], float), name
+        assert r["margins"][name]["fidelity_recovered"] == pytest.approx(
+            r["fidelity"]["fidelity_recovered"] - r["baselines"][name]["fidelity_recovered"])
+        assert r["margins"][name]["fvu"] > 0
 
     rows = open_store(store).span().read(0, 3000).astype(np.float32)
     rows[2990, 7] = np.nan  # in the held-out tail (the last 150 rows)

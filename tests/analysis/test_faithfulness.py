@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from sae_jax.analysis import faithfulness as fa
+from sae_jax.analysis.baselines import random_weights_sae
 from sae_jax.config import make_config
 from sae_jax.sae import SAE
 
@@ -52,7 +53,7 @@ def run_pipeline(world, sae):
 
 def test_causal_scores_separate_true_atoms_from_random_sae(world):
     real = run_pipeline(world, world[2])
-    control = run_pipeline(world, fa.random_sae(world[2], seed=1))
+    control = run_pipeline(world, random_weights_sae(world[2], seed=1))
     z_real = [r["causal"] for r in real]
     z_random = [r["causal"] for r in control if r["causal"] is not None]
     assert fa.auc(z_real, z_random) > 0.9
@@ -77,16 +78,16 @@ def test_ablation_effect_is_the_jvp_prediction(world):
     np.testing.assert_allclose(predicted, expected, atol=1e-5)
 
 
-def test_random_sae_keeps_norms_not_directions(world):
+def test_random_weights_sae_keeps_norms_not_directions(world):
     sae = world[2]
-    rnd = fa.random_sae(sae, seed=3)
+    rnd = random_weights_sae(sae, seed=3)
     for name, axis in (("W_enc", 0), ("W_dec", 1)):
         a, b = np.asarray(sae.params[name]), np.asarray(rnd.params[name])
         np.testing.assert_allclose(np.linalg.norm(a, axis=axis), np.linalg.norm(b, axis=axis),
                                    rtol=1e-5)
         assert np.abs((a * b).sum(axis) / np.linalg.norm(a, axis=axis) ** 2).max() < 0.9
     np.testing.assert_array_equal(rnd.params["b_enc"], sae.params["b_enc"])
-    np.testing.assert_array_equal(fa.random_sae(sae, seed=3).params["W_dec"],
+    np.testing.assert_array_equal(random_weights_sae(sae, seed=3).params["W_dec"],
                                   rnd.params["W_dec"])
 
 

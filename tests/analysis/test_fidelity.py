@@ -65,6 +65,22 @@ def test_exact_sae_recovers_everything(harvested):
     assert r["fidelity_recovered_zero"] == pytest.approx(1.0, abs=1e-4)
 
 
+def test_others_spliced_in_the_same_calls_score_as_their_own_runs(harvested, trained_result):
+    """An SAE passed as one of `others` (the random baselines' way) gets the numbers its own
+    run gives: the trained SAE scores as itself, the exact SAE recovers everything."""
+    store, sae = harvested
+    r = downstream_fidelity(sae, store, n_sequences=N_SEQ, seed=0,
+                            others={"self": sae, "exact": exact_sae(store.d_in,
+                                                                    sae.config.holdout)})
+    assert r["fidelity_recovered"] == pytest.approx(trained_result["fidelity_recovered"],
+                                                    abs=1e-6)
+    own = r.pop("others")
+    assert own["self"]["fidelity_recovered"] == pytest.approx(r["fidelity_recovered"], abs=1e-6)
+    assert own["self"]["loss_spliced"] == pytest.approx(r["loss_spliced"], abs=1e-7)
+    assert own["exact"]["fidelity_recovered"] == pytest.approx(1.0, abs=1e-4)
+    assert own["exact"]["fidelity_recovered_zero"] == pytest.approx(1.0, abs=1e-4)
+
+
 def test_deterministic(harvested, trained_result):
     store, sae = harvested
     assert downstream_fidelity(sae, store, n_sequences=N_SEQ, seed=0) == trained_result
