@@ -42,36 +42,9 @@ SUITE_CHOICES = (*SUITE_MODULES, "all")
 PANEL_COLUMNS = 4
 
 
-def _missing(error: ModuleNotFoundError, module: str) -> bool:
-    """The module itself is absent (not one of its own imports)."""
-    return error.name is not None and module.startswith(error.name)
-
-
 def load_suite(name: str):
-    """The suite function of `name`; while `core_metrics` is not merged, the temporary core
-    suite of `evals_interim`. A suite whose module is absent is one error line."""
-    module = SUITE_MODULES[name]
-    try:
-        return importlib.import_module(module).suite
-    except ModuleNotFoundError as e:
-        if not _missing(e, module):
-            raise
-        if name == "core":
-            from sae_jax.analysis.evals_interim import core_suite
-
-            return core_suite
-        raise UserError(f"the {name} suite is not available in this build ({module} is "
-                        "missing); use --suite core") from None
-
-
-def _baselines():
-    """`analysis.baselines`, or the temporary copy in `evals_interim` until it is merged."""
-    try:
-        return importlib.import_module("sae_jax.analysis.baselines")
-    except ModuleNotFoundError as e:
-        if not _missing(e, "sae_jax.analysis.baselines"):
-            raise
-        return importlib.import_module("sae_jax.analysis.evals_interim")
+    """The suite function of `name` (its module is imported only when it runs)."""
+    return importlib.import_module(SUITE_MODULES[name]).suite
 
 
 def expand_runs(paths: list[str]) -> list[tuple[str, str]]:
@@ -142,7 +115,8 @@ def evaluate_runs(paths: list[str], data_dir: str, suite_names: list[str], args,
     from sae_jax.sae import load
 
     suites = {n: load_suite(n) for n in suite_names}
-    baselines = _baselines()
+    from sae_jax.analysis import baselines
+
     runs = expand_runs(paths)
     infos = [read_run(d) for _, d in runs]
     check_comparable(runs, infos)

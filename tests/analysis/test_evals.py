@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import json_result, one_error_line, sae_jax_cli
 
-from sae_jax.analysis import evals, evals_interim, seed_stats
+from sae_jax.analysis import baselines, evals, seed_stats
 from sae_jax.config import make_config
 from sae_jax.errors import UserError
 from sae_jax.training.grid import expand_grid, run_names
@@ -56,9 +56,9 @@ def test_pw_mcc_of_identical_runs_is_one():
 
 
 def test_margins_are_positive_when_the_trained_sae_is_better():
-    m = evals_interim.margins({"fvu": 0.2, "explained_variance": 0.8, "l0": 5.0},
-                              {"random": {"fvu": 0.9, "explained_variance": 0.1, "l0": 5.0}},
-                              {"fvu": False, "explained_variance": True})
+    m = baselines.margins({"fvu": 0.2, "explained_variance": 0.8, "l0": 5.0},
+                          {"random": {"fvu": 0.9, "explained_variance": 0.1, "l0": 5.0}},
+                          {"fvu": False, "explained_variance": True})
     assert m == {"random": pytest.approx({"fvu": 0.7, "explained_variance": 0.7})}
 
 
