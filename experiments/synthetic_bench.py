@@ -24,7 +24,7 @@ atoms recovered at cos ≥ 0.9, FVU and L0. The table gives mean ± 95 % CI acro
 (Student t, n − 1 degrees of freedom), plus MCC of a random unit dictionary as the floor.
 Writes `OUT/bench.json` and `OUT/bench.md`; prints the table and, last, one JSON line.
 
-`--small` (for tests): N = 64 atoms in d = 16, 16k rows, 150 steps × 256, width 64.
+`--small` (for tests): N = 64 atoms in d = 32, true L0 3, 32k rows, 300 steps × 256.
 
 Result (2-core CPU shared with other jobs, 1 device): see README "Synthetic benchmark".
 """
@@ -75,9 +75,9 @@ class Setting:
 
 FULL = Setting(StructuredSpec(), train_rows=2_000_000, heldout_rows=65_536, steps=2000,
                batch_size=1024)
-SMALL = Setting(StructuredSpec(d_in=16, n_atoms=64, active=3.0, n_parents=4, n_children=3,
+SMALL = Setting(StructuredSpec(d_in=32, n_atoms=64, active=3.0, n_parents=4, n_children=3,
                                n_groups=4, group_size=3),
-                train_rows=16_384, heldout_rows=4096, steps=150, batch_size=256)
+                train_rows=32_768, heldout_rows=8192, steps=300, batch_size=256)
 
 
 def sae_jax_command() -> list[str]:
@@ -127,11 +127,11 @@ def train_seed(setting: Setting, archs: list[str], out: Path, seed: int) -> dict
     return {sae_jax.load(m["run_dir"]).config.arch: m["run_dir"] for m in result["members"]}
 
 
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95 % Student-t confidence interval (NaN for n < 2)."""
+def mean_ci(values: list[float]) -> tuple[float, float | None]:
+    """Mean and the half-width of its 95 % Student-t confidence interval (None for n < 2)."""
     v = np.asarray(values, np.float64)
     if len(v) < 2:
-        return float(v.mean()), float("nan")
+        return float(v.mean()), None
     return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1)
                                   / np.sqrt(len(v)))
 
@@ -141,13 +141,17 @@ def summarise(scores: dict[str, list[dict]]) -> dict[str, dict[str, list[float]]
             for arch, runs in scores.items()}
 
 
+def _cell(mean: float, half: float | None, digits: int) -> str:
+    return f"{mean:.{digits}f}" + ("" if half is None else f" ± {half:.{digits}f}")
+
+
 def table(summary: dict, random_mcc: float, n_seeds: int) -> str:
-    lines = [f"| arch | MCC | F1 | atoms ≥ 0.9 | FVU | L0 |  (mean ± 95 % CI, {n_seeds} seeds)",
+    """The README's markdown table: mean ± 95 % CI half-width per architecture."""
+    lines = [f"| arch ({n_seeds} seeds) | MCC | F1 | atoms ≥ 0.9 | FVU | L0 |",
              "|---|---|---|---|---|---|"]
     for arch, row in summary.items():
         lines.append(f"| {arch} | " + " | ".join(
-            f"{row[m][0]:.3f} ± {row[m][1]:.3f}" if m != "l0" else
-            f"{row[m][0]:.2f} ± {row[m][1]:.2f}" for m in METRICS) + " |")
+            _cell(*row[m], 2 if m == "l0" else 3) for m in METRICS) + " |")
     lines.append(f"| random unit dictionary | {random_mcc:.3f} | | | | |")
     return "\n".join(lines)
 
@@ -183,9 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
               "data_s": data_s, "wall_s": time.perf_counter() - start}
     md = table(summary, random_mcc, len(seeds))
     (out / "bench.md").write_text(md + "\n")
-    (out / "bench.json").write_text(json.dumps(result, indent=1))
+    (out / "bench.json").write_text(json.dumps(result, indent=1, allow_nan=False))
     print(md)
-    print(json.dumps(result))
+    print(json.dumps(result, allow_nan=False))
     return result
 
 
