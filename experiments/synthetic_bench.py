@@ -16,7 +16,10 @@ point; one pass trains all five architectures on the same batches), width N = 25
 2000 steps × 1024 rows. TopK, BatchTopK and Matryoshka use k = 5 (the true L0); ReLU (L1)
 and JumpReLU (L0 penalty) have the sparsity_coeff of `SPARSITY` (JumpReLU's L0 lands near
 5; ReLU's L1 cannot get there without losing the features, so it keeps its default).
-Everything else is the architecture's default.
+`dead_tokens` is 250k (`--dead-tokens`; an eighth of a run): a latent silent that long
+counts as dead and feeds AuxK (TopK family). The library default (a window meant for runs
+of billions of tokens) would never mark a latent dead in a 2M-token run. Everything else
+is the architecture's default.
 
 Scoring (`sae_jax.analysis.ground_truth.score_sae`, on the held-out rows): MCC (one-to-one
 mean decoder cosine with the true atoms), F1 of each true feature's assigned latent firing,
@@ -47,6 +50,7 @@ from sae_jax.analysis.ground_truth import mcc, score_sae
 from sae_jax.data.structured import (
     HELDOUT_STREAM,
     StructuredSpec,
+    feature_kinds,
     make_structure,
     sample,
     structure_stats,
@@ -60,6 +64,7 @@ L0 ≈ 4.7 (true L0 5). ReLU keeps its default 2.0 (L0 ≈ 10): on this data (2M
 buys a lower L0 only with worse recovery: coefficient 2 / 3 / 4 / 5.5 gave L0 9.8 / 8.8 /
 7.9 / 6.5 and MCC 0.82 / 0.78 / 0.73 / 0.62 (seed 0)."""
 METRICS = ("mcc", "f1", "atoms_recovered", "fvu", "l0")
+KINDS = ("parent", "child", "correlated", "independent")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,13 +121,15 @@ def sweep_members(setting: Setting, archs: list[str]) -> list[dict]:
             for a in archs]
 
 
-def train_seed(setting: Setting, archs: list[str], out: Path, seed: int) -> dict[str, str]:
+def train_seed(setting: Setting, archs: list[str], out: Path, seed: int,
+               dead_tokens: int) -> dict[str, str]:
     """Trains every architecture for one seed in one `sae-jax train` pass; {arch: run dir}."""
     sweep = out / "sweep.json"
     sweep.write_text(json.dumps(sweep_members(setting, archs)))
     result = run_cli("train", out / "data", out / f"seed{seed}", "--sweep", sweep, "--quiet",
                      f"seed={seed}", f"steps={setting.steps}",
-                     f"batch_size={setting.batch_size}", f"log_every={setting.steps // 4}",
+                     f"batch_size={setting.batch_size}", f"dead_tokens={dead_tokens}",
+                     f"log_every={setting.steps // 4}",
                      f"ckpt_every={setting.steps}")
     return {sae_jax.load(m["run_dir"]).config.arch: m["run_dir"] for m in result["members"]}
 
@@ -137,7 +144,8 @@ def mean_ci(values: list[float]) -> tuple[float, float | None]:
 
 
 def summarise(scores: dict[str, list[dict]]) -> dict[str, dict[str, list[float]]]:
-    return {arch: {m: list(mean_ci([s[m] for s in runs])) for m in METRICS}
+    keys = METRICS + tuple(f"{m}_{k}" for m in ("mcc", "f1") for k in KINDS)
+    return {arch: {m: list(mean_ci([s[m] for s in runs])) for m in keys}
             for arch, runs in scores.items()}
 
 
@@ -153,6 +161,11 @@ def table(summary: dict, random_mcc: float, n_seeds: int) -> str:
         lines.append(f"| {arch} | " + " | ".join(
             _cell(*row[m], 2 if m == "l0" else 3) for m in METRICS) + " |")
     lines.append(f"| random unit dictionary | {random_mcc:.3f} | | | | |")
+    lines += ["", f"| arch: MCC / F1 by kind of feature (mean of {n_seeds} seeds) | "
+              + " | ".join(KINDS) + " |", "|---" * (1 + len(KINDS)) + "|"]
+    for arch, row in summary.items():
+        lines.append(f"| {arch} | " + " | ".join(
+            f"{row[f'mcc_{k}'][0]:.2f} / {row[f'f1_{k}'][0]:.2f}" for k in KINDS) + " |")
     return "\n".join(lines)
 
 
@@ -162,6 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--archs", default=",".join(ARCHS))
     parser.add_argument("--small", action="store_true", help="tiny sizes, for tests")
+    parser.add_argument("--dead-tokens", type=int, default=250_000,
+                        help="tokens without firing after which a latent is dead (AuxK)")
     args = parser.parse_args(argv)
     setting = SMALL if args.small else FULL
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -173,9 +188,9 @@ def main(argv: list[str] | None = None) -> dict:
     data_s = time.perf_counter() - start
     scores: dict[str, list[dict]] = {a: [] for a in archs}
     for seed in seeds:
-        for arch, run_dir in train_seed(setting, archs, out, seed).items():
+        for arch, run_dir in train_seed(setting, archs, out, seed, args.dead_tokens).items():
             scores[arch].append(score_sae(sae_jax.load(run_dir), truth.atoms, data["rows"],
-                                          data["codes"]))
+                                          data["codes"], feature_kinds(truth)))
     rng = np.random.default_rng(0)
     random_mcc = mcc(rng.standard_normal(truth.atoms.shape), truth.atoms)["mcc"]
     summary = summarise(scores)
@@ -183,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
               "spec": dataclasses.asdict(setting.spec), "true_l0": truth.true_l0,
               "data_stats": structure_stats(truth, data["codes"]),
               "tokens_per_run": setting.steps * setting.batch_size,
+              "dead_tokens": args.dead_tokens,
               "summary": summary, "random_dictionary_mcc": random_mcc, "runs": scores,
               "data_s": data_s, "wall_s": time.perf_counter() - start}
     md = table(summary, random_mcc, len(seeds))

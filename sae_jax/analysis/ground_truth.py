@@ -76,13 +76,18 @@ def latent_firing(sae: SAE, rows: np.ndarray, latents: np.ndarray,
 
 
 def score_sae(sae: SAE, atoms: np.ndarray, rows: np.ndarray, codes: np.ndarray,
-              batch_size: int = 8192) -> dict:
+              kinds: dict[str, np.ndarray] | None = None, batch_size: int = 8192) -> dict:
     """MCC, F1 (module docstring) and eval's FVU / L0 / dead fraction of `sae` on held-out
     `rows (n, d)` whose true codes are `codes (n, N)`.
 
+    Args:
+      kinds: optional `{name: (N,) bool mask}` of feature subsets (e.g.
+        `structured.feature_kinds`) to score separately as well.
+
     Returns:
       Flat floats `mcc`, `f1`, `precision`, `recall`, `atoms_recovered`, `fvu`, `l0`,
-      `dead_frac`, and `n_scored` (true features that fire in `rows`).
+      `dead_frac`, `n_scored` (true features that fire in `rows`), and `mcc_<kind>`,
+      `f1_<kind>` for each of `kinds`.
     """
     if len(rows) != len(codes) or codes.shape[1] != len(atoms):
         raise UserError(f"held-out rows {rows.shape}, codes {codes.shape} and atoms "
@@ -96,7 +101,11 @@ def score_sae(sae: SAE, atoms: np.ndarray, rows: np.ndarray, codes: np.ndarray,
     scores = firing_f1(codes > 0, on)
     scored = np.isfinite(scores["f1"])
     ev = evaluate(sae, ArraySpan(rows), batch_size)
-    return {"mcc": match["mcc"], "f1": float(scores["f1"][scored].mean()),
+    by_kind = {}
+    for name, mask in (kinds or {}).items():
+        by_kind[f"mcc_{name}"] = float(match["cosine"][mask].mean())
+        by_kind[f"f1_{name}"] = float(scores["f1"][mask & scored].mean())
+    return {**by_kind, "mcc": match["mcc"], "f1": float(scores["f1"][scored].mean()),
             "precision": float(scores["precision"][scored].mean()),
             "recall": float(scores["recall"][scored].mean()),
             "atoms_recovered": atoms_recovered(w_dec, np.asarray(atoms)),

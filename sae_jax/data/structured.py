@@ -190,6 +190,17 @@ def make_structure(spec: StructuredSpec, seed: int = 0) -> Structure:
                      bias.astype(np.float32))
 
 
+def feature_kinds(structure: Structure) -> dict[str, np.ndarray]:
+    """(N,) bool masks of the four kinds of feature: `parent`, `child`, `correlated` (in a
+    group) and `independent` (the other top-level features)."""
+    ids = np.arange(structure.spec.n_atoms)
+    parent = ids < structure.spec.n_parents
+    child = structure.parent >= 0
+    correlated = structure.group >= 0
+    return {"parent": parent, "child": child, "correlated": correlated,
+            "independent": ~(parent | child | correlated)}
+
+
 def _fires(structure: Structure, rng, n_rows: int) -> np.ndarray:
     """(n_rows, N) bool firing pattern of one chunk (module docstring; ids are contiguous
     blocks: parents, children, grouped, free)."""

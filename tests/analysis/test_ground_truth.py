@@ -8,7 +8,13 @@ import pytest
 
 from sae_jax.analysis.ground_truth import firing_f1, mcc, score_sae
 from sae_jax.config import make_config
-from sae_jax.data.structured import HELDOUT_STREAM, StructuredSpec, make_structure, sample
+from sae_jax.data.structured import (
+    HELDOUT_STREAM,
+    StructuredSpec,
+    feature_kinds,
+    make_structure,
+    sample,
+)
 from sae_jax.errors import UserError
 from sae_jax.sae import SAE
 
@@ -66,8 +72,11 @@ def test_firing_f1_by_hand():
 
 def test_score_is_perfect_for_the_true_sae_and_low_for_a_random_one(orthogonal_truth):
     structure, rows, codes = orthogonal_truth
-    true = score_sae(relu_sae(structure.atoms, structure.bias), structure.atoms, rows, codes)
+    true = score_sae(relu_sae(structure.atoms, structure.bias), structure.atoms, rows, codes,
+                     feature_kinds(structure))
     assert true["mcc"] == pytest.approx(1.0, abs=1e-5)
+    for kind in ("parent", "child", "correlated", "independent"):
+        assert true[f"mcc_{kind}"] == pytest.approx(1.0, abs=1e-5) and true[f"f1_{kind}"] == 1
     assert true["f1"] == pytest.approx(1.0) and true["atoms_recovered"] == 1.0
     assert true["fvu"] < 1e-4 and true["l0"] == pytest.approx((codes > 0).sum(1).mean())
     assert true["n_scored"] == SPEC.n_atoms

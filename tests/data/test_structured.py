@@ -10,6 +10,7 @@ from sae_jax.data.structured import (
     HELDOUT_STREAM,
     TRAIN_STREAM,
     StructuredSpec,
+    feature_kinds,
     make_structure,
     sample,
     structure_stats,
@@ -46,6 +47,13 @@ def test_children_fire_only_with_their_parent_one_at_a_time(drawn):
     any_child = on[:, kids].reshape(len(on), SPEC.n_parents, SPEC.n_children).any(-1)
     # P(some child | parent) is child_prob (the hierarchy is not degenerate)
     assert any_child[parent_on].mean() == pytest.approx(SPEC.child_prob, abs=0.03)
+
+
+def test_feature_kinds_partition_the_features(drawn):
+    kinds = feature_kinds(drawn[0])
+    assert (sum(m.astype(int) for m in kinds.values()) == 1).all()
+    assert kinds["parent"].sum() == SPEC.n_parents
+    assert kinds["correlated"].sum() == SPEC.n_groups * SPEC.group_size
 
 
 def test_groups_co_fire_and_others_do_not(drawn):
