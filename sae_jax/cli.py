@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "harvest": ("sae_jax.lm.harvest", "harvest model activations into a new store"),
     "train": ("sae_jax.training.command", "train (or resume) an SAE, or a sweep of them"),
     "eval": ("sae_jax.analysis.evaluate", "evaluate a trained SAE; last line is JSON"),
+    "evals": ("sae_jax.analysis.evals", "eval suites of runs/seeds with 95% CIs, random "
+              "baselines and PW-MCC; JSON, PNGs; last line is JSON"),
     "dashboard": ("sae_jax.analysis.dashboard", "feature catalog + static HTML dashboard"),
     "export": ("sae_jax.saelens.export",
                "write a run as a SAELens SAE (cfg.json + safetensors)"),

@@ -54,8 +54,11 @@ class TrainConfig:
     """Dead latents used by the AuxK loss (topk/batchtopk; default d_in // 2)."""
     aux_coeff: float = 1 / 32
     """Weight of the AuxK dead-latent loss (topk/batchtopk; 0 turns it off)."""
-    dead_tokens: int = 1_000_000
-    """A feature that has not fired for this many training tokens counts as dead."""
+    dead_tokens: int = 10_000_000
+    """A feature that has not fired for this many training tokens counts as dead (and feeds
+    AuxK). 10M as in Gao et al. and OpenAI's code: a shorter window calls rare but live
+    features dead (at 1M, anything rarer than 1e-6) and spends AuxK on them. Runs much
+    shorter than 10M tokens never call anything dead; set it lower there to use AuxK."""
     init_norm: float = 0.1
     """Initial L2 norm of decoder rows for relu (others start at unit norm)."""
     lr: float | None = None
@@ -75,7 +78,10 @@ class TrainConfig:
     batch_size: int = 4096
     """Rows (tokens) per global batch."""
     seed: int = 0
-    """Seed for initialisation and data order."""
+    """Seed for initialisation (and the batch order, unless data_seed is set)."""
+    data_seed: int | None = None
+    """Seed of the batch order (default: seed). A seed sweep (seed=0,1,2) shares one: the
+    first seed listed, so its members differ only in their initialisation."""
     compute_dtype: str = "auto"
     """Matmul input dtype: float32, bfloat16, or auto (bfloat16 on TPU, else float32)."""
     mesh: str = ""
@@ -97,6 +103,8 @@ class TrainConfig:
                 object.__setattr__(self, key, value)
         if self.lr is None:
             object.__setattr__(self, "lr", 2e-4 / math.sqrt(self.width / 16384))
+        if self.data_seed is None:  # also a run saved before data_seed existed: same batches
+            object.__setattr__(self, "data_seed", self.seed)
         _check_choice("penalty", self.penalty, penalties.PENALTIES)
         _check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         for key in ("width", "k", "steps", "batch_size", "log_every", "ckpt_every",

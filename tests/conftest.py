@@ -112,4 +112,4 @@ def batch_at(rows: np.ndarray, cfg, step: int) -> np.ndarray:
     """The training batch of `step` for in-memory rows, exactly as `train` would load it."""
     from sae_jax.data.loader import ArraySpan, BatchSource
 
-    return BatchSource(ArraySpan(rows), cfg.batch_size, cfg.seed, cfg.steps)[step]
+    return BatchSource(ArraySpan(rows), cfg.batch_size, cfg.data_seed, cfg.steps)[step]

@@ -3,7 +3,8 @@
 OUT_DIR gets `index.html`, `app.js`, `style.css` (copied from `sae_jax/analysis/dashboard_assets/`),
 `data.js` (the catalog assigned to the global `window.SAE_CATALOG`, so opening index.html
 from disk works without fetch() or a web server), `audit.js` (the run's `sae-jax audit`
-report as `window.SAE_AUDIT`, or null) and `feature_catalog.json`. The run directory gets
+report as `window.SAE_AUDIT`, or null), `evals.js` (the run's `sae-jax evals` report as
+`window.SAE_EVALS`, or null) and `feature_catalog.json`. The run directory gets
 `feature_catalog.json` too, so exports can ship it.
 
 The page: a feature table (id, frequency, mean/max activation, top tokens, label) with search
@@ -14,7 +15,10 @@ log10 activation histogram, its place in the density histogram and its top token
 run has an audit (`RUN_DIR/audit/audit.json`), the index also shows an Audit section (score
 medians and real-vs-random histograms, best/worst features linking to their pages, coverage
 and dark-matter contexts), the table gets causal and explanatory columns, and each audited
-feature's page its scores. Plain HTML/CSS/JS, no dependencies.
+feature's page its scores. When the run has an evals report (`RUN_DIR/evals/evals.json`, or
+that of the sweep it belongs to: `evals.read_evals`), the index shows an Evals table: per
+metric the mean ± 95 % CI across runs, each random baseline and the margin over it, and
+PW-MCC. Plain HTML/CSS/JS, no dependencies.
 """
 
 from __future__ import annotations
@@ -30,12 +34,16 @@ from pathlib import Path
 from sae_jax import files
 from sae_jax.analysis.audit_report import read_audit
 from sae_jax.analysis.catalog import CATALOG_FILE, FeatureCatalog, write_catalog
+from sae_jax.analysis.evals import read_evals
 from sae_jax.analysis.interpret import catalog_for_run
 from sae_jax.errors import UserError
 
 ASSETS = ("index.html", "app.js", "style.css")
 DATA_JS = "data.js"
 AUDIT_JS = "audit.js"
+EVALS_JS = "evals.js"
+EVALS_SHOWN = ("runs", "n_runs", "suites", "ci_level", "metrics", "pw_mcc")
+"""The parts of an evals report the page shows (not the per-suite `detail`)."""
 
 
 def _asset_dir():
@@ -57,14 +65,17 @@ def _copy_assets(out: Path) -> None:
 
 
 def write_site(catalog: FeatureCatalog, out_dir: str | os.PathLike,
-               audit: dict | None = None) -> dict:
-    """Writes the static site for an existing catalog (and audit report) into `out_dir`."""
+               audit: dict | None = None, evals: dict | None = None) -> dict:
+    """Writes the static site for an existing catalog (and audit and evals reports) into
+    `out_dir`."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     files.write_text(out / DATA_JS, _script("SAE_CATALOG", catalog.to_json()))
     _write_audit(audit, out)
+    shown = None if evals is None else {k: evals[k] for k in EVALS_SHOWN if k in evals}
+    files.write_text(out / EVALS_JS, _script("SAE_EVALS", files.strict_json(shown)))
     write_catalog(catalog, out / CATALOG_FILE)
     return {"index": str(out / "index.html"), "out_dir": str(out),
             "data_js_bytes": (out / DATA_JS).stat().st_size}
@@ -106,7 +117,8 @@ def write_dashboard(run_dir: str | os.PathLike, data_dir: str | os.PathLike | No
     Returns:
       A summary dict: `index` (path of index.html), `out_dir`, `catalog` (OUT_DIR's JSON),
       `run_catalog` (RUN_DIR's JSON), `n_features`, `n_rows`, `dead` (features that never
-      fired), `audit` (whether the run's audit is shown), `seconds`.
+      fired), `audit` / `evals` (whether the run's audit / evals report is shown),
+      `seconds`.
     """
     if files.is_remote(str(out_dir)):
         raise UserError("the dashboard OUT_DIR must be a local directory")
@@ -115,7 +127,8 @@ def write_dashboard(run_dir: str | os.PathLike, data_dir: str | os.PathLike | No
                               batch_size=batch_size, progress=progress, **catalog_kwargs)
     run_catalog = write_catalog(catalog, files.join(str(run_dir), CATALOG_FILE))
     audit = read_audit(run_dir)
-    site = write_site(catalog, out_dir, audit)
+    evals = read_evals(run_dir)
+    site = write_site(catalog, out_dir, audit, evals)
     return {
         **site,
         "catalog": str(Path(out_dir) / CATALOG_FILE),
@@ -124,6 +137,7 @@ def write_dashboard(run_dir: str | os.PathLike, data_dir: str | os.PathLike | No
         "n_rows": catalog.header["n_rows"],
         "dead": sum(1 for f in catalog.features if f["count"] == 0),
         "audit": audit is not None,
+        "evals": evals is not None,
         "seconds": round(time.perf_counter() - t0, 3),
     }
 

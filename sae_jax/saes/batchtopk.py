@@ -3,7 +3,11 @@ batch, so busy rows may use more than k features and easy rows fewer.
 
 That rule needs a batch, so for inference the SAE becomes a JumpReLU with one global
 threshold: the `threshold` buffer is an exponential moving average of the smallest
-activation kept in each training batch (SAELens's estimator).
+*positive* activation kept in each training batch (SAELens's estimator). A batch with fewer
+than k·batch positive pre-activations keeps them all, and its k·batch-th largest is 0; that
+0 would drag the threshold down and let every positive pre-activation fire at inference, so
+such a batch contributes its smallest positive kept activation, and one with none leaves
+the estimate alone.
 """
 
 from __future__ import annotations
@@ -29,7 +33,10 @@ def train_encode(params, x, cfg, mesh=None) -> Code:
     acts = jax.nn.relu(pre)
     kth = kth_largest(acts, cfg.k * x.shape[0], mesh)
     f = jnp.where((acts >= kth) & (acts > 0), acts, 0.0)
-    return Code(pre, f, {"batch_threshold": kth})
+    smallest_kept = jnp.min(jnp.where(f > 0, f, jnp.inf))
+    # 0 when nothing was kept: no estimate (a kept activation is always > 0)
+    return Code(pre, f, {"batch_threshold": jnp.where(jnp.isfinite(smallest_kept),
+                                                      smallest_kept, 0.0)})
 
 
 def encode(params, x, cfg, mesh=None) -> Code:
@@ -40,6 +47,7 @@ def encode(params, x, cfg, mesh=None) -> Code:
 def update_threshold(params, stats, cfg):
     old, new = params["threshold"], stats["batch_threshold"]
     estimate = jnp.where(old < 0, new, old + THRESHOLD_EMA * (new - old))
+    estimate = jnp.where(new > 0, estimate, old)  # a batch that kept nothing
     return {**params, "threshold": estimate}
 
 

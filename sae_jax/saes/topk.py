@@ -22,6 +22,7 @@ from sae_jax.saes.common import (
     init_dictionary,
     matmul,
     pre_activations,
+    squared_error,
 )
 from sae_jax.saes.select import topk_mask
 
@@ -46,10 +47,15 @@ def train_encode(params, x, cfg, mesh=None) -> Code:
 
 
 def auxk_loss(params, x, target, x_hat, code: Code, ctx, cfg, mesh=None):
-    """‖e − ê‖² / ‖e − ē‖² where e = target − x̂ and ê decodes the top-`aux_k` dead latents.
+    """Mean over rows of ‖e − ê‖², where e = target − x̂ and ê decodes the top-`aux_k` dead
+    latents (Gao et al. 2024, eq. 2).
 
-    Normalising by the residual's variance makes the coefficient scale-free. Skipped (0)
-    by a `cond` when nothing is dead, which is most steps: its top-k is not free.
+    The same units as the main loss (the mean per-row ‖target − x̂‖²), so `aux_coeff` = 1/32
+    weighs AuxK against reconstruction exactly as the paper's α does; sparsify divides both
+    terms by one shared variance, which keeps the same ratio. (It used to be divided by the
+    residual's own variance while the main term was not, which weighed AuxK ~1/V of the
+    paper's α, V the per-row variance in scaled units.) Skipped (0) by a `cond` when nothing
+    is dead, which is most steps: its top-k is not free.
     """
     aux_k = min(cfg.aux_k or x.shape[-1] // 2, code.pre.shape[-1])
 
@@ -68,9 +74,7 @@ def auxk_loss(params, x, target, x_hat, code: Code, ctx, cfg, mesh=None):
     def compute():
         residual = jax.lax.stop_gradient(target - x_hat)
         residual_hat = dense_residual_hat() if code.idx is None else sparse_residual_hat()
-        error = jnp.sum(jnp.square(residual_hat - residual))
-        variance = jnp.sum(jnp.square(residual - residual.mean(0)))
-        return error / jnp.maximum(variance, 1e-12)
+        return squared_error(residual, residual_hat).mean()
 
     return jax.lax.cond(ctx.dead.any(), compute, lambda: jnp.float32(0.0))
 

@@ -2,7 +2,9 @@
 
 `width=1024,4096 k=16,32` (value lists, their product) or `sweep=FILE.json` (a JSON list of
 override dicts, or an object of value lists) name the members of a one-pass sweep
-(`training.sweep`). Only keys that never change which batches are read can vary.
+(`training.sweep`). Only keys that never change which batches are read can vary; `seed`
+can, because a sweep shares one `data_seed` (the batch order): `seed=0,1,2` trains three
+initialisations on the same batches.
 """
 
 from __future__ import annotations
@@ -23,14 +25,14 @@ or a JSON object of value lists (their product)."""
 SWEEPABLE = ("arch", "width", "k", "penalty", "sparsity_coeff", "sparsity_warmup", "bandwidth",
              "threshold_init", "matryoshka_widths", "skip_connection", "aux_k", "aux_coeff",
              "dead_tokens", "init_norm", "lr", "lr_warmup", "lr_decay", "beta1", "beta2",
-             "grad_clip", "compute_dtype")
+             "grad_clip", "compute_dtype", "seed")
 """Keys that may differ between members: they change the SAE or its optimizer, never the
-batches."""
+batches (`seed` sets the initialisation; the sweep shares one `data_seed`)."""
 
-SHARED_KEYS = ("steps", "batch_size", "seed", "holdout", "transcoder", "mesh", "log_every",
+SHARED_KEYS = ("steps", "batch_size", "data_seed", "holdout", "transcoder", "mesh", "log_every",
                "ckpt_every", "keep_checkpoints")
 """Keys every member of one pass shares, so they cannot be swept: the data order (`steps`,
-`batch_size`, `seed`), which rows and columns train (`holdout`, `transcoder`), the one mesh
+`batch_size`, `data_seed`), which rows and columns train (`holdout`, `transcoder`), the one mesh
 that runs the fused step, and the loop's bookkeeping."""
 
 
@@ -107,8 +109,10 @@ def expand_grid(pairs: list[str]) -> list[list[str]]:
 
     Shared pairs come first in every member, then the member's own. The grid is the
     product of the sweep file's members (if any) and of every value list, in the order
-    given (the last key varies fastest). Every member's config is validated here, so a bad
-    value fails before any training.
+    given (the last key varies fastest). When members differ in `seed` and no `data_seed`
+    is given, every member gets `data_seed=` the first member's seed (one batch order, as
+    a one-pass sweep needs). Every member's config is validated here, so a bad value fails
+    before any training.
 
     Raises:
       UserError: a list for a key outside `SWEEPABLE`, an empty or repeated value, a key
@@ -143,6 +147,11 @@ def expand_grid(pairs: list[str]) -> list[list[str]]:
         for combo in itertools.product(*axes):
             own = [f"{k}={v}" for k, v in member.items()] + [f"{k}={v}" for k, v in combo]
             grid.append(shared + own)
+    seed_swept = any(k == "seed" for axis in axes for k, _ in axis) or any(
+        "seed" in member for member in file_members)
+    if seed_swept and "data_seed" not in seen:
+        first = make_config(grid[0]).seed
+        grid = [[*shared, f"data_seed={first}", *pairs[len(shared):]] for pairs in grid]
     for member_pairs in grid:
         make_config(member_pairs)
     return grid

@@ -82,14 +82,14 @@ def init_or_restore(cfg: TrainConfig, run: RunInfo, mesh, tx, mngr, stats):
 
 def batch_feed(store, train_rows, cfg: TrainConfig, mesh):
     """`(source, to_global)`: this process's share of every global batch of the training rows
-    (a `BatchSource`; batch s is a pure function of (seed, s)), and the function that
+    (a `BatchSource`; batch s is a pure function of (data_seed, s)), and the function that
     assembles a share into the global batch array sharded over `data`."""
     x_sharding = batch_sharding(mesh)
     if cfg.batch_size > len(train_rows):
         raise UserError(f"batch_size={cfg.batch_size} is larger than the {len(train_rows)} "
                         "training rows of the store; use a smaller batch_size")
     share_index, share_count = batch_share(x_sharding, cfg.batch_size, store.d_in)
-    source = BatchSource(train_rows, cfg.batch_size, cfg.seed, cfg.steps, share_index,
+    source = BatchSource(train_rows, cfg.batch_size, cfg.data_seed, cfg.steps, share_index,
                          share_count, block_rows=store.chunk_rows)
 
     def to_global(local_rows):

@@ -12,7 +12,9 @@ checkpoints, `metrics.jsonl`, TensorBoard events), so `sae_jax.load`, `sae-jax e
 `dashboard` and `export` work on it, and it holds the params a separate `sae-jax train`
 with the same config would have produced (bitwise equal in the tests, on CPU). `<name>` is
 built from the member's swept values, e.g. `width=1024,k=16`; `RUN_DIR/sweep.json` lists
-the members.
+the members. A seed sweep (`seed=0,1,2`) varies only the initialisation: its members share
+one `data_seed` (the first seed listed unless given), so `seed=1` holds what
+`sae-jax train DATA RUN seed=1 data_seed=0` would.
 Re-running the same command resumes every member from its latest good checkpoint; a member
 that was further along than the others is left alone until the others catch up.
 
@@ -64,8 +66,10 @@ def shared_config(cfgs: list[TrainConfig], devices: list, store
         other = cfg.to_dict()
         for key in SHARED_KEYS:
             if other[key] != first[key]:
+                hint = " (seeds differ: give every member one data_seed)" * (
+                    key == "data_seed")
                 raise UserError(f"members of one sweep must share {key}: "
-                                f"{first[key]!r} vs {other[key]!r}")
+                                f"{first[key]!r} vs {other[key]!r}{hint}")
     resolved = [data_widths(c, store) for c in cfgs]
     _, d_in, d_out = resolved[0]
     mesh = cfgs[0].mesh or auto_mesh_spec(len(devices), d_in, sum(c.width for c in cfgs),

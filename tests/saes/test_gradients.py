@@ -378,7 +378,7 @@ def _auxk_numpy(params, x, cfg, dead, aux_k):
         chosen = dead_idx[np.argsort(-h[b, dead_idx])[:aux_k]]
         f_aux[b, chosen] = np.maximum(h[b, chosen], 0)
     e_hat = f_aux @ p["W_dec"]
-    return np.sum((e_hat - e) ** 2) / np.sum((e - e.mean(0)) ** 2), f_aux
+    return np.mean(np.sum((e_hat - e) ** 2, axis=1)), f_aux  # in the main MSE's units
 
 
 def test_auxk_zero_without_dead_latents():
@@ -438,11 +438,11 @@ def test_auxk_grad_w_dec_matches_finite_differences():
     # and the un-frozen function has the same gradient (the residual is a stop-gradient)
     g_full = _auxk_grad(params, x, ctx, cfg)["W_dec"]
     np.testing.assert_allclose(g_full, g, rtol=1e-6, atol=1e-7)
-    # closed form: ∂/∂W_dec = 2 f_auxᵀ(ê − e) / Σ(e − ē)²
+    # closed form: ∂/∂W_dec = 2 f_auxᵀ(ê − e) / B (the mean over rows of ‖ê − e‖²)
     _, f_aux = _auxk_numpy(params, x, cfg, np.asarray(ctx.dead), AUX_K)
     e = np.asarray(x, np.float64) - np.asarray(x_hat, np.float64)
     W = np.asarray(params["W_dec"], np.float64)
-    want = 2 * f_aux.T @ (f_aux @ W - e) / np.sum((e - e.mean(0)) ** 2)
+    want = 2 * f_aux.T @ (f_aux @ W - e) / len(e)
     _assert_grad_close(g, want, rtol=1e-4, name="W_dec closed form")
 
 

@@ -61,6 +61,29 @@ def test_batchtopk_keeps_k_times_batch_overall():
     assert float(aux["l0"]) == pytest.approx(cfg.k)
 
 
+def test_batchtopk_threshold_learns_only_from_positive_kept_activations():
+    from sae_jax.saes import batchtopk
+
+    cfg, params, x = _setup("batchtopk")
+    # Few positive pre-activations: fewer than k·B survive the ReLU, so the k·B-th largest
+    # activation is 0; the estimate must come from the smallest positive kept one instead.
+    params["b_enc"] = params["b_enc"] - 3.0
+    code = batchtopk.train_encode(params, x, cfg)
+    kept = np.asarray(code.f)[np.asarray(code.f) > 0]
+    assert 0 < kept.size < cfg.k * B
+    assert float(code.stats["batch_threshold"]) == pytest.approx(kept.min())
+    params["threshold"] = jnp.float32(0.8)
+    updated = batchtopk.update_threshold(params, code.stats, cfg)["threshold"]
+    assert float(updated) == pytest.approx(0.8 + batchtopk.THRESHOLD_EMA * (kept.min() - 0.8))
+    # a batch that keeps nothing leaves the estimate alone (it used to pull it towards 0)
+    params["b_enc"] = params["b_enc"] - 1e6
+    empty = batchtopk.train_encode(params, x, cfg)
+    assert not np.asarray(empty.f).any()
+    assert float(batchtopk.update_threshold(params, empty.stats, cfg)["threshold"]) == np.float32(0.8)
+    params["threshold"] = jnp.float32(-1.0)  # not estimated yet: stays unestimated
+    assert float(batchtopk.update_threshold(params, empty.stats, cfg)["threshold"]) == -1.0
+
+
 def test_batchtopk_inference_uses_the_estimated_threshold():
     cfg, params, x = _setup("batchtopk")
     params["threshold"] = jnp.float32(0.3)

@@ -79,7 +79,7 @@ def test_expand_grid_is_the_product_in_order():
 @pytest.mark.parametrize("pairs, message", [
     (["batch_size=128,256"], "batch_size cannot be swept"),
     (["steps=10,20"], "steps cannot be swept"),
-    (["seed=0,1"], "seed cannot be swept"),
+    (["data_seed=0,1"], "data_seed cannot be swept"),
     (["holdout=0.1,0.2"], "holdout cannot be swept"),
     (["width=64,,128"], "empty or repeated"),
     (["width=64,64"], "empty or repeated"),

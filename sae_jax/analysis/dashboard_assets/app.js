@@ -301,6 +301,38 @@
     }
   }
 
+  /* ---------- evals ---------- */
+  /* window.SAE_EVALS (evals.js): the `sae-jax evals` report of the run (or its sweep), or null. */
+  function ci(e) {
+    if (!e || e.mean == null) return "n/a";
+    return fmt(e.mean) + (e.half_width == null ? "" : " \u00b1 " + fmt(e.half_width));
+  }
+  function renderEvals() {
+    var E = window.SAE_EVALS || null;
+    if (!E) return;
+    var sec = document.getElementById("evals"), names = Object.keys(E.metrics), bases = [];
+    names.forEach(function (k) { Object.keys(E.metrics[k].baselines || {}).forEach(function (b) { if (bases.indexOf(b) < 0) bases.push(b); }); });
+    sec.hidden = false;
+    sec.appendChild(el("h2", { text: "Evals" }));
+    sec.appendChild(el("p", { cls: "muted", text: E.n_runs + " runs (" + E.runs.map(function (r) { return r.name; }).join(", ") + "), suites " +
+      E.suites.join(", ") + "; mean \u00b1 " + Math.round(E.ci_level * 100) + "% CI half-width across runs (Student t). Margin > 0: the trained SAE is better." }));
+    var head = ["metric", "suite", "trained"];
+    bases.forEach(function (b) { head.push(b, "margin vs " + b); });
+    var tb = el("tbody");
+    names.forEach(function (k) {
+      var e = E.metrics[k], arrow = e.higher_is_better == null ? "" : (e.higher_is_better ? " \u2191" : " \u2193");
+      var cells = [el("td", { text: k + arrow }), el("td", { text: e.suite || "" }), el("td", { cls: "num", text: ci(e) })];
+      bases.forEach(function (b) {
+        var m = (e.margins || {})[b];
+        cells.push(el("td", { cls: "num", text: ci((e.baselines || {})[b]) }));
+        cells.push(el("td", { cls: "num" + (m && m.mean > 0 ? " better" : (m && m.mean < 0 ? " worse" : "")), text: m ? ci(m) : "" }));
+      });
+      tb.appendChild(el("tr", { "data-metric": k }, cells));
+    });
+    tb.appendChild(el("tr", { "data-metric": "pw_mcc" }, [el("td", { text: "pw_mcc \u2191" }), el("td", { text: "runs" }), el("td", { cls: "num", text: ci(E.pw_mcc) })]));
+    sec.appendChild(el("table", { cls: "evals-table" }, [el("thead", {}, [el("tr", {}, head.map(function (t) { return el("th", { cls: "nosort", text: t }); }))]), tb]));
+  }
+
   /* ---------- routing ---------- */
   function route() {
     var m = /^#feature-(\d+)$/.exec(location.hash);
@@ -315,6 +347,7 @@
     H.run ? "run " + H.run : null].filter(Boolean).join(" \u00b7 ");
   document.getElementById("density").appendChild(densityChart(null));
   renderAudit();
+  renderEvals();
   document.getElementById("search").addEventListener("input", function (e) { state.query = e.target.value; state.limit = PAGE; renderTable(); });
   document.querySelectorAll("#feature-table th").forEach(function (th) {
     if (th.classList.contains("nosort")) return;
