@@ -11,8 +11,9 @@ exclusive children each (a child fires only with its parent: the cause of absorp
 training rows written to .npy and brought in with `sae-jax import`, and 65 536 held-out rows
 of another stream whose true codes are kept for scoring.
 
-Training: for each seed, one `sae-jax train DATA RUN --sweep FILE seed=S` (the real entry
-point; one pass trains all five architectures on the same batches), width N = 256,
+Training: one `sae-jax train DATA RUN --sweep FILE seed=0,1,2` (the real entry point; one
+pass trains the 5 architectures × 3 seeds on the same batches, so the seeds differ in
+their initialisation), width N = 256,
 2000 steps × 1024 rows. TopK, BatchTopK and Matryoshka use k = 5 (the true L0); ReLU (L1)
 and JumpReLU (L0 penalty) have the sparsity_coeff of `SPARSITY` (JumpReLU's L0 lands near
 5; ReLU's L1 cannot get there without losing the features, so it keeps its default).
@@ -24,7 +25,9 @@ is the architecture's default.
 Scoring (`sae_jax.analysis.ground_truth.score_sae`, on the held-out rows): MCC (one-to-one
 mean decoder cosine with the true atoms), F1 of each true feature's assigned latent firing,
 atoms recovered at cos ≥ 0.9, FVU and L0. The table gives mean ± 95 % CI across seeds
-(Student t, n − 1 degrees of freedom), plus MCC of a random unit dictionary as the floor.
+(`seed_stats.across_runs`: Student t, n − 1 degrees of freedom), plus MCC of a random unit
+dictionary as the floor, and MCC / F1 by kind of feature (parent, child, correlated,
+independent).
 Writes `OUT/bench.json` and `OUT/bench.md`; prints the table and, last, one JSON line.
 
 `--small` (for tests): N = 64 atoms in d = 32, true L0 3, 32k rows, 300 steps × 256.
@@ -43,10 +46,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 import sae_jax
 from sae_jax.analysis.ground_truth import mcc, score_sae
+from sae_jax.analysis.seed_stats import across_runs
 from sae_jax.data.structured import (
     HELDOUT_STREAM,
     StructuredSpec,
@@ -121,36 +124,32 @@ def sweep_members(setting: Setting, archs: list[str]) -> list[dict]:
             for a in archs]
 
 
-def train_seed(setting: Setting, archs: list[str], out: Path, seed: int,
-               dead_tokens: int) -> dict[str, str]:
-    """Trains every architecture for one seed in one `sae-jax train` pass; {arch: run dir}."""
+def train_all(setting: Setting, archs: list[str], out: Path, seeds: list[int],
+              dead_tokens: int) -> dict[tuple[str, int], str]:
+    """Trains every architecture × seed in one `sae-jax train` pass (a seed sweep shares one
+    batch order: the seeds differ in initialisation); {(arch, seed): run dir}."""
     sweep = out / "sweep.json"
     sweep.write_text(json.dumps(sweep_members(setting, archs)))
-    result = run_cli("train", out / "data", out / f"seed{seed}", "--sweep", sweep, "--quiet",
-                     f"seed={seed}", f"steps={setting.steps}",
+    result = run_cli("train", out / "data", out / "runs", "--sweep", sweep, "--quiet",
+                     f"seed={','.join(map(str, seeds))}", f"steps={setting.steps}",
                      f"batch_size={setting.batch_size}", f"dead_tokens={dead_tokens}",
-                     f"log_every={setting.steps // 4}",
-                     f"ckpt_every={setting.steps}")
-    return {sae_jax.load(m["run_dir"]).config.arch: m["run_dir"] for m in result["members"]}
+                     f"log_every={setting.steps // 4}", f"ckpt_every={setting.steps}")
+    configs = {m["run_dir"]: sae_jax.load(m["run_dir"]).config for m in result["members"]}
+    return {(c.arch, c.seed): run_dir for run_dir, c in configs.items()}
 
 
-def mean_ci(values: list[float]) -> tuple[float, float | None]:
-    """Mean and the half-width of its 95 % Student-t confidence interval (None for n < 2)."""
-    v = np.asarray(values, np.float64)
-    if len(v) < 2:
-        return float(v.mean()), None
-    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1)
-                                  / np.sqrt(len(v)))
-
-
-def summarise(scores: dict[str, list[dict]]) -> dict[str, dict[str, list[float]]]:
-    keys = METRICS + tuple(f"{m}_{k}" for m in ("mcc", "f1") for k in KINDS)
-    return {arch: {m: list(mean_ci([s[m] for s in runs])) for m in keys}
-            for arch, runs in scores.items()}
+def summarise(scores: dict[str, list[dict]]) -> dict[str, dict[str, dict]]:
+    """{arch: {metric: {"per_run", "mean", "half_width", ...}}} (`seed_stats.across_runs`:
+    mean ± 95 % Student-t interval across seeds)."""
+    return {arch: across_runs(runs) for arch, runs in scores.items()}
 
 
 def _cell(mean: float, half: float | None, digits: int) -> str:
     return f"{mean:.{digits}f}" + ("" if half is None else f" ± {half:.{digits}f}")
+
+
+def _mean(stat: dict) -> tuple[float, float | None]:
+    return stat["mean"], stat["half_width"]
 
 
 def table(summary: dict, random_mcc: float, n_seeds: int) -> str:
@@ -159,13 +158,14 @@ def table(summary: dict, random_mcc: float, n_seeds: int) -> str:
              "|---|---|---|---|---|---|"]
     for arch, row in summary.items():
         lines.append(f"| {arch} | " + " | ".join(
-            _cell(*row[m], 2 if m == "l0" else 3) for m in METRICS) + " |")
+            _cell(*_mean(row[m]), 2 if m == "l0" else 3) for m in METRICS) + " |")
     lines.append(f"| random unit dictionary | {random_mcc:.3f} | | | | |")
     lines += ["", f"| arch: MCC / F1 by kind of feature (mean of {n_seeds} seeds) | "
               + " | ".join(KINDS) + " |", "|---" * (1 + len(KINDS)) + "|"]
     for arch, row in summary.items():
         lines.append(f"| {arch} | " + " | ".join(
-            f"{row[f'mcc_{k}'][0]:.2f} / {row[f'f1_{k}'][0]:.2f}" for k in KINDS) + " |")
+            f"{row[f'mcc_{k}']['mean']:.2f} / {row[f'f1_{k}']['mean']:.2f}" for k in KINDS)
+            + " |")
     return "\n".join(lines)
 
 
@@ -187,10 +187,11 @@ def main(argv: list[str] | None = None) -> dict:
     truth = data["structure"]
     data_s = time.perf_counter() - start
     scores: dict[str, list[dict]] = {a: [] for a in archs}
-    for seed in seeds:
-        for arch, run_dir in train_seed(setting, archs, out, seed, args.dead_tokens).items():
-            scores[arch].append(score_sae(sae_jax.load(run_dir), truth.atoms, data["rows"],
-                                          data["codes"], feature_kinds(truth)))
+    runs = train_all(setting, archs, out, seeds, args.dead_tokens)
+    train_s = time.perf_counter() - start - data_s
+    for (arch, _), run_dir in sorted(runs.items()):
+        scores[arch].append(score_sae(sae_jax.load(run_dir), truth.atoms, data["rows"],
+                                      data["codes"], feature_kinds(truth)))
     rng = np.random.default_rng(0)
     random_mcc = mcc(rng.standard_normal(truth.atoms.shape), truth.atoms)["mcc"]
     summary = summarise(scores)
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
               "tokens_per_run": setting.steps * setting.batch_size,
               "dead_tokens": args.dead_tokens,
               "summary": summary, "random_dictionary_mcc": random_mcc, "runs": scores,
-              "data_s": data_s, "wall_s": time.perf_counter() - start}
+              "data_s": data_s, "train_s": train_s, "wall_s": time.perf_counter() - start}
     md = table(summary, random_mcc, len(seeds))
     (out / "bench.md").write_text(md + "\n")
     (out / "bench.json").write_text(json.dumps(result, indent=1, allow_nan=False))
