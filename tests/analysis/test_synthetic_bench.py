@@ -2,24 +2,16 @@
 `sae-jax import`, training through `sae-jax train`, and a TopK SAE recovers the truth far
 better than a random dictionary."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import experiment
 from scipy import stats
 
 
 def _bench():
-    name = "synthetic_bench"
-    if name not in sys.modules:
-        path = Path(__file__).parents[2] / "experiments" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
+    return experiment("synthetic_bench")
 
 
 def test_the_table_shows_mean_and_student_t_half_width():
