@@ -125,3 +125,16 @@ def batch_at(rows: np.ndarray, cfg, step: int) -> np.ndarray:
     from sae_jax.data.loader import ArraySpan, BatchSource
 
     return BatchSource(ArraySpan(rows), cfg.batch_size, cfg.data_seed, cfg.steps)[step]
+
+
+def relu_sae(w_enc, b_enc, w_dec):
+    """An SAE with exactly these ReLU weights (`W_enc (d, F)`, `b_enc (F,)`, `W_dec (F, d)`),
+    input scale 1: a known answer for the analysis measures."""
+    from sae_jax.config import make_config
+    from sae_jax.sae import SAE
+
+    w_enc, w_dec = np.asarray(w_enc, np.float32), np.asarray(w_dec, np.float32)
+    params = {"W_enc": w_enc, "b_enc": np.asarray(b_enc, np.float32), "W_dec": w_dec,
+              "b_dec": np.zeros(w_dec.shape[1], np.float32)}
+    return SAE(make_config(arch="relu", width=w_enc.shape[1], compute_dtype="float32"),
+               params, 1.0, 0)

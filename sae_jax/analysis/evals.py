@@ -291,6 +291,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lm-batch", type=int, default=LM_BATCH, metavar="N",
                         help="sequences per causal-LM call for loss recovered")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    from sae_jax.analysis import probing
+
+    probing.add_arguments(parser)  # --probe-rows, read by the probing and absorption suites
 
 
 def run(args) -> dict:
