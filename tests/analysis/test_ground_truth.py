@@ -2,12 +2,11 @@
 
 import dataclasses
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import relu_sae
 
 from sae_jax.analysis.ground_truth import firing_f1, mcc, score_sae
-from sae_jax.config import make_config
 from sae_jax.data.structured import (
     HELDOUT_STREAM,
     StructuredSpec,
@@ -18,13 +17,14 @@ from sae_jax.data.structured import (
 from sae_jax.errors import UserError
 from sae_jax.sae import SAE
 
-SPEC = StructuredSpec(d_in=64, n_atoms=32, active=3.0, n_parents=4, n_children=3, n_groups=2)
+SPEC = StructuredSpec(d_in=64, n_atoms=32, active=3.0, n_parents=4, n_children=3, n_groups=2,
+                      offset=0.0)
 
 
 @pytest.fixture(scope="module")
 def orthogonal_truth():
-    """A structure whose 32 atoms are orthonormal, so a ReLU SAE with W_enc = atomsᵀ,
-    W_dec = atoms and b_dec = the bias encodes every row's true code exactly."""
+    """A structure whose 32 atoms are orthonormal and no offset, so a ReLU SAE with
+    W_enc = atomsᵀ and W_dec = atoms encodes every row's true code exactly."""
     structure = make_structure(SPEC, seed=0)
     q = np.linalg.qr(np.random.default_rng(1).standard_normal((SPEC.d_in, SPEC.n_atoms)))[0]
     structure = dataclasses.replace(structure, atoms=q.T.astype(np.float32))
@@ -32,12 +32,10 @@ def orthogonal_truth():
     return structure, rows, codes
 
 
-def relu_sae(w_dec: np.ndarray, b_dec: np.ndarray) -> SAE:
-    """W_enc = W_decᵀ; b_enc = -1e-4 keeps float32 rounding (~1e-7) of an off feature off."""
-    cfg = make_config(arch="relu", width=len(w_dec), compute_dtype="float32")
-    params = {"W_enc": jnp.asarray(w_dec.T), "b_enc": jnp.full(len(w_dec), -1e-4),
-              "W_dec": jnp.asarray(w_dec), "b_dec": jnp.asarray(b_dec)}
-    return SAE(cfg, params, 1.0, 0)
+def exact_sae(w_dec: np.ndarray) -> SAE:
+    """W_enc = W_decᵀ, b_dec = 0 (the data has no offset); b_enc = -1e-4 keeps float32
+    rounding (~1e-7) of an off feature off."""
+    return relu_sae(w_dec.T, np.full(len(w_dec), -1e-4), w_dec)
 
 
 def test_mcc_is_1_for_the_true_dictionary_in_any_order_and_scale():
@@ -72,7 +70,7 @@ def test_firing_f1_by_hand():
 
 def test_score_is_perfect_for_the_true_sae_and_low_for_a_random_one(orthogonal_truth):
     structure, rows, codes = orthogonal_truth
-    true = score_sae(relu_sae(structure.atoms, structure.bias), structure.atoms, rows, codes,
+    true = score_sae(exact_sae(structure.atoms), structure.atoms, rows, codes,
                      feature_kinds(structure))
     assert true["mcc"] == pytest.approx(1.0, abs=1e-5)
     for kind in ("parent", "child", "correlated", "independent"):
@@ -82,6 +80,6 @@ def test_score_is_perfect_for_the_true_sae_and_low_for_a_random_one(orthogonal_t
     assert true["n_scored"] == SPEC.n_atoms
     random = np.random.default_rng(2).standard_normal(structure.atoms.shape)
     random /= np.linalg.norm(random, axis=1, keepdims=True)
-    bad = score_sae(relu_sae(random.astype(np.float32), structure.bias), structure.atoms,
+    bad = score_sae(exact_sae(random.astype(np.float32)), structure.atoms,
                     rows, codes)
     assert bad["mcc"] < 0.5 and bad["f1"] < 0.3 and bad["atoms_recovered"] == 0.0
