@@ -48,6 +48,18 @@ def sae_jax_cli(*args, timeout: float = 900, cwd=None, env: dict | None = None,
                           capture_output=True, text=True, timeout=timeout)
 
 
+def experiment(name: str):
+    """Imports `experiments/<name>.py` (a script folder, not a package), once."""
+    import importlib.util
+
+    if name not in sys.modules:
+        path = Path(__file__).parents[1] / "experiments" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
 def json_result(proc: subprocess.CompletedProcess) -> dict:
     """A command's result: exit status 0 and its last stdout line, strict JSON."""
     import json

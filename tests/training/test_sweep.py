@@ -3,19 +3,17 @@ resume of an interrupted sweep, a sharded sweep, a diverging member that does no
 others, and the scaling-law experiment's grid and points."""
 
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
 import signal
-import sys
 import threading
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from conftest import experiment
 
 import sae_jax
 from sae_jax.config import TrainConfig, make_config
@@ -28,16 +26,6 @@ BASE = ["arch=topk", "steps=20", "batch_size=128", "log_every=10", "ckpt_every=1
 GRID = ["width=64,128", "k=4,8"]
 ONE_DEVICE = jax.devices()[:1]
 NAMES = ["width=64,k=4", "width=64,k=8", "width=128,k=4", "width=128,k=8"]
-
-
-def _experiment(name: str):
-    """Imports `experiments/<name>.py` (a script folder, not a package)."""
-    if name not in sys.modules:
-        path = Path(__file__).parents[2] / "experiments" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
 
 
 def _params(run) -> dict:
@@ -231,7 +219,7 @@ def test_scaling_grid_diagonals_are_the_iso_compute_groups(mode):
     is one iso-compute group of the fit, and nothing else is."""
     from sae_jax.planning import cost, scaling
 
-    lab = _experiment("scaling_laws")
+    lab = experiment("scaling_laws")
     grid = lab.GRIDS[mode]
     points = [{"width": w, "steps": s, "tokens": s * grid.batch_size, "loss": 1.0,
                "flops": cost.run_flops("topk", 384, w, grid.k, s * grid.batch_size, True),
@@ -247,7 +235,7 @@ def test_scaling_point_of_a_member(one_pass, synthetic_store):
     held-out FVU."""
     from sae_jax.analysis.evaluate import evaluate
 
-    lab = _experiment("scaling_laws")
+    lab = experiment("scaling_laws")
     run_dir, _ = one_pass
     heldout = lab.heldout_rows(synthetic_store, 1000)
     point = lab.measure_point(run_dir / "width=128,k=8", heldout, 1.0)
