@@ -22,6 +22,10 @@ from sae_jax.data.loader import scale_and_mean, stats_sample
 from sae_jax.errors import UserError
 
 CONFIG_FILE = "config.json"
+IMPORTED_FROM = "imported_from.json"
+"""Written by `sae-jax import-saelens`: the run's params were not trained here."""
+PRUNED_FROM = "pruned_from.json"
+"""Written by `sae-jax prune`: the run's latents are a renumbered subset of another run's."""
 RESUMABLE_KEYS = ("steps", "log_every", "ckpt_every", "keep_checkpoints", "mesh")
 """Keys that may differ when a run is resumed: they change bookkeeping, not the math."""
 

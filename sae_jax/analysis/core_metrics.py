@@ -33,12 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sae_jax import files, saes
 from sae_jax.analysis.downstream import LM_BATCH, downstream, recovered
 from sae_jax.analysis.matching import scan_cosines, unit_rows
 from sae_jax.analysis.moments import merge_moments
 from sae_jax.batches import padded_batches
 from sae_jax.errors import UserError
 from sae_jax.mesh import make_mesh
+from sae_jax.rundir import IMPORTED_FROM, PRUNED_FROM
 from sae_jax.sae import SAE
 from sae_jax.vectors import unit_vectors
 
@@ -180,6 +182,24 @@ def weight_metrics(sae: SAE) -> dict:
     cos = np.sum(enc * dec, axis=1)
     return {**out, "enc_dec_cos_mean": float(cos.mean()),
             "enc_dec_cos_median": float(np.median(cos))}
+
+
+def decoder_init_cosine(sae: SAE, run_dir) -> float | None:
+    """Mean cosine of each decoder row with its own initial direction: how far training
+    moved the dictionary (1.0: not at all; ~0 for unrelated directions in d dimensions). An
+    unconverged SAE keeps much of its random init, and then so do its "features".
+
+    The init is re-created from the run's config and seed (`saes.init` is deterministic), so
+    this needs a run trained here: None for an imported (`imported_from.json`) or pruned
+    (`pruned_from.json`) run, whose rows have no init of ours."""
+    run_dir = str(run_dir)
+    if any(files.exists(files.join(run_dir, name)) for name in (IMPORTED_FROM, PRUNED_FROM)):
+        return None
+    init = saes.init(jax.random.key(sae.config.seed), sae.config, sae.d_in, None,
+                     sae.d_out if sae.transcoder else None)["W_dec"]
+    cos = np.sum(unit_vectors(np.asarray(init, np.float64))
+                 * unit_vectors(np.asarray(sae.params["W_dec"], np.float64)), axis=1)
+    return float(cos.mean())
 
 
 def core_metrics(sae: SAE, rows, batch_size: int = 4096) -> dict:

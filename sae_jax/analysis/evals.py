@@ -115,7 +115,7 @@ def evaluate_runs(paths: list[str], data_dir: str, suite_names: list[str], args,
     from sae_jax.sae import load
 
     suites = {n: load_suite(n) for n in suite_names}
-    from sae_jax.analysis import baselines
+    from sae_jax.analysis import baselines, core_metrics
 
     runs = expand_runs(paths)
     infos = [read_run(d) for _, d in runs]
@@ -133,6 +133,8 @@ def evaluate_runs(paths: list[str], data_dir: str, suite_names: list[str], args,
         for i, (name, run_dir) in enumerate(runs):
             sae = load(run_dir)
             metrics, hib, detail[name] = score(sae, store, suites, args)
+            if "core" in suites:  # the trained run's own (a baseline has no training)
+                metrics["decoder_init_cos"] = core_metrics.decoder_init_cosine(sae, run_dir)
             bar.update()
             higher |= hib
             trained.append(metrics)

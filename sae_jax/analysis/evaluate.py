@@ -21,6 +21,7 @@ import numpy as np
 from sae_jax import files, plots
 from sae_jax.analysis.core_metrics import (
     DENSE_FREQUENCY,
+    decoder_init_cosine,
     eval_sums,
     row_metrics,
     shrinkage_by_l0,
@@ -177,7 +178,8 @@ def run(args) -> dict:
         raise UserError(f"store {args.data_dir} has d_in={store.d_in}, but the SAE in "
                         f"{args.run_dir} was trained on d_in={sae.row_width}")
     rows = store.span() if args.split == "all" else store.split(sae.config.holdout)[1]
-    result = {"step": sae.step, "split": args.split, **evaluate(sae, rows)}
+    result = {"step": sae.step, "split": args.split, **evaluate(sae, rows),
+              "decoder_init_cos": decoder_init_cosine(sae, args.run_dir)}
     baselines = (None if getattr(args, "no_baselines", False)  # bundle builds its own args
                  else baseline_saes(sae, result["l0"], BASELINE_SEED))
     lost = downstream(sae, store, args, mesh, others=baselines)

@@ -36,12 +36,11 @@ from sae_jax.data.store import RowSpan, open_store
 from sae_jax.errors import UserError
 from sae_jax.planning.bench import bench_encode
 from sae_jax.release import pruning
-from sae_jax.rundir import read_run
+from sae_jax.rundir import PRUNED_FROM, read_run
 from sae_jax.sae import SAE, load
 from sae_jax.saelens.import_sae import check_new_run_dir, write_params_run
 from sae_jax.training.metrics import METRICS_FILE
 
-PRUNED_FROM = "pruned_from.json"
 BENCH_ROWS, BENCH_REPEAT, BENCH_BEST_OF = 4096, 3, 5
 
 

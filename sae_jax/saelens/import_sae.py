@@ -13,6 +13,7 @@ import numpy as np
 
 from sae_jax.data import safetensors_io
 from sae_jax.errors import UserError
+from sae_jax.rundir import IMPORTED_FROM
 from sae_jax.saelens.format import (
     CATALOG_FILE,
     CFG_DTYPES,
@@ -265,8 +266,8 @@ def import_saelens(sae_dir: str | os.PathLike, run_dir: str | os.PathLike) -> di
     cfg_json, info, cfg, params = _read_folder(sae_dir, run_dir)
     written = write_params_run(run_dir, RunInfo(cfg, info["d_in"], 1.0, ""), params)
     source = {"sae_dir": str(sae_dir.absolute()), "cfg": cfg_json}
-    (run_dir / "imported_from.json").write_text(json.dumps(source, indent=2) + "\n")
-    written.insert(1, "imported_from.json")
+    (run_dir / IMPORTED_FROM).write_text(json.dumps(source, indent=2) + "\n")
+    written.insert(1, IMPORTED_FROM)
     if (sae_dir / CATALOG_FILE).is_file():
         shutil.copyfile(sae_dir / CATALOG_FILE, run_dir / CATALOG_FILE)
         written.append(CATALOG_FILE)

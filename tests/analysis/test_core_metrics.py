@@ -156,3 +156,27 @@ def test_core_suite_without_a_model_to_measure_downstream(tmp_path, capsys):
                                        "fidelity_recovered": True}
     assert out["detail"]["n_rows"] == len(heldout)
     assert out["detail"]["shrinkage_by_l0"]["shrinkage"] == pytest.approx([0.8] * 3)
+
+
+def test_decoder_init_cosine_measures_how_far_training_moved_the_dictionary(tmp_path):
+    import dataclasses
+
+    import jax
+
+    from sae_jax import saes
+
+    cfg = make_config(arch="topk", width=64, k=4, seed=3)
+    init = saes.init(jax.random.key(3), cfg, 16)
+    untrained = SAE(cfg, dict(init), 1.0, 0)
+    assert cm.decoder_init_cosine(untrained, tmp_path) == pytest.approx(1.0)
+    # half of the rows replaced by unrelated directions: the mean drops to ~0.5
+    w = np.array(init["W_dec"])
+    w[::2] = np.random.default_rng(0).standard_normal((32, 16))
+    moved = dataclasses.replace(untrained, params={**init, "W_dec": w})
+    assert 0.35 < cm.decoder_init_cosine(moved, tmp_path) < 0.65
+    # another seed's init is not this run's
+    other = dataclasses.replace(untrained, config=dataclasses.replace(cfg, seed=4))
+    assert abs(cm.decoder_init_cosine(other, tmp_path)) < 0.2
+    # an imported run has no init of ours
+    (tmp_path / "imported_from.json").write_text("{}")
+    assert cm.decoder_init_cosine(untrained, tmp_path) is None

@@ -14,8 +14,7 @@ from sae_jax.analysis.catalog import FeatureCatalog, read_catalog, write_catalog
 from sae_jax.config import make_config
 from sae_jax.data.synthetic import sparse_dictionary_data
 from sae_jax.release import pruning
-from sae_jax.release.prune import PRUNED_FROM
-from sae_jax.rundir import RunInfo
+from sae_jax.rundir import PRUNED_FROM, RunInfo
 from sae_jax.sae import SAE, load
 from sae_jax.saelens.import_sae import write_params_run
 
