@@ -39,13 +39,23 @@ def _median(records: list[dict], key: str) -> float | None:
     return float(np.median(v)) if v else None
 
 
+def _margin(real: float | None, random: float | None) -> float | None:
+    return None if real is None or random is None else real - random
+
+
 def summarize(real: list[dict], control: list[dict]) -> dict:
-    """Median of every score for both SAEs and the AUC separating them (`faithfulness.auc`)."""
-    return {key: {"median": rounded(_median(real, key)),
-                  "median_random": rounded(_median(control, key)),
-                  "auc": rounded(auc([r.get(key) for r in real],
-                                     [r.get(key) for r in control]))}
-            for key in SUMMARY_SCORES}
+    """Median of every score for both SAEs, the trained SAE's `margin` over the random
+    control (median − median_random; every score is higher-is-better, so positive = the
+    trained SAE is better, as `baselines.margins` signs it) and the AUC separating them
+    (`faithfulness.auc`)."""
+    summary = {}
+    for key in SUMMARY_SCORES:
+        median, median_random = _median(real, key), _median(control, key)
+        summary[key] = {"median": rounded(median), "median_random": rounded(median_random),
+                        "margin": rounded(_margin(median, median_random)),
+                        "auc": rounded(auc([r.get(key) for r in real],
+                                           [r.get(key) for r in control]))}
+    return summary
 
 
 def ranked(records: list[dict], key: str, n: int = N_LISTED) -> dict:
@@ -85,6 +95,7 @@ def summary_of(report: dict) -> dict:
             "n_features": len(report["features"]),
             **{f"{k}_median": s[k]["median"] for k in SCORES},
             **{f"{k}_median_random": s[k]["median_random"] for k in SCORES},
+            **{f"{k}_margin": s[k].get("margin") for k in SCORES},
             **{f"{k}_auc": s[k]["auc"] for k in SCORES},
             "fvu": cov["fvu"], "no_active_fraction": cov["no_active_fraction"],
             "unexplained_token_median": cov["per_token"]["p50"],

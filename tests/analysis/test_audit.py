@@ -50,7 +50,9 @@ def test_report_scores_features_and_controls(audited):
         assert r["explanation"] and r["label"]
     for key in SCORES:
         s = report["summary"][key]
-        assert set(s) == {"median", "median_random", "auc"}
+        assert set(s) == {"median", "median_random", "margin", "auc"}
+        if s["median"] is not None and s["median_random"] is not None:
+            assert s["margin"] == pytest.approx(s["median"] - s["median_random"], abs=1e-3)
         assert result[f"{key}_auc"] == s["auc"]
         counts = report["histograms"][key]["real"]["counts"]
         assert sum(counts) == sum(r[key] is not None for r in report["features"])
