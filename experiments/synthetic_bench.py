@@ -25,9 +25,18 @@ is the architecture's default.
 Scoring (`sae_jax.analysis.ground_truth.score_sae`, on the held-out rows): MCC (one-to-one
 mean decoder cosine with the true atoms), F1 of each true feature's assigned latent firing,
 atoms recovered at cos ≥ 0.9, FVU and L0. The table gives mean ± 95 % CI across seeds
-(`seed_stats.across_runs`: Student t, n − 1 degrees of freedom), plus MCC of a random unit
-dictionary as the floor, and MCC / F1 by kind of feature (parent, child, correlated,
-independent).
+(`seed_stats.across_runs`: Student t, n − 1 degrees of freedom), the seeds' PW-MCC
+(`seed_stats.pw_mcc`: mean one-to-one decoder cosine between every two seeds), MCC of a
+random unit dictionary as the floor, and MCC / F1 by kind of feature (parent, child,
+correlated, independent).
+
+Random baselines: each trained SAE's two (`baselines.baseline_saes(sae, its held-out L0,
+its seed)`: `random_directions`, TopK over random unit directions with k = that L0;
+`random_init`, the architecture's fresh init) are scored by the same `score_sae` on the
+same held-out rows, and the trained SAE's margin over each (`baselines.margins`: positive
+= trained better; FVU's is baseline − trained) on MCC, F1, atoms recovered and FVU. The
+second table gives, per architecture and baseline, the baseline's values and the margins,
+mean ± 95 % CI across the seeds.
 Writes `OUT/bench.json` and `OUT/bench.md`; prints the table and, last, one JSON line.
 
 `--small` (for tests): N = 64 atoms in d = 32, true L0 3, 32k rows, 300 steps × 256.
@@ -48,8 +57,9 @@ from pathlib import Path
 import numpy as np
 
 import sae_jax
+from sae_jax.analysis.baselines import baseline_saes, margins
 from sae_jax.analysis.ground_truth import mcc, score_sae
-from sae_jax.analysis.seed_stats import across_runs
+from sae_jax.analysis.seed_stats import across_runs, pw_mcc
 from sae_jax.data.structured import (
     HELDOUT_STREAM,
     StructuredSpec,
@@ -68,6 +78,10 @@ buys a lower L0 only with worse recovery: coefficient 2 / 3 / 4 / 5.5 gave L0 9.
 7.9 / 6.5 and MCC 0.82 / 0.78 / 0.73 / 0.62 (seed 0)."""
 METRICS = ("mcc", "f1", "atoms_recovered", "fvu", "l0")
 KINDS = ("parent", "child", "correlated", "independent")
+HIGHER_IS_BETTER = {"mcc": True, "f1": True, "atoms_recovered": True, "fvu": False}
+"""The ground-truth scores a random baseline is compared on, and which way is better."""
+BASELINES = ("random_directions", "random_init")
+MARGIN_COLUMNS = ("mcc", "f1", "fvu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,10 +152,28 @@ def train_all(setting: Setting, archs: list[str], out: Path, seeds: list[int],
     return {(c.arch, c.seed): run_dir for run_dir, c in configs.items()}
 
 
+def score_run(sae, truth, data: dict, seed: int) -> dict:
+    """One trained SAE and its two random baselines (same width, its held-out L0, `seed`)
+    scored on the held-out rows: `{"trained", "baselines": {name: scores}, "margins":
+    {name: {metric: margin}}}` (positive margin = trained better)."""
+    trained = score_sae(sae, truth.atoms, data["rows"], data["codes"], feature_kinds(truth))
+    base = {name: score_sae(b, truth.atoms, data["rows"], data["codes"])
+            for name, b in baseline_saes(sae, trained["l0"], seed).items()}
+    return {"trained": trained, "baselines": base,
+            "margins": margins(trained, base, HIGHER_IS_BETTER)}
+
+
 def summarise(scores: dict[str, list[dict]]) -> dict[str, dict[str, dict]]:
     """{arch: {metric: {"per_run", "mean", "half_width", ...}}} (`seed_stats.across_runs`:
     mean ± 95 % Student-t interval across seeds)."""
     return {arch: across_runs(runs) for arch, runs in scores.items()}
+
+
+def summarise_by_baseline(per_arch: dict[str, list[dict[str, dict]]]) -> dict:
+    """{arch: {baseline: {metric: across_runs entry}}} of the seeds' `{baseline: scores}`
+    (the baselines' own scores, or the margins over them)."""
+    return {arch: {b: across_runs([run[b] for run in runs]) for b in runs[0]}
+            for arch, runs in per_arch.items()}
 
 
 def _cell(mean: float, half: float | None, digits: int) -> str:
@@ -152,20 +184,43 @@ def _mean(stat: dict) -> tuple[float, float | None]:
     return stat["mean"], stat["half_width"]
 
 
-def table(summary: dict, random_mcc: float, n_seeds: int) -> str:
-    """The README's markdown table: mean ± 95 % CI half-width per architecture."""
-    lines = [f"| arch ({n_seeds} seeds) | MCC | F1 | atoms ≥ 0.9 | FVU | L0 |",
-             "|---|---|---|---|---|---|"]
+def table(summary: dict, random_mcc: float, n_seeds: int, pw: dict) -> str:
+    """The README's markdown table: mean ± 95 % CI half-width per architecture, with the
+    seeds' PW-MCC (`pw`: {arch: `seed_stats.pw_mcc`}; blank with fewer than two seeds)."""
+    lines = [f"| arch ({n_seeds} seeds) | MCC | F1 | atoms ≥ 0.9 | FVU | L0 | PW-MCC |",
+             "|---|---|---|---|---|---|---|"]
     for arch, row in summary.items():
+        seeds_agree = "" if pw[arch]["mean"] is None else _cell(*_mean(pw[arch]), 3)
         lines.append(f"| {arch} | " + " | ".join(
-            _cell(*_mean(row[m]), 2 if m == "l0" else 3) for m in METRICS) + " |")
-    lines.append(f"| random unit dictionary | {random_mcc:.3f} | | | | |")
+            _cell(*_mean(row[m]), 2 if m == "l0" else 3) for m in METRICS)
+            + f" | {seeds_agree} |")
+    lines.append(f"| random unit dictionary | {random_mcc:.3f} | | | | | |")
     lines += ["", f"| arch: MCC / F1 by kind of feature (mean of {n_seeds} seeds) | "
               + " | ".join(KINDS) + " |", "|---" * (1 + len(KINDS)) + "|"]
     for arch, row in summary.items():
         lines.append(f"| {arch} | " + " | ".join(
             f"{row[f'mcc_{k}']['mean']:.2f} / {row[f'f1_{k}']['mean']:.2f}" for k in KINDS)
             + " |")
+    return "\n".join(lines)
+
+
+def _signed(stat: dict) -> str:
+    half = stat["half_width"]
+    return f"{stat['mean']:+.3f}" + ("" if half is None else f" ± {half:.3f}")
+
+
+def margin_table(base: dict, margin: dict, n_seeds: int) -> str:
+    """The baselines' MCC / F1 / FVU and the trained SAE's margins over them (positive =
+    trained better), mean ± 95 % CI across seeds, per architecture and baseline."""
+    names = [m.upper() if m != "f1" else "F1" for m in MARGIN_COLUMNS]
+    lines = [f"| arch ({n_seeds} seeds) | baseline | " + " | ".join(names) + " | "
+             + " | ".join(f"{n} margin" for n in names) + " |",
+             "|---" * (2 + 2 * len(MARGIN_COLUMNS)) + "|"]
+    for arch, by_baseline in base.items():
+        for b, row in by_baseline.items():
+            lines.append(f"| {arch} | {b} | " + " | ".join(
+                _cell(*_mean(row[m]), 3) for m in MARGIN_COLUMNS) + " | " + " | ".join(
+                _signed(margin[arch][b][m]) for m in MARGIN_COLUMNS) + " |")
     return "\n".join(lines)
 
 
@@ -186,23 +241,33 @@ def main(argv: list[str] | None = None) -> dict:
     data = make_data(setting, out)
     truth = data["structure"]
     data_s = time.perf_counter() - start
-    scores: dict[str, list[dict]] = {a: [] for a in archs}
+    scored: dict[str, list[dict]] = {a: [] for a in archs}
+    decoders: dict[str, list[np.ndarray]] = {a: [] for a in archs}
     runs = train_all(setting, archs, out, seeds, args.dead_tokens)
     train_s = time.perf_counter() - start - data_s
-    for (arch, _), run_dir in sorted(runs.items()):
-        scores[arch].append(score_sae(sae_jax.load(run_dir), truth.atoms, data["rows"],
-                                      data["codes"], feature_kinds(truth)))
+    for (arch, seed), run_dir in sorted(runs.items()):
+        sae = sae_jax.load(run_dir)
+        scored[arch].append(score_run(sae, truth, data, seed))
+        decoders[arch].append(np.asarray(sae.params["W_dec"]))
     rng = np.random.default_rng(0)
     random_mcc = mcc(rng.standard_normal(truth.atoms.shape), truth.atoms)["mcc"]
+    scores = {a: [r["trained"] for r in v] for a, v in scored.items()}
     summary = summarise(scores)
+    base = summarise_by_baseline({a: [r["baselines"] for r in v] for a, v in scored.items()})
+    margin = summarise_by_baseline({a: [r["margins"] for r in v] for a, v in scored.items()})
+    pw = {a: pw_mcc(decoders[a], [f"{a} seed {s}" for s in sorted(seeds)]) for a in archs}
     result = {"setting": "small" if args.small else "full", "seeds": seeds,
               "spec": dataclasses.asdict(setting.spec), "true_l0": truth.true_l0,
               "data_stats": structure_stats(truth, data["codes"]),
               "tokens_per_run": setting.steps * setting.batch_size,
               "dead_tokens": args.dead_tokens,
-              "summary": summary, "random_dictionary_mcc": random_mcc, "runs": scores,
+              "summary": summary, "random_dictionary_mcc": random_mcc, "pw_mcc": pw,
+              "baseline_seed": "each run's own training seed",
+              "baselines": base, "margins": margin, "runs": scores,
+              "baseline_runs": {a: [r["baselines"] for r in v] for a, v in scored.items()},
               "data_s": data_s, "train_s": train_s, "wall_s": time.perf_counter() - start}
-    md = table(summary, random_mcc, len(seeds))
+    md = (table(summary, random_mcc, len(seeds), pw) + "\n\n"
+          + margin_table(base, margin, len(seeds)))
     (out / "bench.md").write_text(md + "\n")
     (out / "bench.json").write_text(json.dumps(result, indent=1, allow_nan=False))
     print(md)
