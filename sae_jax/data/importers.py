@@ -2,11 +2,11 @@
 
 Accepts a `.npy`, a `.safetensors` (a chosen tensor, by default the only one) or a folder
 of such files (concatenated in name order); or several of those, aligned row for row, as the
-sources of a multi-source store (each row = the sources' rows side by side, for crosscoders). Files are memory-mapped and copied in chunks,
-never loaded whole; bad input is rejected with one line and leaves no store behind. So do
-Ctrl-C and SIGTERM: both stop the copy between chunks and remove what was written (a
-kill -9 cannot be caught; the next import or harvest into the same folder removes what it
-left, see `staging`).
+sources of a multi-source store (each row = the sources' rows side by side, for
+crosscoders). Files are memory-mapped and copied in chunks, never loaded whole; bad input is
+rejected with one line and leaves no store behind. So do Ctrl-C and SIGTERM: both stop the
+copy between chunks and remove what was written (a kill -9 cannot be caught; the next import
+or harvest into the same folder removes what it left, see `staging`).
 """
 
 from __future__ import annotations
