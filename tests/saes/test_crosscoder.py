@@ -11,11 +11,13 @@ import pytest
 import sae_jax
 from sae_jax import saes
 from sae_jax.analysis.diff import classify, relative_norms, source_blocks
+from sae_jax.analysis.evaluate import evaluate
 from sae_jax.config import make_config
 from sae_jax.data.importers import import_activations
 from sae_jax.data.synthetic import two_source_data
 from sae_jax.errors import UserError
 from sae_jax.rundir import data_widths
+from sae_jax.saelens import export_saelens
 from sae_jax.saes.common import Code, penalty_norms
 from sae_jax.saes.penalties import l1
 from sae_jax.training.train import train
@@ -78,6 +80,12 @@ def test_planted_shared_and_exclusive_atoms_are_classified(planted, store, tmp_p
     assert len(learned) >= len(atoms)  # every atom has (at least) one latent
     assert np.mean(correct) >= 0.9, (np.mean(correct), len(learned))
     assert (cos.max(0) >= 0.9).mean() >= 0.9  # and the atoms are recovered
+    sae = sae_jax.load(tmp_path / "run")  # eval and decode need nothing crosscoder-specific
+    _, heldout = store.split(cfg.holdout)
+    assert evaluate(sae, heldout)["fvu"] < 0.3
+    with pytest.raises(UserError, match="no SAELens export for arch=crosscoder"):
+        export_saelens(tmp_path / "run", tmp_path / "export")
+    assert not (tmp_path / "export").exists()
 
 
 def test_resume_is_bitwise_identical(store, tmp_path):
