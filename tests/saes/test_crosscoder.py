@@ -12,7 +12,7 @@ import sae_jax
 from sae_jax import saes
 from sae_jax.analysis.diff import classify, relative_norms, source_blocks
 from sae_jax.analysis.evaluate import evaluate
-from sae_jax.config import make_config
+from sae_jax.config import config_from_dict, make_config
 from sae_jax.data.importers import import_activations
 from sae_jax.data.synthetic import two_source_data
 from sae_jax.errors import UserError
@@ -64,6 +64,10 @@ def test_sources_reach_the_architecture_from_the_store(store):
         saes.init(jax.random.key(0), make_config(arch="crosscoder", sources=(4, 6)), 2 * D)
     with pytest.raises(UserError, match="not transcoder pairs"):
         make_config(arch="crosscoder", transcoder=True)
+    # a run saved before these keys existed still loads, with the plain behaviour
+    old = {k: v for k, v in make_config().to_dict().items()
+           if k not in ("sources", "crosscoder_norm")}
+    assert config_from_dict(old) == make_config()
 
 
 def test_planted_shared_and_exclusive_atoms_are_classified(planted, store, tmp_path):
