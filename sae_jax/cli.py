@@ -40,6 +40,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "faithfulness (causal, explanatory) and coverage audit of a run; last line is JSON"),
     "compare": ("sae_jax.analysis.compare",
                 "drift between two SAEs: matched features, appear/vanish/split; last line is JSON"),
+    "diff": ("sae_jax.analysis.diff",
+             "model diff with a crosscoder: shared / A-only / B-only latents by relative "
+             "decoder norm; JSON, PNG; last line is JSON"),
     "prune": ("sae_jax.release.prune",
               "drop dead, duplicate and least-used latents within an FVU budget; last line JSON"),
     "check": ("sae_jax.check", "read a store or run through; report what is damaged"),

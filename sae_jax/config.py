@@ -20,6 +20,9 @@ from sae_jax.errors import UserError
 from sae_jax.saes import penalties
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "auto")
+CROSSCODER_NORMS = ("sum", "l2")
+TOPK_ARCHS = ("topk", "batchtopk", "crosscoder_topk", "crosscoder_batchtopk")
+"""Architectures with a per-row (or per-row average) k that must fit in the width."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +30,9 @@ class TrainConfig:
     """Everything that defines a training run (data-derived values live in the run dir)."""
 
     arch: str = "topk"
-    """SAE architecture: relu, jumprelu, topk, batchtopk or matryoshka (Matryoshka BatchTopK)."""
+    """SAE architecture: relu, jumprelu, topk, batchtopk, matryoshka (Matryoshka BatchTopK), or
+    a crosscoder over a multi-source store: crosscoder (ReLU), crosscoder_topk or
+    crosscoder_batchtopk (docs/crosscoders.md)."""
     width: int = 4096
     """Number of dictionary features F (the SAE's hidden width)."""
     k: int = 32
@@ -48,6 +53,12 @@ class TrainConfig:
     transcoder: bool | None = None
     """Train a transcoder: encode the store's input columns, reconstruct its target columns
     (default: true exactly when the store holds input/target pairs, `harvest --pair`)."""
+    sources: tuple[int, ...] | None = None
+    """Crosscoders only: the widths of the sources side by side in each row, e.g. 384,384
+    (default: the store's `sources`, else the whole row as one source)."""
+    crosscoder_norm: str = "sum"
+    """Crosscoders only: how a latent's per-source decoder norms weigh its sparsity penalty:
+    sum (Σ_s ‖W_dec,i^s‖, Lindsey et al. 2024) or l2 (‖W_dec,i‖ over all sources)."""
     skip_connection: bool = False
     """Transcoders only: add a learned linear map W_skip from input to target."""
     aux_k: int | None = None
@@ -125,13 +136,20 @@ class TrainConfig:
             _check(0 <= getattr(self, key) <= 1, f"{key} must be in [0, 1]")
         _check(0 < self.holdout < 1, f"holdout must be in (0, 1), got {self.holdout}")
         _check(self.lr_warmup + self.lr_decay <= 1, "lr_warmup + lr_decay must be <= 1")
-        _check(self.k <= self.width or self.arch not in ("topk", "batchtopk"),
+        _check(self.k <= self.width or self.arch not in TOPK_ARCHS,
                f"k={self.k} must be <= width={self.width}")
         _check(self.aux_k is None or self.aux_k > 0, "aux_k must be > 0")
         _check(not self.skip_connection or self.transcoder is not False,
                "skip_connection=true needs a transcoder (a store of input/target pairs)")
         if self.matryoshka_widths is not None:
             object.__setattr__(self, "matryoshka_widths", tuple(self.matryoshka_widths))
+        _check_choice("crosscoder_norm", self.crosscoder_norm, CROSSCODER_NORMS)
+        if self.sources is not None:
+            object.__setattr__(self, "sources", tuple(int(d) for d in self.sources))
+            _check(arch.crosscoder, f"sources is for the crosscoder architectures, not "
+                                    f"arch={self.arch}")
+            _check(len(self.sources) > 0 and all(d > 0 for d in self.sources),
+                   f"sources must be positive widths, got {self.sources}")
         if arch.check:
             arch.check(self)
         _check(self.penalty != "l0" or self.arch == "jumprelu",

@@ -16,7 +16,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from sae_jax import files
+from sae_jax import files, saes
 from sae_jax.config import TrainConfig, config_from_dict
 from sae_jax.data.loader import scale_and_mean, stats_sample
 from sae_jax.errors import UserError
@@ -83,8 +83,9 @@ def read_data_stats(train_rows, d_in: int, d_out: int | None = None) -> DataStat
 
 
 def data_widths(cfg: TrainConfig, store) -> tuple[TrainConfig, int, int | None]:
-    """Resolves `transcoder` against the store: `(cfg, d_in, d_out)`, where `d_out` is the
-    target's width for a transcoder and None for an SAE (which reconstructs its input)."""
+    """Resolves `transcoder` (and a crosscoder's `sources`) against the store: `(cfg, d_in,
+    d_out)`, where `d_out` is the target's width for a transcoder and None for an SAE (which
+    reconstructs its input)."""
     import dataclasses
 
     pair = store.pair
@@ -97,7 +98,25 @@ def data_widths(cfg: TrainConfig, store) -> tuple[TrainConfig, int, int | None]:
         raise UserError(f"store {store.path} holds transcoder pairs (input + target); train a "
                         "transcoder (leave transcoder unset) or harvest the input alone")
     cfg = dataclasses.replace(cfg, transcoder=transcoder)
+    if saes.get(cfg).crosscoder:
+        cfg = dataclasses.replace(cfg, sources=_source_widths(cfg, store))
     return (cfg, *pair) if transcoder else (cfg, store.d_in, None)
+
+
+def _source_widths(cfg: TrainConfig, store) -> tuple[int, ...]:
+    """A crosscoder's source widths: `cfg.sources` if given (it must agree with the store's
+    own), else the store's, else one source of the whole row."""
+    stored = store.sources
+    stored = None if stored is None else tuple(int(s["d"]) for s in stored)
+    widths = cfg.sources or stored or (store.d_in,)
+    if stored is not None and widths != stored:
+        raise UserError(f"sources={','.join(map(str, widths))} disagrees with store "
+                        f"{store.path}, whose sources are {','.join(map(str, stored))}; "
+                        "leave sources unset")
+    if sum(widths) != store.d_in:
+        raise UserError(f"sources={','.join(map(str, widths))} add up to {sum(widths)}, but "
+                        f"store {store.path} has rows of width {store.d_in}")
+    return widths
 
 
 def read_run(run_dir: str | Path) -> RunInfo:

@@ -298,6 +298,27 @@ class Store:
                             f"{d_out} do not add up to its row width {self.d_in}")
         return d_in, d_out
 
+    @property
+    def sources(self) -> list[dict] | None:
+        """The sources side by side in each row (`meta["sources"]`: each a dict with at
+        least `name` and width `d`, plus `model`, `hash`, `layer`, `site`, None where
+        unknown), in row order; None for a single-source store."""
+        sources = self.meta.get("sources")
+        if sources is None:
+            return None
+        try:
+            widths = [int(s["d"]) for s in sources]
+            names = [str(s["name"]) for s in sources]
+        except (TypeError, KeyError, ValueError):
+            raise UserError(f"store {self.path} is inconsistent: meta sources must be a list "
+                            "of {name, d, ...} objects") from None
+        if not widths or min(widths) <= 0 or sum(widths) != self.d_in or len(set(names)) < len(
+                names):
+            listed = ", ".join(f"{n}: {d}" for n, d in zip(names, widths))
+            raise UserError(f"store {self.path} is inconsistent: its sources ({listed}) do not "
+                            f"split its row width {self.d_in} into uniquely named parts")
+        return list(sources)
+
     def span(self) -> RowSpan:
         return RowSpan(self, 0, self.n_rows)
 

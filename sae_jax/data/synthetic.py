@@ -55,6 +55,34 @@ def sparse_transcoder_data(n_rows: int, d_in: int, d_out: int, n_atoms: int,
                  (coeffs @ atoms_in, coeffs @ atoms_out + bias, atoms_in, atoms_out))
 
 
+SHARED, A_ONLY, B_ONLY = "shared", "A-only", "B-only"
+
+
+def two_source_data(n_rows: int, d: int, n_shared: int, n_exclusive: int,
+                    active: float = 3.0, seed: int = 0):
+    """Two aligned sources (e.g. a base and a fine-tuned model) with a planted diff: rows
+    `[x_A | x_B]` of width 2d built from `n_shared` atoms present in both sources (a random
+    direction in each, equal norms) and `n_exclusive` atoms in A only and as many in B only.
+
+    A crosscoder should give each shared atom a latent whose decoder norm splits evenly
+    between the sources, and each exclusive atom one that writes to its own source only.
+
+    Returns:
+      `(rows (n_rows, 2d) float32, atoms (n_atoms, 2d) float32 of unit norm, kinds)`, where
+      `kinds[i]` is `SHARED`, `A_ONLY` or `B_ONLY`.
+    """
+    rng = np.random.default_rng(seed)
+    n_atoms = n_shared + 2 * n_exclusive
+    a, b = _atoms(rng, n_atoms, d), _atoms(rng, n_atoms, d)
+    kinds = [SHARED] * n_shared + [A_ONLY] * n_exclusive + [B_ONLY] * n_exclusive
+    in_a = np.array([k != B_ONLY for k in kinds], float)[:, None]
+    in_b = np.array([k != A_ONLY for k in kinds], float)[:, None]
+    atoms = np.concatenate([a * in_a, b * in_b], axis=1)
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    rows = _codes(rng, n_rows, n_atoms, active) @ atoms
+    return rows.astype(np.float32), atoms.astype(np.float32), kinds
+
+
 def atoms_recovered(W_dec: np.ndarray, atoms: np.ndarray, threshold: float = 0.9) -> float:
     """Fraction of true atoms whose best-matching decoder row has cosine ≥ `threshold`."""
     W = W_dec / np.maximum(np.linalg.norm(W_dec, axis=1, keepdims=True), 1e-12)

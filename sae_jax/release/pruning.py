@@ -188,7 +188,7 @@ def prefix_levels(levels: tuple[int, ...], keep: np.ndarray) -> tuple[int, ...]:
 
 def min_width(cfg) -> int:
     """The fewest latents a pruned SAE of `cfg` may keep: k for TopK, else 1."""
-    return cfg.k if cfg.arch == "topk" else 1
+    return cfg.k if cfg.arch in ("topk", "crosscoder_topk") else 1
 
 
 def pruned_config(cfg, keep: np.ndarray):
@@ -197,7 +197,7 @@ def pruned_config(cfg, keep: np.ndarray):
     updates = {"width": width}
     if cfg.arch == "matryoshka":
         updates["matryoshka_widths"] = prefix_levels(matryoshka.levels(cfg), keep)
-    if cfg.arch in ("batchtopk", "matryoshka"):
+    if cfg.arch in ("batchtopk", "matryoshka", "crosscoder_batchtopk"):
         updates["k"] = min(cfg.k, width)
     return dataclasses.replace(cfg, **updates)
 

@@ -196,6 +196,9 @@ def export_saelens(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
     run_dir, out = Path(run_dir), Path(out_dir)
     run = read_run(run_dir)
+    if run.config.arch not in EXPORT_ARCH:
+        raise UserError(f"no SAELens export for arch={run.config.arch} yet (crosscoder export "
+                        "is issue 19); the run itself loads with sae_jax.load")
     _check_out_dir(out, force)
     sae = sae_jax.load(run_dir, step)
     arch, c = sae.config.arch, float(sae.input_scale)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sae_jax.saes import batchtopk, jumprelu, matryoshka, relu, sparse, topk
+from sae_jax.saes import batchtopk, crosscoder, jumprelu, matryoshka, relu, sparse, topk
 from sae_jax.saes.common import (
     Architecture,
     Code,
@@ -27,7 +27,8 @@ from sae_jax.saes.common import (
 from sae_jax.saes.penalties import PENALTIES
 
 ARCHITECTURES: dict[str, Architecture] = {
-    a.name: a for a in (relu.ARCH, jumprelu.ARCH, topk.ARCH, batchtopk.ARCH, matryoshka.ARCH)
+    a.name: a for a in (relu.ARCH, jumprelu.ARCH, topk.ARCH, batchtopk.ARCH, matryoshka.ARCH,
+                        *crosscoder.ARCHS)
 }
 
 

@@ -9,6 +9,7 @@ architecture adds. Inputs here are already scaled (E‖x‖² = d_in); see `sae_
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -73,6 +74,9 @@ class Architecture:
       unit_norm_decoder: keep decoder rows at unit norm (and drop the parallel gradient).
       defaults: config values this architecture recommends for keys left at None.
       check: `(cfg) -> None`, raises `UserError` for config values it cannot use.
+      crosscoder: the row is several sources side by side (`cfg.sources`), and the
+        sparsity penalty weighs each latent by its per-source decoder norms
+        (`saes.crosscoder`).
     """
 
     name: str
@@ -86,6 +90,7 @@ class Architecture:
     extra_axes: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     unit_norm_decoder: bool = False
     check: Callable | None = None
+    crosscoder: bool = False
 
     def param_axes(self) -> dict[str, tuple[str, ...]]:
         return {**BASE_AXES, **self.extra_axes}
@@ -196,6 +201,27 @@ def transcoder_params(key, params: Params, d_out: int, target_mean, skip_connect
 
 def decoder_norms(params: Params) -> Float[Array, " F"]:
     return jnp.linalg.norm(params["W_dec"], axis=1)
+
+
+def source_norms(W_dec, widths: tuple[int, ...]) -> Float[Array, "F S"]:
+    """‖W_dec,i^s‖ for every latent i and source s, the sources being consecutive column
+    blocks of the given widths (a crosscoder's per-source decoders).
+
+    The square root is floored at a tiny value so that a source block the penalty has driven
+    to exactly zero has a zero gradient, not NaN."""
+    bounds = [0, *itertools.accumulate(widths)]
+    squares = [jnp.sum(jnp.square(W_dec[:, a:b]), axis=1) for a, b in zip(bounds, bounds[1:])]
+    return jnp.sqrt(jnp.maximum(jnp.stack(squares, axis=1), 1e-30))
+
+
+def penalty_norms(params: Params, cfg) -> Float[Array, " F"]:
+    """What each latent's activation is multiplied by in the sparsity penalty: its decoder
+    norm, or for a crosscoder with `crosscoder_norm=sum` the sum of its per-source decoder
+    norms (Lindsey et al. 2024), which makes a latent pay for every source it writes to."""
+    widths = getattr(cfg, "sources", None)
+    if not widths or len(widths) == 1 or cfg.crosscoder_norm == "l2":
+        return decoder_norms(params)
+    return source_norms(params["W_dec"], widths).sum(axis=1)
 
 
 def normalize_decoder(params: Params) -> Params:

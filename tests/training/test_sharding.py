@@ -70,11 +70,16 @@ def _train_steps(cfg, rows, spec, n_steps):
 def test_same_training_result_on_every_mesh(arch, synthetic):
     rows = synthetic[0][:4096]
     # dead_tokens=1 marks non-firing latents dead at once, so AuxK runs sharded too.
+    # Crosscoders read the 32 columns as two sources of 16 (the summed-norm penalty); their
+    # encode/decode code is the plain architectures', so two meshes suffice.
+    crosscoder = saes.ARCHITECTURES[arch].crosscoder
     cfg = make_config(arch=arch, width=64, k=4, batch_size=64, steps=12, dead_tokens=1,
-                      lr=1e-2, sparsity_coeff=0.5 if arch in ("relu", "jumprelu") else None)
-    results = {spec: _train_steps(cfg, rows, spec, 12) for spec in MESHES}
-    ref_params, ref_metrics = results[MESHES[0]]
-    if arch in ("topk", "batchtopk"):
+                      lr=1e-2, sparsity_coeff=0.5 if arch in ("relu", "jumprelu") else None,
+                      sources=(16, 16) if crosscoder else None)
+    meshes = ["data:1,model:1", "data:2,model:4"] if crosscoder else MESHES
+    results = {spec: _train_steps(cfg, rows, spec, 12) for spec in meshes}
+    ref_params, ref_metrics = results[meshes[0]]
+    if arch in ("topk", "batchtopk", "crosscoder_topk", "crosscoder_batchtopk"):
         assert ref_metrics["aux_max"] > 0  # the dead-latent path really ran
     for spec, (params, metrics) in results.items():
         for name in ref_params:
