@@ -186,8 +186,13 @@ def suite(sae, store, args) -> dict:
     """The evals suite (`sae-jax evals --suite absorption`): `{"metrics", "higher_is_better",
     "detail"}`, lower is better. Reads `args.corpus` and `args.probe_rows` when present. A
     store that cannot be labelled, or a transcoder (its decoder writes another space than
-    the probe reads), gives None metrics with the reason in `detail`."""
-    higher = {m: False for m in METRICS}
+    the probe reads), gives None metrics with the reason in `detail`.
+
+    `higher_is_better` is left empty on purpose: it names the metrics a random baseline can
+    be compared on, and absorption is not one. A random SAE has no latent that tracks a
+    letter, so nothing can absorb one: it scores 0 by construction, and a "margin" over it
+    would call every trained SAE worse than chance."""
+    higher: dict[str, bool] = {}
 
     def skipped(reason: str) -> dict:
         print(f"sae-jax: warning: absorption skipped: {reason}", file=sys.stderr)

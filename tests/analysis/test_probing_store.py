@@ -47,8 +47,8 @@ def test_probing_suite_on_a_minilm_store(harvested):
 def test_absorption_suite_on_a_minilm_store(harvested):
     store, sae = harvested
     result = absorption.suite(sae, store, ARGS)
-    assert result["higher_is_better"] == {"absorption_rate": False,
-                                          "absorption_full_rate": False}
+    assert result["higher_is_better"] == {}  # no margin over a random SAE: it scores 0
+    assert set(result["metrics"]) == {"absorption_rate", "absorption_full_rate"}
     letters = result["detail"]["letters"]
     assert letters and all(0 <= e["probe_f1"] <= 1 for e in letters.values())
     scored = [e for e in letters.values() if "absorption_rate" in e]
