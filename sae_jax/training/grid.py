@@ -25,15 +25,16 @@ or a JSON object of value lists (their product)."""
 SWEEPABLE = ("arch", "width", "k", "penalty", "sparsity_coeff", "sparsity_warmup", "bandwidth",
              "threshold_init", "matryoshka_widths", "skip_connection", "aux_k", "aux_coeff",
              "dead_tokens", "init_norm", "lr", "lr_warmup", "lr_decay", "beta1", "beta2",
-             "grad_clip", "compute_dtype", "seed")
+             "grad_clip", "compute_dtype", "seed", "crosscoder_norm")
 """Keys that may differ between members: they change the SAE or its optimizer, never the
 batches (`seed` sets the initialisation; the sweep shares one `data_seed`)."""
 
-SHARED_KEYS = ("steps", "batch_size", "data_seed", "holdout", "transcoder", "mesh", "log_every",
-               "ckpt_every", "keep_checkpoints")
+SHARED_KEYS = ("steps", "batch_size", "data_seed", "holdout", "transcoder", "sources", "mesh",
+               "log_every", "ckpt_every", "keep_checkpoints")
 """Keys every member of one pass shares, so they cannot be swept: the data order (`steps`,
-`batch_size`, `data_seed`), which rows and columns train (`holdout`, `transcoder`), the one mesh
-that runs the fused step, and the loop's bookkeeping."""
+`batch_size`, `data_seed`), which rows and columns train (`holdout`, `transcoder`, a
+crosscoder's `sources`: the store's), the one mesh that runs the fused step, and the loop's
+bookkeeping."""
 
 
 def _comma_valued(key: str) -> bool:
