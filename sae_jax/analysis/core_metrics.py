@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sae_jax import files, saes
-from sae_jax.analysis.downstream import LM_BATCH, downstream, recovered
+from sae_jax.analysis.downstream import FIDELITY_SEQUENCES, LM_BATCH, downstream, recovered
 from sae_jax.analysis.matching import scan_cosines, unit_rows
 from sae_jax.analysis.moments import merge_moments
 from sae_jax.batches import padded_batches
@@ -220,7 +220,8 @@ def suite(sae: SAE, store, args) -> dict:
     flags; defaults as eval's). Returns `{"metrics", "higher_is_better", "detail"}`: flat
     metrics, the direction of those a baseline can be compared on (`HIGHER_IS_BETTER`), and
     the L0 distribution, shrinkage by L0 and the downstream result."""
-    opts = SimpleNamespace(fidelity_sequences=getattr(args, "fidelity_sequences", 128),
+    opts = SimpleNamespace(fidelity_sequences=getattr(args, "fidelity_sequences",
+                                                      FIDELITY_SEQUENCES),
                            corpus=getattr(args, "corpus", None),
                            lm_batch=getattr(args, "lm_batch", LM_BATCH))
     rows = (store.span() if getattr(args, "split", "heldout") == "all"

@@ -11,6 +11,21 @@ from sae_jax.errors import UserError
 from sae_jax.sae import SAE
 
 LM_BATCH = 8  # sequences per causal-LM call for loss recovered (`loss_recovered.BATCH_SEQUENCES`)
+FIDELITY_SEQUENCES = 128  # held-out sequences the downstream measure runs on, by default
+
+
+def add_arguments(parser) -> None:
+    """The options `downstream` reads, for every command that measures it (eval, evals)."""
+    parser.add_argument("--fidelity-sequences", type=int, default=FIDELITY_SEQUENCES,
+                        help="held-out sequences for downstream fidelity (MiniLM) or loss "
+                             f"recovered (causal LMs) (default {FIDELITY_SEQUENCES}; 0 skips "
+                             "it with a warning)")
+    parser.add_argument("--corpus", nargs="+", metavar="PATH",
+                        help="the corpus the store was harvested from, if not the default")
+    parser.add_argument("--lm-batch", type=int, default=LM_BATCH, metavar="N",
+                        help="sequences per causal-LM call for loss recovered; each call holds "
+                             "the logits of 5 passes (clean and 4 spliced), so lower it for a "
+                             f"large vocabulary (default {LM_BATCH})")
 
 
 def downstream(sae: SAE, store, args, mesh=None, others: dict | None = None) -> dict:

@@ -28,8 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from sae_jax import files, plots
-from sae_jax.analysis import seed_stats
-from sae_jax.analysis.evaluate import LM_BATCH
+from sae_jax.analysis import downstream, seed_stats
 from sae_jax.errors import UserError
 
 EVALS_DIR = "evals"
@@ -259,13 +258,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the random baselines (run i uses seed + i)")
     parser.add_argument("--batch-size", type=int, default=4096)
-    parser.add_argument("--fidelity-sequences", type=int, default=128,
-                        help="held-out sequences for downstream fidelity / loss recovered "
-                             "(0: skip)")
-    parser.add_argument("--corpus", nargs="+", metavar="PATH",
-                        help="the corpus the store was harvested from, if not the default")
-    parser.add_argument("--lm-batch", type=int, default=LM_BATCH, metavar="N",
-                        help="sequences per causal-LM call for loss recovered")
+    downstream.add_arguments(parser)  # --fidelity-sequences, --corpus, --lm-batch
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     from sae_jax.analysis import probing
 

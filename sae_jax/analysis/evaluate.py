@@ -28,6 +28,7 @@ from sae_jax.analysis.core_metrics import (
     weight_metrics,
 )
 from sae_jax.analysis.downstream import LM_BATCH, downstream
+from sae_jax.analysis.downstream import add_arguments as downstream_arguments
 from sae_jax.errors import UserError
 from sae_jax.sae import SAE
 
@@ -140,15 +141,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("data_dir")
     parser.add_argument("--split", choices=("heldout", "all"), default="heldout",
                         help="rows to evaluate on (default: the held-out tail of the store)")
-    parser.add_argument("--fidelity-sequences", type=int, default=128,
-                        help="held-out sequences for downstream fidelity (MiniLM) or loss "
-                             "recovered (causal LMs) (default 128)")
-    parser.add_argument("--corpus", nargs="+", metavar="PATH",
-                        help="the corpus the store was harvested from, if not the default")
-    parser.add_argument("--lm-batch", type=int, default=LM_BATCH, metavar="N",
-                        help="sequences per causal-LM call for loss recovered; each call holds "
-                             "the logits of 5 passes (clean and 4 spliced), so lower it for a "
-                             f"large vocabulary (default {LM_BATCH})")
+    downstream_arguments(parser)
     parser.add_argument("--mesh", default="", metavar="SPEC",
                         help="mesh to run a causal LM on for loss recovered, e.g. "
                              "data:2,model:4 (default: every device on data)")
