@@ -36,6 +36,7 @@ from sae_jax import saes
 from sae_jax.analysis.core_metrics import HIGHER_IS_BETTER, eval_sums, row_metrics
 from sae_jax.analysis.downstream import recovered
 from sae_jax.sae import SAE
+from sae_jax.vectors import unit_vectors
 
 SCORED = ("fvu", "explained_variance", "mse", "l0")
 """What eval reports of each baseline besides the downstream number."""
@@ -43,8 +44,7 @@ SCORED = ("fvu", "explained_variance", "mse", "l0")
 
 def unit_gaussian(rng: np.random.Generator, shape: tuple[int, int], axis: int) -> np.ndarray:
     """Independent uniformly random unit vectors along `axis`, float32."""
-    r = rng.standard_normal(shape)
-    return (r / np.linalg.norm(r, axis=axis, keepdims=True)).astype(np.float32)
+    return unit_vectors(rng.standard_normal(shape), axis=axis).astype(np.float32)
 
 
 def random_directions_sae(sae: SAE, l0: float, seed: int = 0) -> SAE:

@@ -42,6 +42,7 @@ import numpy as np
 from scipy.special import ndtri
 
 from sae_jax.errors import UserError
+from sae_jax.vectors import unit_vectors
 
 CHUNK_ROWS = 8192
 TRAIN_STREAM, HELDOUT_STREAM = 1, 2
@@ -151,7 +152,7 @@ def spread_atoms(atoms: np.ndarray, steps: int, lr: float = 0.01) -> np.ndarray:
         gram = a @ a.T
         np.fill_diagonal(gram, 0.0)
         a = a - lr * 4.0 * gram @ a
-        a /= np.linalg.norm(a, axis=1, keepdims=True)
+        a = unit_vectors(a, axis=1)
     return a
 
 
@@ -171,8 +172,7 @@ def make_structure(spec: StructuredSpec, seed: int = 0) -> Structure:
     rng = _rng(seed, 0)
     n, n_par, n_kids = spec.n_atoms, spec.n_parents, spec.n_parents * spec.n_children
     atoms = rng.standard_normal((n, spec.d_in))
-    atoms = spread_atoms(atoms / np.linalg.norm(atoms, axis=1, keepdims=True),
-                         spec.orthogonalize_steps)
+    atoms = spread_atoms(unit_vectors(atoms, axis=1), spec.orthogonalize_steps)
     parent = np.full(n, -1, np.int64)
     parent[n_par:n_par + n_kids] = np.repeat(np.arange(n_par), spec.n_children)
     group = np.full(n, -1, np.int64)
