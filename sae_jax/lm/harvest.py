@@ -46,7 +46,6 @@ from tqdm import tqdm
 from sae_jax.batches import padded_batches
 from sae_jax.errors import Preempted, UserError
 from sae_jax.interrupts import signal_flag
-from sae_jax.lm import harvest_models
 from sae_jax.lm.corpus import NO_POSITION, TokenSequence, make_corpus, sequences
 from sae_jax.lm.families import SUPPORTED
 from sae_jax.lm.harvest_models import MODEL_DTYPES, PAIR_HOOKS
