@@ -1,7 +1,8 @@
 """A trained SAE as users meet it: `sae_jax.load(RUN_DIR)`.
 
 `SAE.encode` / `SAE.decode` take and return *raw* activations: the input scale learned at
-training time is applied inside, so callers never see it.
+training time (one float, or per source on a multi-source store: `sae_jax.scales`) is
+applied inside, so callers never see it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from sae_jax import saes
+from sae_jax import saes, scales
 from sae_jax.config import TrainConfig
 from sae_jax.errors import UserError
 from sae_jax.mesh import logical_to_sharding, make_mesh
@@ -37,7 +38,8 @@ class SAE:
       config: the run's `TrainConfig`.
       params: `W_enc (d_in, F)`, `b_enc (F,)`, `W_dec (F, d_in)`, `b_dec (d_in,)` and any
         architecture extras, in scaled-input units.
-      input_scale: raw activations are multiplied by this before encoding.
+      input_scale: raw activations are multiplied by this before encoding: a float, or a
+        tuple of per-column floats (one value per source; `sae_jax.scales`).
       step: the training step the params come from.
       target_scale: a transcoder's target scale (its outputs are divided by it); None for an
         SAE, whose outputs are divided by `input_scale`.
@@ -45,9 +47,9 @@ class SAE:
 
     config: TrainConfig
     params: dict
-    input_scale: float
+    input_scale: scales.Scale
     step: int
-    target_scale: float | None = None
+    target_scale: scales.Scale | None = None
 
     @property
     def d_in(self) -> int:
@@ -63,8 +65,16 @@ class SAE:
         return bool(self.config.transcoder)
 
     @property
-    def output_scale(self) -> float:
-        return self.input_scale if self.target_scale is None else self.target_scale
+    def input_multiplier(self):
+        """What raw inputs are multiplied by: the float, or a (d_in,) float32 array."""
+        return scales.multiplier(self.input_scale)
+
+    @property
+    def output_scale(self):
+        """What outputs are divided by to be raw: a float, or a (d_out,) float32 array (so
+        `W_dec / output_scale` is the decoder in raw units either way)."""
+        return scales.multiplier(self.input_scale if self.target_scale is None else
+                                 self.target_scale)
 
     @property
     def row_width(self) -> int:
@@ -83,13 +93,13 @@ class SAE:
         """Feature activations `(n, F)` float32 of raw activations `x (n, d_in)`: the one place
         the input scale is applied before encoding. Traceable: inside your own `jax.jit`,
         take the SAE as an argument (see the class docstring)."""
-        x = jnp.asarray(x, jnp.float32) * self.input_scale
+        x = jnp.asarray(x, jnp.float32) * self.input_multiplier
         return saes.encode(self.params, x, self.config).f.astype(jnp.float32)
 
     def reconstruct_raw(self, x, f=None) -> jax.Array:
         """x̂ `(n, d_out)` in raw units (a transcoder's predicted target) of raw `x (n, d_in)`,
         traceable like `encode_raw`; `f` = `encode_raw(x)` if already computed."""
-        scaled = jnp.asarray(x, jnp.float32) * self.input_scale
+        scaled = jnp.asarray(x, jnp.float32) * self.input_multiplier
         f = saes.encode(self.params, scaled, self.config).f if f is None else f
         x_hat = (saes.decode(self.params, f, self.config.compute_dtype)
                  + saes.skip(self.params, scaled, self.config))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sae_jax import scales
 from sae_jax.errors import UserError
 from sae_jax.saelens.format import (
     CATALOG_FILE,
@@ -22,23 +23,26 @@ from sae_jax.saelens.format import (
     TRANSCODER_ARCH,
     WEIGHTS_FILE,
 )
+from sae_jax.scales import Scale
 
 
-def saelens_tensors(params: dict, arch: str, input_scale: float,
-                    target_scale: float | None = None) -> dict[str, np.ndarray]:
+def saelens_tensors(params: dict, arch: str, input_scale: Scale,
+                    target_scale: Scale | None = None) -> dict[str, np.ndarray]:
     """Our params (scaled units) -> SAELens's tensors on raw inputs, float32.
 
     A transcoder's outputs are divided by its `target_scale` c_t instead of c, and its skip
-    map becomes W_skip·c/c_t."""
+    map becomes W_skip·c/c_t. A per-source scale (one value per column) folds in the same
+    way, column by column: W_enc's row j times c_j, W_dec's and b_dec's column j over c_j."""
     import jax.numpy as jnp
 
-    c = np.float64(input_scale)
-    c_out = c if target_scale is None else np.float64(target_scale)
+    c = np.asarray(input_scale, np.float64)
+    c_out = c if target_scale is None else np.asarray(target_scale, np.float64)
+    c_in = c.reshape(-1, 1) if c.ndim else c  # a per-column scale multiplies W_enc's rows
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
-    out = {"W_enc": p["W_enc"] * c, "b_enc": p["b_enc"], "W_dec": p["W_dec"] / c_out,
+    out = {"W_enc": p["W_enc"] * c_in, "b_enc": p["b_enc"], "W_dec": p["W_dec"] / c_out,
            "b_dec": p["b_dec"] / c_out}
     if "W_skip" in p:
-        out["W_skip"] = p["W_skip"] * (c / c_out)
+        out["W_skip"] = p["W_skip"] * (c_in / c_out)
     width = p["b_enc"].shape[0]
     if arch == "jumprelu":  # XLA's exp, bit for bit the θ our encoder compares with
         out["threshold"] = np.asarray(jnp.exp(jnp.asarray(params["log_threshold"])))
@@ -201,19 +205,19 @@ def export_saelens(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
                         "is issue 19); the run itself loads with sae_jax.load")
     _check_out_dir(out, force)
     sae = sae_jax.load(run_dir, step)
-    arch, c = sae.config.arch, float(sae.input_scale)
-    if not (np.isfinite(c) and c > 0):
+    arch, c = sae.config.arch, scales.to_json(sae.input_scale)
+    if not (np.all(np.isfinite(c)) and np.all(np.asarray(c) > 0)):
         raise UserError(f"run {run_dir} has input_scale {c}; it must be finite and > 0")
     params = {k: np.asarray(v) for k, v in sae.params.items()}
     bad = [k for k, v in params.items() if not np.all(np.isfinite(v))]
     if bad:
         raise UserError(f"run {run_dir} step {sae.step} has non-finite values in "
                         f"{', '.join(sorted(bad))}; nothing exported")
-    tensors = saelens_tensors(params, arch, c, sae.target_scale)
+    tensors = saelens_tensors(params, arch, sae.input_scale, sae.target_scale)
     details = {"library": "sae_jax", "sae_jax_version": sae_jax.__version__, "arch": arch,
                "input_scale": c, "step": sae.step, "config": sae.config.to_dict()}
     if sae.transcoder:
-        details["target_scale"] = float(sae.target_scale)
+        details["target_scale"] = scales.to_json(sae.target_scale)
     meta = _store_meta(run.data_dir)
     if _store_provenance(meta):
         details["data"] = _store_provenance(meta)

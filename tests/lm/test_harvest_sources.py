@@ -12,6 +12,7 @@ from sae_jax.data.store import open_store
 from sae_jax.errors import UserError
 from sae_jax.lm import minilm
 from sae_jax.lm.harvest import run_harvest
+from sae_jax.rundir import read_data_stats
 
 COMMON = {"seq_len": 16, "max_tokens": 60, "batch_size": 8, "progress": False}
 TEXT = ("The model reads a token and writes a vector into the stream.\n\n"
@@ -39,19 +40,26 @@ def folders(tmp_path_factory):
     return tmp, tmp / "corpus.txt", tuned
 
 
+@pytest.fixture(scope="module")
+def one(folders):
+    """The packaged MiniLM's layer-2 store: what every multi-source store is compared to."""
+    tmp, corpus, _ = folders
+    run_harvest(tmp / "one", layer=2, corpus=str(corpus), **COMMON)
+    return open_store(tmp / "one")
+
+
 def _rows(path):
     return open_store(path).rows.read().result()
 
 
-def test_two_models_on_the_same_tokens(folders):
+def test_two_models_on_the_same_tokens(folders, one):
     tmp, corpus, tuned = folders
     proc = sae_jax_cli("harvest", tmp / "two", "--model", "minilm", "--model", tuned,
                        "--names", "base,tuned", "--layer", 2, "--corpus", corpus,
                        "--seq-len", 16, "--max-tokens", 60)  # progress bar on
     meta = json_result(proc)
     assert "tok/s" in proc.stderr
-    run_harvest(tmp / "one", layer=2, corpus=str(corpus), **COMMON)
-    two, one = open_store(tmp / "two"), open_store(tmp / "one")
+    two = open_store(tmp / "two")
     rows, ref = two.rows.read().result(), one.rows.read().result()
     assert rows.shape == (len(ref), 768) and meta["d_in"] == 768
     assert np.array_equal(rows[:, :384], ref)  # source A is the single harvest, bitwise
@@ -76,26 +84,29 @@ def test_models_of_different_vocabularies_are_refused_before_writing(folders):
         run_harvest(tmp / "mixed", model=["minilm", "minilm"], layers=[1, 2], **COMMON)
 
 
-def test_several_layers_and_the_cross_layer_transcoder_store(folders):
-    tmp, corpus, tuned = folders
-    run_harvest(tmp / "layers", model=str(tuned), layers=[0, 2], corpus=str(corpus), **COMMON)
-    store = open_store(tmp / "layers")
-    two = _rows(tmp / "two")  # tuned at layer 2 is its second source
-    assert np.array_equal(_rows(tmp / "layers")[:, 384:], two[:, 384:])
-    assert [s["name"] for s in store.sources] == ["layer0", "layer2"]
-    assert store.meta["layers"] == [0, 2] and "layer" not in store.meta
+def test_several_layers_and_the_cross_layer_transcoder_store(folders, one):
+    tmp, corpus, _ = folders
+    run_harvest(tmp / "layers", layers=[1, 2], corpus=str(corpus), **COMMON)
+    store, resid = open_store(tmp / "layers"), _rows(tmp / "layers")
+    assert np.array_equal(resid[:, 384:], one.rows.read().result())
+    assert [s["name"] for s in store.sources] == ["layer1", "layer2"]
+    assert store.meta["layers"] == [1, 2] and "layer" not in store.meta
 
-    run_harvest(tmp / "clt", layers=[1, 3], pair="mlp", corpus=str(corpus), **COMMON)
-    pairs = []
-    for layer in (1, 3):
-        run_harvest(tmp / f"pair{layer}", layer=layer, pair="mlp", corpus=str(corpus),
-                    **COMMON)
-        pairs.append(_rows(tmp / f"pair{layer}"))
-    (in1, out1), (in3, out3) = ((p[:, :384], p[:, 384:]) for p in pairs)
-    assert np.array_equal(_rows(tmp / "clt"), np.concatenate([in1, in3, out1, out3], 1))
-    clt = open_store(tmp / "clt")
-    assert clt.pair == (768, 768) and clt.meta["pair"]["site"] == "mlp"
-    assert clt.meta["layers"] == [1, 3]
-    assert [(s["name"], s["site"], s["layer"], s["d"]) for s in clt.sources] == [
-        ("mlp_in.1", "mlp_in", 1, 384), ("mlp_in.3", "mlp_in", 3, 384),
-        ("mlp_out.1", "mlp_out", 1, 384), ("mlp_out.3", "mlp_out", 3, 384)]
+    run_harvest(tmp / "clt", layers=[1, 2], pair="mlp", corpus=str(corpus), **COMMON)
+    run_harvest(tmp / "pair2", layer=2, pair="mlp", corpus=str(corpus), **COMMON)
+    clt, pair2 = _rows(tmp / "clt"), _rows(tmp / "pair2")
+    in1, in2, out1, out2 = np.split(clt, 4, axis=1)
+    assert np.array_equal(np.concatenate([in2, out2], 1), pair2)
+    # block 1's output is LayerNorm(MLP input + MLP output): the stream after layer 1
+    ln = minilm.load_params()["layers"][0]["ln_mlp"]
+    v = (in1 + out1).astype(np.float64)
+    v = (v - v.mean(1, keepdims=True)) / np.sqrt(v.var(1, keepdims=True) + minilm.LN_EPS)
+    np.testing.assert_allclose(v * ln["scale"] + ln["bias"], resid[:, :384], atol=2e-4)
+    store = open_store(tmp / "clt")
+    assert store.pair == (768, 768) and store.meta["pair"]["site"] == "mlp"
+    assert store.meta["layers"] == [1, 2]
+    assert [(s["name"], s["site"], s["layer"], s["d"]) for s in store.sources] == [
+        ("mlp_in.1", "mlp_in", 1, 384), ("mlp_in.2", "mlp_in", 2, 384),
+        ("mlp_out.1", "mlp_out", 1, 384), ("mlp_out.2", "mlp_out", 2, 384)]
+    stats = read_data_stats(store.span(), 768, 768)  # one scale per layer, input and target
+    assert len(set(stats.input_scale)) == len(set(stats.target_scale)) == 2
