@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from sae_jax.errors import UserError
-
 Scale = float | tuple[float, ...]
 
 
@@ -72,13 +70,3 @@ def from_json(value, what: str, width: int) -> Scale:
             raise ValueError(f"{what} lists {len(value)} values for {width} columns")
         return tuple(float(v) for v in value)
     return float(value)
-
-
-def scalar(scale: Scale, what: str) -> float:
-    """The one float, or one line saying `what` needs one (a run on a multi-source store
-    has a scale per source)."""
-    if is_per_source(scale):
-        raise UserError(f"{what} needs one input scale; this run has one per source (it was "
-                        "trained on a multi-source store)")
-    return float(scale)
-
