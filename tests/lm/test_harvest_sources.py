@@ -110,3 +110,25 @@ def test_several_layers_and_the_cross_layer_transcoder_store(folders, one):
         ("mlp_out.1", "mlp_out", 1, 384), ("mlp_out.2", "mlp_out", 2, 384)]
     stats = read_data_stats(store.span(), 768, 768)  # one scale per layer, input and target
     assert len(set(stats.input_scale)) == len(set(stats.target_scale)) == 2
+
+
+def test_a_causal_lms_mlp_pairs_of_several_layers_come_in_row_order():
+    """`--pair mlp --layers` on a causal LM (the tiny Llama, d = 32): its activation
+    function, one pass, gives every MLP input, then every MLP output."""
+    import jax
+
+    from sae_jax.lm import causal
+    from sae_jax.lm.harvest_sources import layers_plan
+
+    folder = CAUSAL_FIXTURES / "llama"
+    meta, width, load = layers_plan(str(folder), [0, 2], None, "mlp", 8, False, 10)
+    source, sources = load(None, None)
+    ids = np.random.default_rng(0).integers(3, 200, (2, 8)).astype(np.int32)
+    got = np.asarray(jax.jit(source.activations)(ids, np.ones_like(ids)))
+    m = causal.load(folder)
+    (in0, out0), (in2, out2) = (np.split(m.activations(ids, layer, "mlp"), 2, -1)
+                                for layer in (0, 2))
+    np.testing.assert_allclose(got, np.concatenate([in0, in2, out0, out2], -1), rtol=1e-5,
+                               atol=1e-5)
+    assert width == got.shape[-1] == sum(s["d"] for s in sources) == 128
+    assert len({s["hash"] for s in sources}) == 1 and meta["pair"]["d_in"] == 64
