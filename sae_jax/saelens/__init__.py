@@ -52,8 +52,9 @@ Weights are rounded to cfg.json's `dtype` (as SAELens casts them) and then compu
 float32.
 """
 
+from sae_jax.data.safetensors_io import read_safetensors
 from sae_jax.saelens.export import export_saelens, saelens_cfg, saelens_tensors
-from sae_jax.saelens.import_sae import import_saelens, load_saelens, read_safetensors
+from sae_jax.saelens.import_sae import import_saelens, load_saelens
 
 __all__ = ["export_saelens", "import_saelens", "load_saelens", "read_safetensors", "saelens_cfg",
            "saelens_tensors"]
