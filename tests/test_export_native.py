@@ -15,6 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 import sae_jax
 from sae_jax.config import make_config
+from sae_jax.data.importers import import_activations
 from sae_jax.errors import UserError
 from sae_jax.rundir import RunInfo
 from sae_jax.sae import param_shapes
@@ -28,7 +29,7 @@ SCALE = 37.0
 STEP = 7
 
 
-def random_run(path, arch: str, seed: int = 0):
+def random_run(path, arch: str, seed: int = 0, data_dir: str = ""):
     """A crosscoder run of random params over two sources (16 and 8 columns)."""
     cfg = make_config(arch=arch, width=48, k=4, sources=SOURCES)
     d_in = sum(SOURCES)
@@ -37,7 +38,7 @@ def random_run(path, arch: str, seed: int = 0):
               for k, s in param_shapes(cfg, d_in).items()}
     if "threshold" in params:
         params["threshold"] = np.float32(0.2)
-    write_params_run(path, RunInfo(cfg, d_in, SCALE, ""), params, STEP)
+    write_params_run(path, RunInfo(cfg, d_in, SCALE, data_dir), params, STEP)
     return path
 
 
@@ -153,9 +154,17 @@ def test_damaged_or_foreign_exports_are_one_line_errors(case, tmp_path):
 
 @pytest.mark.entry
 def test_crosscoder_export_through_the_entry_point(tmp_path, x_raw):
-    """`sae-jax export` picks the sae_jax layout for a crosscoder by itself."""
-    run = random_run(tmp_path / "run", "crosscoder_batchtopk", seed=3)
+    """`sae-jax export` picks the sae_jax layout for a crosscoder by itself, and names the
+    sources as the (multi-source) store does."""
+    rows = np.random.default_rng(2).normal(size=(8, sum(SOURCES))).astype(np.float32)
+    np.save(tmp_path / "base.npy", rows[:, :16])
+    np.save(tmp_path / "chat.npy", rows[:, 16:])
+    store = import_activations([tmp_path / "base.npy", tmp_path / "chat.npy"], tmp_path / "d")
+    run = random_run(tmp_path / "run", "crosscoder_batchtopk", 3, str(store.path))
     out = json_result(sae_jax_cli("export", run, tmp_path / "out"))
     assert (out["format"], out["architecture"], out["step"]) == (
         "sae_jax", "crosscoder_batchtopk", STEP)
+    cfg = json.loads((tmp_path / "out" / "cfg.json").read_text())
+    assert [(s["name"], s["d"], s["offset"]) for s in cfg["sources"]] == [
+        ("base", 16, 0), ("chat", 8, 16)]
     assert_same_sae(sae_jax.load(run), sae_jax.load(tmp_path / "out"), x_raw)
