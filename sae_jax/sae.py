@@ -147,9 +147,17 @@ def param_shapes(cfg: TrainConfig, d_in: int, d_out: int | None = None) -> dict:
 
 
 def load(run_dir: str | Path, step: int | None = None) -> SAE:
-    """Loads the latest intact (or `step`'s) checkpoint of a run onto the default device.
+    """Loads the latest intact (or `step`'s) checkpoint of a run onto the default device, or
+    a folder written by `sae-jax export` in sae_jax's own layout (`load_export`).
 
     Only the checkpoint's params are read: no optimizer or train state is built."""
+    from sae_jax.saelens.native import is_native_dir
+
+    if is_native_dir(run_dir):
+        sae = load_export(run_dir)
+        if step is not None and step != sae.step:
+            raise UserError(f"{run_dir} is an export of step {sae.step} only, not {step}")
+        return sae
     run = read_run(run_dir)
     mngr = checkpoint.manager(run_dir)
     try:
@@ -166,3 +174,32 @@ def load(run_dir: str | Path, step: int | None = None) -> SAE:
     finally:
         mngr.close()
     return SAE(run.config, params, run.input_scale, step, run.target_scale)
+
+
+def load_export(path: str | Path) -> SAE:
+    """An export in sae_jax's own layout (`sae_jax.saelens.native`) as an `SAE` whose encode
+    and decode are the exported run's (the same params and scales, bit for bit).
+
+    Raises:
+      UserError: a damaged folder, or params whose names, shapes or dtypes are not those of
+        the architecture in its cfg.json.
+    """
+    from sae_jax.saelens.native import read_native
+
+    exp = read_native(path)
+    want = {k: (tuple(v.shape), v.dtype) for k, v in
+            param_shapes(exp["config"], exp["d_in"], exp["d_out"]).items()}
+    got = {k: (tuple(v.shape), v.dtype) for k, v in exp["params"].items()}
+    if got != want:
+        wrong = sorted(k for k in set(want) | set(got) if got.get(k) != want.get(k))
+        raise UserError(f"{path}: tensors do not fit arch={exp['config'].arch} with "
+                        f"d_in={exp['d_in']}: " + "; ".join(
+                            f"{k} is {_describe(got.get(k))}, expected {_describe(want.get(k))}"
+                            for k in wrong))
+    params = {k: jnp.asarray(v) for k, v in exp["params"].items()}
+    return SAE(exp["config"], params, exp["input_scale"], exp["step"], exp["target_scale"])
+
+
+def _describe(tensor: tuple | None) -> str:
+    """`float32[64, 32]` for a (shape, dtype) pair; `absent` for None."""
+    return "absent" if tensor is None else f"{tensor[1]}{list(tensor[0])}"

@@ -16,7 +16,7 @@ from sae_jax.data.importers import import_activations
 from sae_jax.data.loader import scale_and_mean, stats_sample
 from sae_jax.errors import UserError
 from sae_jax.rundir import read_data_stats, read_run
-from sae_jax.saelens import export_saelens
+from sae_jax.saelens import export_native, export_saelens
 from sae_jax.training.train import train
 
 D = 8
@@ -59,6 +59,10 @@ def test_train_eval_export_and_load_with_per_source_scales(stores, tmp_path):
     np.testing.assert_allclose(np.asarray(sae.encode(x)), np.asarray(want), rtol=1e-5,
                                atol=1e-6)
     assert evaluate(sae, two.split(cfg.holdout)[1])["fvu"] < 1.0
+    export_native(tmp_path / "xc", tmp_path / "native")  # the scale as a (d_in,) tensor
+    back = sae_jax.load(tmp_path / "native")
+    assert back.input_scale == sae.input_scale
+    np.testing.assert_array_equal(np.asarray(back.encode(x)), np.asarray(sae.encode(x)))
 
     relu = make_config(arch="relu", width=32, batch_size=128, steps=20, lr=3e-3)
     train(relu, two.path, tmp_path / "relu", progress=False, devices=jax.devices()[:1])
