@@ -245,10 +245,12 @@ def _check_options(models: list[str], site: str | None, pair: str | None,
     if model_dtype is not None and model_dtype not in MODEL_DTYPES:
         raise UserError(f"model_dtype must be one of {', '.join(MODEL_DTYPES)}, "
                         f"got {model_dtype!r}")
-    if "minilm" in models and site is not None:
+    from sae_jax.lm.harvest_sources import is_minilm
+
+    if site is not None and any(map(is_minilm, models)):
         raise UserError("--site is for causal LMs; minilm stores the residual stream after "
                         "--layer (use --pair mlp|block for its MLP or block pairs)")
-    if model_dtype is not None and all(m == "minilm" for m in models):
+    if model_dtype is not None and all(map(is_minilm, models)):
         raise UserError("--model-dtype is for causal LMs; minilm always runs in float32")
     if len(models) > 1 and (pair is not None or layers is not None):
         raise UserError("several --model run at one --layer and site; --pair and --layers "

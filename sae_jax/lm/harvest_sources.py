@@ -45,9 +45,6 @@ def model_plan(model: str, layer: int, site: str | None, pair: str | None, seq_l
     if model == "minilm":
         return harvest_models.minilm_plan(layer, pair, seq_len, keep_special, max_tokens)
     if harvest_models.is_minilm_folder(model):
-        if site is not None:
-            raise UserError("--site is for causal LMs; a MiniLM folder stores the residual "
-                            "stream after --layer")
         from sae_jax.lm import minilm
 
         minilm.check_config(model)
