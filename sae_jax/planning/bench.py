@@ -12,10 +12,12 @@ of a llama-style causal LM). `EXTRA_SECTIONS` adds more. The last stdout line is
 object.
 
 **Before and after.** "Before" is the step built under `saes.common.baseline()` with
-glibc malloc's defaults; "after" is today's step with `allocator.keep_freed_memory()`.
-Before runs first: the allocator setting cannot be undone in-process. Each step is timed
-alone after one warm-up step; tokens/s and FLOP/s come from the fastest of `bench_steps`
-steps (on a shared machine the least disturbed), `step_ms` is their mean.
+glibc malloc's defaults (but one arena, `allocator.one_arena`, set before XLA starts its
+threads); "after" is today's step with `allocator.keep_freed_memory()`. Before runs first:
+the allocator setting is one-way. Each step is timed alone after two warm-up steps (the
+state is double-buffered, so a heap that keeps freed memory grows over two steps);
+tokens/s and FLOP/s come from the fastest of `bench_steps` steps (on a shared machine the
+least disturbed), `step_ms` is their mean.
 
 FLOPs are counted analytically, as executed, by `cost.step_flops_per_token` (the one
 formula, shared with `sae-jax cost`): a dense SAE step costs 10·d·F per token (encoder
@@ -121,7 +123,7 @@ def step_memory(cfg, d_in: int, mesh) -> dict:
 
 
 def bench_train_step(cfg, d_in: int, n_steps: int, with_encode: bool = True) -> dict:
-    """Compiles the train step on random data, runs one warm-up step, then times `n_steps`
+    """Compiles the train step on random data, runs two warm-up steps, then times `n_steps`
     steps one by one and counts their minor page faults (`allocator.minor_faults`)."""
     from sae_jax.allocator import minor_faults
     from sae_jax.mesh import batch_sharding, make_mesh
@@ -145,7 +147,8 @@ def bench_train_step(cfg, d_in: int, n_steps: int, with_encode: bool = True) -> 
     compiled = step.lower(state, x).compile()
     compile_s = time.perf_counter() - start
     flops = flops_per_token(cfg, d_in, mesh)  # traced under the same baseline setting
-    state, metrics = compiled(state, x)  # warm-up
+    for _ in range(2):  # warm-up
+        state, metrics = compiled(state, x)
     jax.block_until_ready(metrics)
     seconds, faults = [], minor_faults()
     for _ in range(n_steps):
@@ -227,9 +230,12 @@ def extra_sections(cfg, settings: dict) -> dict:
 
 
 def run_bench(pairs: list[str], compare_torch: bool = False) -> dict:
+    from sae_jax.allocator import one_arena
     from sae_jax.config import make_config, split_pair
     from sae_jax.errors import UserError
     from sae_jax.planning import bench_io
+
+    one_arena()  # before XLA's threads start (see `allocator`)
 
     extra = dict(BENCH_KEYS)
     rest = []

@@ -10,7 +10,8 @@ Definitions (every number `estimate_cost` returns):
   b_dec's gradient through the encoder input x − b_dec is one mat-vec,
   `saes.common.centered_matmul`, where it was a 2dF matmul before). The sparse TopK step
   (`saes.sparse`, used by arch=topk only when the dictionary is not split, i.e. the mesh's
-  model axis is 1) runs only the encoder forward densely: 2dF + 10dk. Elementwise work, top-k and the optimizer are not counted.
+  model axis is 1) runs only the encoder forward densely: 2dF + 10dk. Elementwise work,
+  top-k and the optimizer are not counted.
   **Run FLOPs** = FLOPs per token × tokens.
 * **Time** = run FLOPs / (chips × bf16 peak per chip × MFU); **chip-hours** = time × chips.
   The default MFU, 0.5, is what Gemma Scope reports for its TPU SAE training, and about what
