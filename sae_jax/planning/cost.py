@@ -321,7 +321,7 @@ def estimate_cost(d_model: int, width: int, tokens: float, accelerator: str,
         "peak_flops_per_chip": acc.peak_flops, "hbm_bytes_per_chip": acc.hbm_bytes,
         "source": acc.source, "mfu": mfu,
         "flop_count": ("sparse TopK: 2dF + 10dk per token" if sparse
-                       else "dense: 12dF per token"),
+                       else "dense: 10dF per token"),
         "flops_per_token": int(per_token), "flops": flops, "seconds": seconds,
         "wall_hours": seconds / 3600, "chip_hours": seconds / 3600 * chips,
         "mesh": f"data:{sizes['data']},model:{sizes['model']}", "mesh_rule": mesh_rule,
