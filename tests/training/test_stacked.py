@@ -3,6 +3,7 @@ the stacked sharding, equality with the unbatched sweep (float32 rounding, not b
 sharded mesh with a member that diverges and stops alone, and the bench of it."""
 
 import argparse
+import shutil
 
 import jax
 import numpy as np
@@ -16,7 +17,7 @@ from sae_jax.errors import UserError
 from sae_jax.mesh import make_mesh
 from sae_jax.training import command
 from sae_jax.training.stacked import BATCHABLE_KEYS, batch_groups, stacked_sharding
-from sae_jax.training.sweep import run_sweep_command
+from sae_jax.training.sweep import run_sweep_command, train_sweep
 
 
 def test_members_batch_when_they_differ_only_in_seed_lr_or_coefficient():
@@ -46,7 +47,8 @@ def test_batch_members_needs_a_sweep(synthetic_store, tmp_path):
 def test_batched_sweep_equals_unbatched_on_a_sharded_mesh(synthetic_store, tmp_path):
     """Dictionary split 4 ways, members seed x lr in one vmapped group: the lr=1e30 members
     stop alone with nothing saved (the group is restacked without them) and the healthy
-    ones hold the unbatched sweep's params (bitwise separate runs') to float32 rounding."""
+    ones hold the unbatched sweep's params (bitwise separate runs') to float32 rounding,
+    also after resuming them, batched, from step 2."""
     base = ["arch=topk", "width=64", "k=4", "steps=4", "batch_size=128", "log_every=2",
             "ckpt_every=2", "mesh=data:2,model:4", "seed=0,1"]
     with pytest.raises(UserError, match=r"2 of 4 members stopped: seed=0,lr=1e\+30"):
@@ -54,6 +56,12 @@ def test_batched_sweep_equals_unbatched_on_a_sharded_mesh(synthetic_store, tmp_p
                           progress=False, batch_members=True)
     run_sweep_command(synthetic_store, str(tmp_path / "alone"), base + ["lr=1e-3"],
                       progress=False)
+    healthy = [f"seed={seed},lr=0.001" for seed in (0, 1)]
+    for name in healthy:  # resume the batched members from step 2: the same end
+        shutil.rmtree(tmp_path / "batched" / name / "checkpoints" / "4")
+    train_sweep([make_config(base[:-1] + [f"seed={s}", "data_seed=0", "lr=1e-3"])
+                 for s in (0, 1)], synthetic_store, tmp_path / "batched", progress=False,
+                names=healthy, batch_members=True)
     for seed in (0, 1):
         alone = sae_jax.load(tmp_path / "alone" / f"seed={seed}")
         batched = sae_jax.load(tmp_path / "batched" / f"seed={seed},lr=0.001")
