@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from sae_jax.config import describe, make_config
+from sae_jax.errors import UserError
 from sae_jax.training.distributed import initialize
 from sae_jax.training.grid import is_sweep
 
@@ -24,6 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train a grid in one pass: a JSON list of override dicts, or a "
                              "dict of value lists (also: comma lists, e.g. width=1024,4096 "
                              "k=16,32)")
+    parser.add_argument("--batch-members", action="store_true",
+                        help="a sweep's members that differ only in seed, lr or "
+                             "sparsity_coeff run as one vmapped step (faster for small SAEs; "
+                             "equal to separate runs to float32 rounding, not bitwise)")
     group = parser.add_argument_group(
         "multi-process", "for clusters without auto-detection; on Cloud TPU set "
         "SAE_JAX_DISTRIBUTED=1 instead and every worker runs the same command")
@@ -43,7 +48,10 @@ def run(args) -> dict:
     if is_sweep(overrides):  # lists of values: the whole grid in one pass over the data
         initialize(args.coordinator_address, args.num_processes, args.process_id)
         return run_sweep_command(args.data_dir, args.run_dir, overrides,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, batch_members=args.batch_members)
+    if args.batch_members:
+        raise UserError("--batch-members batches the members of a sweep; give value lists "
+                        "(e.g. seed=0,1,2,3) or --sweep FILE.json")
     cfg = make_config(overrides)
     initialize(args.coordinator_address, args.num_processes, args.process_id)
     return train(cfg, args.data_dir, args.run_dir, progress=not args.quiet)

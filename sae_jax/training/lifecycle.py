@@ -30,7 +30,7 @@ from sae_jax.errors import Preempted, UserError
 from sae_jax.interrupts import signal_flag
 from sae_jax.mesh import batch_sharding, replicated
 from sae_jax.rundir import RunInfo, prepare_run, read_data_stats
-from sae_jax.training import checkpoint
+from sae_jax.training import checkpoint, stacked
 from sae_jax.training.distributed import batch_share, host_value
 from sae_jax.training.metrics import MetricsLog
 from sae_jax.training.runlock import RunLock
@@ -125,20 +125,64 @@ def _close_manager(mngr) -> None:
     mngr.close()
 
 
-def fused_step(members: list[Member], mesh) -> CompiledStep:
-    """`step(states, x) -> (states, metrics)` over `members`: each member's own train step
-    on the same batch, one compiled program, old states donated (for one member, exactly
-    that member's step)."""
-    steps = [make_train_step(m.cfg, m.tx, mesh, m.run.input_scale, m.run.target_scale)
-             for m in members]
+class GroupedStep:
+    """One compiled step for `members` on one batch: with `batch`, each group of members
+    that `stacked.batch_groups` finds batchable is one vmapped step over its stacked states;
+    every other member runs its own step. Old states are donated; without `batch` (or for a
+    lone member) this is exactly each member's own step, fused in one program.
 
-    def step_all(states, x):
-        outs = [step(state, x) for step, state in zip(steps, states)]
-        return tuple(o[0] for o in outs), tuple(o[1] for o in outs)
+    Between `sync` calls the members' `state` fields are stale (for a batched group, None):
+    `sync` before a checkpoint or before dropping a member."""
 
-    state_sh = tuple(m.state_sh for m in members)
-    return CompiledStep(jax.jit(step_all, in_shardings=(state_sh, batch_sharding(mesh)),
-                                out_shardings=(state_sh, replicated(mesh)), donate_argnums=0))
+    def __init__(self, members: list[Member], mesh, batch: bool = False):
+        self.members = members
+        scales = [(m.run.input_scale, m.run.target_scale) for m in members]
+        self.groups = (stacked.batch_groups([m.cfg for m in members], scales) if batch
+                       else [[i] for i in range(len(members))])
+        carry_sh, steps = [], []
+        for group in self.groups:
+            m = members[group[0]]
+            if len(group) == 1:
+                carry_sh.append(m.state_sh)
+                steps.append(make_train_step(m.cfg, m.tx, mesh, m.run.input_scale,
+                                             m.run.target_scale))
+            else:
+                carry_sh.append(jax.tree.map(stacked.stacked_sharding, m.state_sh))
+                steps.append(stacked.make_group_step([members[i].cfg for i in group], mesh,
+                                                     m.run.input_scale, m.run.target_scale))
+        groups, carry_sh = self.groups, tuple(carry_sh)
+
+        def step_all(carries, x):
+            outs = [step(carry, x) for step, carry in zip(steps, carries)]
+            metrics = [None] * len(members)
+            for group, (_, values) in zip(groups, outs):
+                for j, i in enumerate(group):
+                    metrics[i] = values if len(group) == 1 else {k: v[j]
+                                                                 for k, v in values.items()}
+            return tuple(o[0] for o in outs), tuple(metrics)
+
+        self.step = CompiledStep(jax.jit(step_all, in_shardings=(carry_sh, batch_sharding(mesh)),
+                                         out_shardings=(carry_sh, replicated(mesh)),
+                                         donate_argnums=0))
+        self.carries = tuple(
+            members[g[0]].state if len(g) == 1
+            else stacked.stack_states([members[i].state for i in g], sh)
+            for g, sh in zip(self.groups, carry_sh))
+        for i in (i for g in self.groups if len(g) > 1 for i in g):
+            members[i].state = None  # its arrays now live in the stacked state only
+
+    def __call__(self, x):
+        """Steps every member on the global batch `x`; returns the per-member metrics."""
+        self.carries, metrics = self.step(self.carries, x)
+        return metrics
+
+    def sync(self) -> None:
+        """Sets every member's `state` to its current own (unstacked) state."""
+        for group, carry in zip(self.groups, self.carries):
+            states = ((carry,) if len(group) == 1 else stacked.unstack_states(
+                carry, tuple(self.members[i].state_sh for i in group)))
+            for i, state in zip(group, states):
+                self.members[i].state = state
 
 
 class CompiledStep:
@@ -169,12 +213,17 @@ def log_memory(compiled) -> None:
                f"({stats.alias_size_in_bytes / mib:.1f} MiB donated)", file=sys.stderr)
 
 
+def saves_at(done: int, cfg: TrainConfig, stop: bool) -> bool:
+    """Whether step `done` ends with a checkpoint: every `ckpt_every`, the last, a stop."""
+    return done % cfg.ckpt_every == 0 or done == cfg.steps or stop
+
+
 def end_of_step(live: list[Member], done: int, metrics, cfg: TrainConfig, stop: bool) -> None:
     """After step `done`, for every live member: log at log steps and before saves; mark a
     member failed if its loss is non-finite or its updated params are unfit (`step.params_ok`),
     so nothing broken is ever checkpointed; checkpoint the others at checkpoint steps, the
     last step, or when stopping."""
-    saving = done % cfg.ckpt_every == 0 or done == cfg.steps or stop
+    saving = saves_at(done, cfg, stop)
     if done % cfg.log_every == 0 or saving:
         for m, values in zip(live, host_value(metrics)):
             values = dict(values)
@@ -253,11 +302,11 @@ def catch_up(members: list[Member], mesh, source, to_global, until: int, cfg: Tr
     for m in members:
         if m.start >= until:
             continue
-        step_fn, in_flight = fused_step([m], mesh), StepWindow()
+        step_fn, in_flight = GroupedStep([m], mesh), StepWindow()
         for done in range(m.start + 1, until + 1):
-            states, metrics = step_fn((m.state,), to_global(source[done - 1]))
+            metrics = step_fn(to_global(source[done - 1]))
             in_flight.add(metrics)
-            m.state = states[0]
+            step_fn.sync()
             end_of_step([m], done, metrics, cfg, preempted.is_set())
             stop_if_preempted([m], done, preempted, m.run_dir)
             if m.failed:
@@ -267,7 +316,7 @@ def catch_up(members: list[Member], mesh, source, to_global, until: int, cfg: Tr
 
 
 def train_members(members: list[Member], mesh, source, to_global, start: int,
-                  cfg: TrainConfig, where, on_failure, bar=None) -> None:
+                  cfg: TrainConfig, where, on_failure, bar=None, batch: bool = False) -> None:
     """The one-pass loop: one batch per step for all live members, from step `start`.
 
     Args:
@@ -275,31 +324,35 @@ def train_members(members: list[Member], mesh, source, to_global, start: int,
       on_failure: called with a member whose loss or params became unfit; the member
         stops, the others go on (unless `on_failure` raises).
       bar: a progress bar to advance per step (a single run's bar is its `MetricsLog`'s).
+      batch: step equal-shape members as one vmapped step (`stacked`; a resumed member
+        catches up on its own first).
     """
     with signal_flag(signal.SIGTERM) as preempted:
         catch_up(members, mesh, source, to_global, start, cfg, preempted, on_failure)
         live = [m for m in members if m.start < cfg.steps and not m.failed]
-        step_fn = fused_step(live, mesh) if live else None
+        step_fn = GroupedStep(live, mesh, batch) if live else None
         in_flight = StepWindow()
         for done, x in enumerate(batches(source, start), start + 1):
             if not live:
                 break
-            states, metrics = step_fn(tuple(m.state for m in live), to_global(x))
+            metrics = step_fn(to_global(x))
             in_flight.add(metrics)
-            for m, state in zip(live, states):
-                m.state = state
-            end_of_step(live, done, metrics, cfg, preempted.is_set())
+            stop = preempted.is_set()
+            if saves_at(done, cfg, stop):
+                step_fn.sync()
+            end_of_step(live, done, metrics, cfg, stop)
             if bar is not None:
                 bar.update(1)
             stop_if_preempted(live, done, preempted, where)
             failed = [m for m in live if m.failed]
             if failed:
+                step_fn.sync()
                 for m in failed:
                     on_failure(m)
                 live = [m for m in live if not m.failed]
-                step_fn = fused_step(live, mesh) if live else None
+                step_fn = GroupedStep(live, mesh, batch) if live else None
 
 
 __all__ = ["Member", "batch_feed", "catch_up", "data_stats_once",
-           "end_of_step", "fused_step", "init_or_restore", "open_member", "stop_if_preempted",
+           "end_of_step", "GroupedStep", "init_or_restore", "open_member", "stop_if_preempted",
            "train_members"]

@@ -20,6 +20,10 @@ that was further along than the others is left alone until the others catch up.
 
 A member whose loss becomes non-finite is stopped (nothing non-finite is checkpointed)
 while the others go on; the sweep then ends with one error naming it.
+
+With `batch_members` (`--batch-members`) members of equal shapes that differ only in seed,
+lr or sparsity_coeff run as one vmapped step instead (`training.stacked`): still one run
+directory each, equal to separate runs to float32 rounding rather than bitwise.
 """
 
 from __future__ import annotations
@@ -97,7 +101,7 @@ def _drop(member: Member) -> None:
 
 def train_sweep(cfgs: list[TrainConfig], data_dir: str | Path, run_dir: str | Path,
                 progress: bool = True, names: list[str] | None = None,
-                devices: list | None = None) -> dict:
+                devices: list | None = None, batch_members: bool = False) -> dict:
     """Trains (or resumes) every config in one pass over the data.
 
     Args:
@@ -105,6 +109,8 @@ def train_sweep(cfgs: list[TrainConfig], data_dir: str | Path, run_dir: str | Pa
       run_dir: the sweep directory; member `i` is the run `run_dir/names[i]`.
       names: member directory names (default: `config_names(cfgs)`).
       devices: devices for the one mesh all members share (default: all).
+      batch_members: members that differ only in `stacked.BATCHABLE_KEYS` run as one
+        vmapped step (equal to separate runs to float32 rounding, not bitwise).
 
     Returns:
       `{"run_dir", "steps", "members": [{"name", "run_dir", "metrics"}]}` with each
@@ -142,7 +148,7 @@ def train_sweep(cfgs: list[TrainConfig], data_dir: str | Path, run_dir: str | Pa
             total=shared.steps, initial=start, unit="step", dynamic_ncols=True,
             disable=not (progress and jax.process_index() == 0), desc=f"{len(members)} SAEs"))
         train_members(members, mesh, source, to_global, start, shared, run_dir, _drop,
-                      bar=bar)
+                      bar=bar, batch=batch_members)
     failed = [m.failed for m in members if m.failed]
     if failed:
         raise UserError(f"{len(failed)} of {len(members)} members stopped: "
@@ -153,10 +159,10 @@ def train_sweep(cfgs: list[TrainConfig], data_dir: str | Path, run_dir: str | Pa
 
 
 def run_sweep_command(data_dir: str, run_dir: str, pairs: list[str],
-                      progress: bool = True) -> dict:
+                      progress: bool = True, batch_members: bool = False) -> dict:
     """`sae-jax train DATA_DIR RUN_DIR` when `is_sweep(pairs)`: expands the grid, names the
     members and trains them in one pass (see `train_sweep`)."""
     grid = expand_grid(pairs)
     names = run_names(grid)
     return train_sweep([make_config(p) for p in grid], data_dir, run_dir, progress=progress,
-                       names=names)
+                       names=names, batch_members=batch_members)

@@ -1,6 +1,7 @@
 """Seed sweeps: `sae-jax train DATA RUN seed=0,1` trains several initialisations on one batch
-order (a shared `data_seed`) in one pass, each member equal to a separate run; runs saved
-before `data_seed` existed load and resume unchanged."""
+order (a shared `data_seed`) in one pass, each member equal to a separate run (bitwise; with
+`--batch-members`, one vmapped step, to float32 rounding); runs saved before `data_seed`
+existed load and resume unchanged."""
 
 import json
 import shutil
@@ -47,7 +48,8 @@ def test_members_of_different_data_seeds_are_refused(synthetic_store, tmp_path):
 
 def test_seed_sweep_entry_point_equals_separate_runs(synthetic_store, tmp_path):
     """Through `sae-jax train`: each member holds, bitwise, the params of a separate run of
-    its config (seed=1 with data_seed=0); the members differ in their initialisation."""
+    its config (seed=1 with data_seed=0); the members differ in their initialisation. With
+    `--batch-members` the same members, batched, to float32 rounding."""
     result = json_result(sae_jax_cli("train", synthetic_store, tmp_path / "sweep",
                                      *BASE, "seed=0,1"))
     assert [m["name"] for m in result["members"]] == ["seed=0", "seed=1"]
@@ -64,6 +66,15 @@ def test_seed_sweep_entry_point_equals_separate_runs(synthetic_store, tmp_path):
     cos = np.sum(a["W_dec"] * b["W_dec"], 1) / (
         np.linalg.norm(a["W_dec"], axis=1) * np.linalg.norm(b["W_dec"], axis=1))
     assert np.abs(cos).mean() < 0.9  # other initial directions, not the same SAE
+    # --batch-members: the two seeds as one vmapped step, equal to float32 rounding
+    batched = json_result(sae_jax_cli("train", synthetic_store, tmp_path / "batched", *BASE,
+                                      "seed=0,1", "--batch-members"))
+    assert [m["name"] for m in batched["members"]] == ["seed=0", "seed=1"]
+    for s in (0, 1):
+        alone = _params(members[s])
+        for key, value in _params(tmp_path / "batched" / f"seed={s}").items():
+            np.testing.assert_allclose(value, alone[key], rtol=1e-5, atol=1e-6,
+                                       err_msg=f"batched seed={s} {key}")
 
 
 def test_a_run_saved_before_data_seed_loads_and_resumes_identically(synthetic_store,
