@@ -129,6 +129,10 @@ def test_bench_prints_ratios_as_json():
     assert 0 < result["peak_fraction_bf16"] and 0 < result["peak_fraction_f32"] <= 1.0
     assert result["malloc_keeps_freed_memory"] is True  # glibc: Linux CI
     assert result["minor_faults_per_step"] >= 0 and "page faults" in out.stdout
+    # Four seed-sweep members batched (--batch-members) against four separate runs.
+    sweep = result["sweep_batched"]
+    assert sweep["members"] == 4 and sweep["speedup_vs_separate"] > 0
+    assert 0 <= sweep["max_rel_diff"] < 1e-3 and "sweep: batched / separate runs" in out.stdout
 
 
 def test_bench_flop_formula_matches_xlas_own_count():

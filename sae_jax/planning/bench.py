@@ -44,7 +44,7 @@ from sae_jax.planning.bench_io import timed
 BENCH_KEYS = {"d_in": 384, "bench_steps": 5, "store_rows": 262_144, "harvest_tokens": 2048}
 TRAIN_DEFAULTS = ["arch=topk", "k=32", "width=24576", "batch_size=4096"]
 MINILM_WIDTH = 384  # at this d_in the bench also times feature extraction on MiniLM
-EXTRA_SECTIONS: list[str] = []
+EXTRA_SECTIONS: list[str] = ["sae_jax.planning.bench_sweep:bench_section"]
 """More figures for the same run, as "module:function" names (for example
 "sae_jax.planning.bench_sharded:bench_sharded"), imported only when the bench runs. Each is
 called as `fn(cfg, settings)` (`settings`: d_in, bench_steps, ...) and returns a dict: its

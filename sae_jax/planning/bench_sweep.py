@@ -100,4 +100,26 @@ def bench_vmapped(d_in: int = 64, width: int = 1024, batch_size: int = 1024, ste
             "max_rel_diff": max(diffs), "bitwise": max(diffs) == 0.0}
 
 
-__all__ = ["bench_vmapped"]
+SECTION_SIZE = {"width": 2048, "batch_size": 1024, "members": 4}
+"""The bench's sweep figure: small members, where batching is meant to pay (a big member
+already fills the machine on its own)."""
+
+
+def bench_section(cfg, settings: dict) -> dict:
+    """`sae-jax bench`'s rows for 4 seed-sweep members at the bench's d_in and arch (an
+    `EXTRA_SECTIONS` entry): batched vs separate runs, and whether they agree bitwise."""
+    arch = cfg.arch if cfg.arch in ("topk", "relu", "batchtopk", "jumprelu") else "topk"
+    result = bench_vmapped(d_in=settings["d_in"], arch=arch, k=min(cfg.k or 16, 64),
+                           steps=2 * settings["bench_steps"], **SECTION_SIZE)
+    size = (f"{result['members']} x {arch} d {result['d_in']}, width {result['width']}, "
+            f"batch {result['batch_size']}")
+    rows = [("sweep: batched / separate runs", f"{result['speedup_vs_separate']:.2f}x",
+             f"{size}; --batch-members vs {result['members']} runs"),
+            ("sweep: batched / fused sweep", f"{result['speedup_vs_fused']:.2f}x",
+             "the default sweep step (one program, members side by side)"),
+            ("sweep: batched max rel. diff", f"{result['max_rel_diff']:.1e}",
+             "bitwise" if result["bitwise"] else "not bitwise on this backend")]
+    return {"rows": rows, "sweep_batched": result}
+
+
+__all__ = ["bench_section", "bench_vmapped"]
