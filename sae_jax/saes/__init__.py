@@ -88,7 +88,8 @@ def loss(params: Params, x, cfg, ctx: LossContext | None = None, mesh=None, targ
     if code.idx is None:
         x_hat = decode(params, code.f, cfg.compute_dtype, mesh) + linear
     else:
-        x_hat = sparse.decode(params["W_dec"], code.f, code.idx, cfg.compute_dtype) + base
+        x_hat = sparse.decode(params["W_dec"], code.f, code.idx, cfg.compute_dtype,
+                              mesh) + base
     err = squared_error(target, x_hat)
     mse = err.mean()
     extra, extra_metrics = (arch.reconstruction_terms(params, code, target, base, cfg, mesh)

@@ -5,8 +5,8 @@ Each row keeps exactly its k largest pre-activations (after ReLU), so sparsity i
 directly instead of through a penalty. Dead latents are revived by AuxK: the top `aux_k`
 dead latents must reconstruct the residual error the live ones leave.
 
-Training uses sparse codes (`saes.sparse`: only the encoder forward is a dense matmul)
-unless the dictionary is sharded over a "model" axis; `encode` (inference) is dense.
+Training uses sparse codes (`saes.sparse`: only the encoder forward is a dense matmul),
+also on a dictionary sharded over a "model" axis; `encode` (inference) is dense.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def train_encode(params, x, cfg, mesh=None) -> Code:
     pre = jax.lax.stop_gradient(pre_activations(params, x, cfg, mesh))
     idx = sparse.topk_indices(pre, cfg.k, mesh)
     values = sparse.selected_pre(pre, x, encoder_center(params, cfg), params["W_enc"],
-                                 params["b_enc"], idx)
+                                 params["b_enc"], idx, mesh)
     return Code(pre, jax.nn.relu(values), {}, idx)
 
 
@@ -65,11 +65,13 @@ def auxk_loss(params, x, target, x_hat, code: Code, ctx, cfg, mesh=None):
                       cfg.compute_dtype)
 
     def sparse_residual_hat():
-        idx = sparse.topk_indices(jnp.where(ctx.dead, code.pre, -jnp.inf), aux_k, mesh)
+        scores = jnp.where(ctx.dead, code.pre, -jnp.inf)
+        idx = sparse.topk_indices(scores, aux_k, mesh)
         values = sparse.selected_pre(code.pre, x, encoder_center(params, cfg), params["W_enc"],
-                                     params["b_enc"], idx)
-        values = jnp.where(ctx.dead[idx], jax.nn.relu(values), 0.0)
-        return sparse.decode(params["W_dec"], values, idx, cfg.compute_dtype)
+                                     params["b_enc"], idx, mesh)
+        dead = sparse.take(scores, idx, mesh) > -jnp.inf  # not ctx.dead[idx]: no F gather
+        values = jnp.where(dead, jax.nn.relu(values), 0.0)
+        return sparse.decode(params["W_dec"], values, idx, cfg.compute_dtype, mesh)
 
     def compute():
         residual = jax.lax.stop_gradient(target - x_hat)
