@@ -14,9 +14,10 @@ gradient then touch only k rows per token:
 ("data", "model"); indices are always global latent ids, rows stay on their data shard:
 
 * `topk_indices`: each model shard ranks its own F/model latents (local top-k), the
-  k-per-shard candidate values and ids are all-gathered over "model" (batch × k·model
-  numbers each), and the global top-k is taken from those: exact, because every global
-  winner is a local winner on its own shard, and ties still go to the lowest id.
+  k-per-shard candidate values are all-gathered over "model" (batch × k·model numbers),
+  every shard takes the global top-k of those (exact, because every global winner is a
+  local winner on its own shard; ties still go to the lowest id), and the winners' ids,
+  known to their own shard only, are assembled by a `psum` (batch × k integers).
 * `selected_pre`, `take`: each shard reads the selected entries it owns and zeros the rest;
   a `psum` over "model" (batch × k numbers) assembles them. Its backward scatter-adds into
   the owning shard's `W_enc` columns only, and `psum`s over "data" (the usual gradient
@@ -96,11 +97,14 @@ def _top_k(scores, k: int):
 def _sharded_top_k(scores, k: int):
     """shard_map body: `scores` is this device's (batch/data, F/model) block."""
     width = scores.shape[1]
-    values, idx = _top_k(scores, min(k, width))
-    idx = idx + lax.axis_index("model") * width
+    k_local = min(k, width)
+    values, idx = _top_k(scores, k_local)
     candidates = lax.all_gather(values, "model", axis=1, tiled=True, to="invarying")
-    ids = lax.all_gather(idx, "model", axis=1, tiled=True, to="invarying")
-    return jnp.take_along_axis(ids, lax.top_k(candidates, k)[1], axis=1)
+    pos = lax.top_k(candidates, k)[1]
+    shard = lax.axis_index("model")
+    mine = pos // k_local == shard  # winners this shard proposed: it alone knows their ids
+    ids = jnp.take_along_axis(idx, pos % k_local, axis=1) + shard * width
+    return lax.psum(jnp.where(mine, ids, 0), "model")
 
 
 def _owned(idx, width: int):
