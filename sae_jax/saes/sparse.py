@@ -61,6 +61,14 @@ def split(mesh: Mesh | None) -> bool:
     return mesh is not None and mesh.shape["model"] > 1
 
 
+def gather_pays(k: int, d_in: int, width: int, mesh: Mesh | None) -> bool:
+    """Whether k decoder rows per token should be gathered on a split dictionary: the
+    (batch, k, d_in) buffers are whole on every model shard (each masks what it does not
+    own), so past k·d_in > F/model they outgrow the dense (batch, F/model) path. AuxK asks
+    (aux_k = d_in/2 by default: 2048·4096 floats per token at d = 4096); unsplit, always."""
+    return not split(mesh) or k * d_in <= width // mesh.shape["model"]
+
+
 @contextlib.contextmanager
 def disabled():
     """Traces inside this block use the dense reference path (for benchmarks and tests)."""

