@@ -8,10 +8,16 @@ Definitions (every number `estimate_cost` returns):
   also used by `sae-jax bench`): a dense SAE step is 12·d·F (encoder forward 2dF, decoder
   forward 2dF, decoder backward 2dF for W_dec and 2dF for f, encoder backward 2dF for W_enc
   and 2dF for its input x − b_dec, through which b_dec's gradient flows; a transcoder's
-  encoder reads x itself: 10·d·F). The sparse TopK step (`saes.sparse`, used by arch=topk only
-  when the dictionary is not split, i.e. the mesh's model axis is 1) runs only the encoder
-  forward densely: 2dF + 10dk. Elementwise work, top-k and the optimizer are not counted.
-  **Run FLOPs** = FLOPs per token × tokens.
+  encoder reads x itself: 10·d·F). The sparse TopK step (`saes.sparse`, which arch=topk
+  trains with on every mesh) runs only the encoder forward densely: 2dF + 10dk. On a
+  dictionary split over M "model" devices every shard runs the k-wide work for every
+  selected latent, masked where another shard owns it: 2dF + 10dk·M. Elementwise work,
+  top-k and the optimizer are not counted. **Run FLOPs** = FLOPs per token × tokens.
+* **Model-axis traffic** of the split sparse step, per token (payload bytes each device
+  receives or contributes, f32/int32): the local top-k candidate values all-gathered
+  (4kM), then `psum`s of the winners' ids (4k), of their pre-activations (4k), of the
+  partial decodes (4d) and, backward, of the values' cotangent (4k): 4kM + 12k + 4d. AuxK
+  steps add the same with aux_k; the data-axis gradient all-reduce is the dense step's.
 * **Time** = run FLOPs / (chips × bf16 peak per chip × MFU); **chip-hours** = time × chips.
   The default MFU, 0.5, is what Gemma Scope reports for its TPU SAE training, and about what
   the dense step reaches of the matmul peak on CPU here (48–54 % counted as 10dF, so 58–65 %
@@ -28,7 +34,10 @@ Definitions (every number `estimate_cost` returns):
   path they are max(one more param-sized f32 buffer for the Adam update, c f32
   (batch/data, F/model) activations), c = 3 for relu and 6 for the other architectures;
   on the sparse TopK path 2.5 param-sized f32 buffers plus 1.5 f32 (batch, F)
-  activations; plus the f32 input batch twice (raw and scaled). bf16 compute keeps some
+  activations, and on a split dictionary 1.7 param-sized f32 buffers, 1.9 f32 (batch/data,
+  F/model) activations and 2.6 f32 (batch/data, k, d) gathers (whole on every model shard:
+  each masks the latents it does not own); plus the f32 input batch twice (raw and
+  scaled). bf16 compute keeps some
   activations in bf16, so on TPU this errs high. **Fits** = total ≤ 90 % of HBM (XLA's
   own buffers, fragmentation and this estimate's error take the rest).
 * **Mesh**: `--mesh` if given; otherwise the mesh `sae-jax train` picks by default
@@ -67,6 +76,10 @@ buffers. Calibrated on XLA:CPU's memory analysis (module docstring)."""
 DEFAULT_ACTIVATION_COPIES = 6.0
 SPARSE_PARAM_COPIES = 2.5
 SPARSE_ACTIVATION_COPIES = 1.5
+SPLIT_PARAM_COPIES, SPLIT_ACTIVATION_COPIES, SPLIT_GATHER_COPIES = 1.7, 1.9, 2.6
+"""The split sparse TopK step's f32 temporaries: param-sized buffers, (batch/data, F/model)
+activations and (batch/data, k, d) gathers; least squares on XLA's memory analysis of 8
+steps (d 32-256, F 4k-64k, k 16-64, model 4 and 8): within ±11 %."""
 WIDTH_GRANULE = 256
 
 
@@ -126,7 +139,8 @@ def parse_accelerator(spec: str) -> tuple[Accelerator, int]:
 
 
 def step_flops_per_token(arch: str, d_in: int, width: int, k: int, sparse: bool,
-                         inner_levels: int | None = None, transcoder: bool = False) -> int:
+                         inner_levels: int | None = None, transcoder: bool = False,
+                         model: int = 1) -> int:
     """Executed matmul FLOPs per token of one train step (module docstring).
 
     A dense SAE step is 12·d·F: encoder forward 2dF; decoder forward 2dF; decoder backward
@@ -136,21 +150,32 @@ def step_flops_per_token(arch: str, d_in: int, width: int, k: int, sparse: bool,
     step agrees within 2 %: `tests/test_cli.py`.)
 
     Args:
-      sparse: whether the sparse TopK step runs (`arch == "topk"` and an unsplit
-        dictionary); ignored for other architectures, which always run densely.
+      sparse: whether the sparse TopK step runs (`arch == "topk"` unless
+        `saes.sparse.disabled()`); ignored for other architectures, which run densely.
       inner_levels: matryoshka only: prefixes besides the full width, each one more
         decoder matmul forward and two backward (+6dF); default 2 (the default levels).
       transcoder: the encoder does not centre with b_dec.
+      model: the mesh's model axis: a split sparse step repeats its k-wide work, masked, on
+        every model shard (10dk·model).
     """
     if sparse and arch == "topk":
-        return 2 * d_in * width + 10 * d_in * k
+        return 2 * d_in * width + 10 * d_in * k * model
     extra = (2 if inner_levels is None else inner_levels) if arch == "matryoshka" else 0
     return (10 + (0 if transcoder else 2) + 6 * extra) * d_in * width
 
 
 def sparse_step_applies(arch: str, model_axis: int) -> bool:
-    """Mirror of `saes.sparse.usable`: TopK runs sparsely only on an unsplit dictionary."""
-    return arch == "topk" and model_axis == 1
+    """Mirror of `saes.sparse.usable`: TopK trains sparsely on every mesh, its dictionary
+    split over `model_axis` devices or not."""
+    del model_axis  # a split dictionary runs the shard_map versions (saes.sparse)
+    return arch == "topk"
+
+
+def model_axis_bytes_per_token(d_in: int, k: int, model: int) -> int:
+    """Model-axis traffic of the split sparse TopK step per token (module docstring): the
+    candidate values gathered, then the ids, selected values, partial decodes and the
+    values' cotangent psummed. 0 on an unsplit dictionary."""
+    return 0 if model == 1 else 4 * k * model + 12 * k + 4 * d_in
 
 
 def run_flops(arch: str, d_in: int, width: int, k: int, tokens: float, sparse: bool) -> float:
@@ -162,7 +187,7 @@ def run_flops(arch: str, d_in: int, width: int, k: int, tokens: float, sparse: b
 
 
 def memory_per_chip(d_in: int, width: int, batch_size: int, data: int, model: int,
-                    arch: str = "topk") -> dict:
+                    arch: str = "topk", k: int = 32) -> dict:
     """Estimated bytes per chip of the train step on a `data:D,model:M` mesh.
 
     Returns:
@@ -173,7 +198,10 @@ def memory_per_chip(d_in: int, width: int, batch_size: int, data: int, model: in
 
     weights = 2 * d_in * width / model
     rows, cols = batch_size / data, width / model
-    if sparse_step_applies(arch, model):
+    if sparse_step_applies(arch, model) and model > 1:
+        temp = F32 * (SPLIT_PARAM_COPIES * weights + SPLIT_ACTIVATION_COPIES * rows * cols
+                      + SPLIT_GATHER_COPIES * rows * k * d_in)
+    elif sparse_step_applies(arch, model):
         temp = (SPARSE_PARAM_COPIES * F32 * weights
                 + SPARSE_ACTIVATION_COPIES * F32 * rows * cols)
     else:
@@ -189,10 +217,11 @@ def _fits(memory: dict, hbm: float) -> bool:
     return memory["total_bytes"] <= HBM_USABLE_FRACTION * hbm
 
 
-def max_batch_size(d_in: int, width: int, data: int, model: int, arch: str, hbm: float) -> int:
+def max_batch_size(d_in: int, width: int, data: int, model: int, arch: str, hbm: float,
+                   k: int = 32) -> int:
     """The largest global batch (a multiple of `data`) whose step fits, 0 if none does."""
     def fits(rows: int) -> bool:
-        return _fits(memory_per_chip(d_in, width, rows * data, data, model, arch), hbm)
+        return _fits(memory_per_chip(d_in, width, rows * data, data, model, arch, k), hbm)
 
     if not fits(1):
         return 0
@@ -216,7 +245,7 @@ def _model_axes(chips: int, width: int) -> list[int]:
 
 
 def choose_mesh(chips: int, d_in: int, width: int, batch_size: int, arch: str, hbm: float,
-                mesh: str | None = None) -> tuple[dict[str, int], str]:
+                mesh: str | None = None, k: int = 32) -> tuple[dict[str, int], str]:
     """The mesh the estimate assumes and why (module docstring, "Mesh")."""
     from sae_jax.mesh import auto_mesh_spec, parse_mesh
 
@@ -227,11 +256,12 @@ def choose_mesh(chips: int, d_in: int, width: int, batch_size: int, arch: str, h
     except UserError:
         auto = None
     if auto and _fits(memory_per_chip(d_in, width, batch_size, auto["data"], auto["model"],
-                                      arch), hbm):
+                                      arch, k), hbm):
         return auto, "auto (what `sae-jax train` picks without mesh=)"
     axes = _model_axes(chips, width)
     for model in axes:
-        if _fits(memory_per_chip(d_in, width, batch_size, chips // model, model, arch), hbm):
+        if _fits(memory_per_chip(d_in, width, batch_size, chips // model, model, arch, k),
+                 hbm):
             why = ("the train default refuses (params + Adam > 30% of HBM)" if auto is None
                    else "the train default does not fit")
             return ({"data": chips // model, "model": model},
@@ -284,26 +314,33 @@ def estimate_cost(d_model: int, width: int, tokens: float, accelerator: str,
     if k > width:
         raise UserError(f"--k {k} must be <= --width {width}")
     acc, chips = parse_accelerator(accelerator)
-    sizes, mesh_rule = choose_mesh(chips, d_model, width, batch_size, arch, acc.hbm_bytes, mesh)
+    sizes, mesh_rule = choose_mesh(chips, d_model, width, batch_size, arch, acc.hbm_bytes, mesh,
+                                   k)
     sparse = sparse_step_applies(arch, sizes["model"])
-    per_token = step_flops_per_token(arch, d_model, width, k, sparse)
+    per_token = step_flops_per_token(arch, d_model, width, k, sparse, model=sizes["model"])
+    traffic = model_axis_bytes_per_token(d_model, k, sizes["model"]) if sparse else 0
     flops = float(per_token) * tokens
     seconds = flops / (chips * acc.peak_flops * mfu)
-    memory = memory_per_chip(d_model, width, batch_size, sizes["data"], sizes["model"], arch)
+    memory = memory_per_chip(d_model, width, batch_size, sizes["data"], sizes["model"], arch, k)
     notes = []
     if batch_size % sizes["data"]:
         notes.append(f"batch size {batch_size} is not divisible by the data axis "
                      f"({sizes['data']}); train will refuse it")
     if sparse:
         notes.append("sparse TopK step: gather-bound, so the time at this MFU is optimistic")
+    if traffic:
+        notes.append(f"split sparse step: {_si(traffic, 'B')} per token over the model axis "
+                     f"({_si(traffic * batch_size / sizes['data'], 'B')} per step per chip): "
+                     "candidate top-k values gathered, ids/values/partial decodes psummed")
     fits = _fits(memory, acc.hbm_bytes)
-    largest = max_batch_size(d_model, width, sizes["data"], sizes["model"], arch, acc.hbm_bytes)
+    largest = max_batch_size(d_model, width, sizes["data"], sizes["model"], arch, acc.hbm_bytes,
+                             k)
     if not fits and largest:
         notes.append(f"does NOT fit in HBM at batch {batch_size}; the largest batch that fits "
                      f"on this mesh is {largest}")
     elif not fits:
         floor = memory_per_chip(d_model, width, sizes["data"], sizes["data"], sizes["model"],
-                                arch)["total_bytes"] / GIB
+                                arch, k)["total_bytes"] / GIB
         notes.append(f"does NOT fit in HBM at any batch size: params, Adam, gradients and "
                      f"the update alone take {floor:.1f} GiB per chip of the "
                      f"{HBM_USABLE_FRACTION * acc.hbm_bytes / GIB:.1f} GiB usable; use more "
@@ -316,9 +353,10 @@ def estimate_cost(d_model: int, width: int, tokens: float, accelerator: str,
         "accelerator": str(accelerator), "generation": acc.name, "chips": chips,
         "peak_flops_per_chip": acc.peak_flops, "hbm_bytes_per_chip": acc.hbm_bytes,
         "source": acc.source, "mfu": mfu,
-        "flop_count": ("sparse TopK: 2dF + 10dk per token" if sparse
-                       else "dense: 12dF per token"),
-        "flops_per_token": int(per_token), "flops": flops, "seconds": seconds,
+        "flop_count": ("dense: 12dF per token" if not sparse else
+                       "sparse TopK: 2dF + 10dk per token" if sizes["model"] == 1 else
+                       "split sparse TopK: 2dF + 10dk·model per token"),
+        "flops_per_token": int(per_token), "model_axis_bytes_per_token": int(traffic), "flops": flops, "seconds": seconds,
         "wall_hours": seconds / 3600, "chip_hours": seconds / 3600 * chips,
         "mesh": f"data:{sizes['data']},model:{sizes['model']}", "mesh_rule": mesh_rule,
         "memory": {**memory, "hbm_bytes": acc.hbm_bytes,
