@@ -8,16 +8,11 @@ Definitions (every number `estimate_cost` returns):
   also used by `sae-jax bench`): a dense SAE step is 12·d·F (encoder forward 2dF, decoder
   forward 2dF, decoder backward 2dF for W_dec and 2dF for f, encoder backward 2dF for W_enc
   and 2dF for its input x − b_dec, through which b_dec's gradient flows; a transcoder's
-  encoder reads x itself: 10·d·F). The sparse TopK step (`saes.sparse`, which arch=topk
-  trains with on every mesh) runs only the encoder forward densely: 2dF + 10dk. On a
-  dictionary split over M "model" devices every shard runs the k-wide work for every
-  selected latent, masked where another shard owns it: 2dF + 10dk·M. Elementwise work,
-  top-k and the optimizer are not counted. **Run FLOPs** = FLOPs per token × tokens.
-* **Model-axis traffic** of the split sparse step, per token (payload bytes each device
-  receives or contributes, f32/int32): the local top-k candidate values all-gathered
-  (4kM), then `psum`s of the winners' ids (4k), of their pre-activations (4k), of the
-  partial decodes (4d) and, backward, of the values' cotangent (4k): 4kM + 12k + 4d. AuxK
-  steps add the same with aux_k; the data-axis gradient all-reduce is the dense step's.
+  encoder reads x itself: 10·d·F). The sparse TopK step (`saes.sparse`, on every mesh) runs
+  only the encoder forward densely: 2dF + 10dk; split over M "model" devices, every shard
+  repeats the k-wide work, masked: 2dF + 10dk·M. Elementwise work, top-k and the optimizer
+  are not counted. **Run FLOPs** = FLOPs per token × tokens. **Model-axis traffic** of the
+  split sparse step: 4kM + 12k + 4d bytes per token (`saes.sparse.model_axis_bytes`).
 * **Time** = run FLOPs / (chips × bf16 peak per chip × MFU); **chip-hours** = time × chips.
   The default MFU, 0.5, is what Gemma Scope reports for its TPU SAE training, and about what
   the dense step reaches of the matmul peak on CPU here (48–54 % counted as 10dF, so 58–65 %
@@ -26,18 +21,15 @@ Definitions (every number `estimate_cost` returns):
   this way).
 * **Memory per chip** under the dictionary sharding (W_enc/W_dec split over the mesh's
   `model` axis, the batch over `data`): params + Adam moments at 12 bytes per weight
-  (`mesh.STATE_BYTES_PER_WEIGHT`, the figure `auto_mesh_spec` and docs/sharding-and-tpu.md
-  "Memory at scale" use) and
-  f32 gradients at 4, over 2·d·F/model weights; plus the step's temporaries, calibrated
+  (`mesh.STATE_BYTES_PER_WEIGHT`, as `auto_mesh_spec` and docs/sharding-and-tpu.md use)
+  and f32 gradients at 4, over 2·d·F/model weights; plus the step's temporaries, calibrated
   against XLA's memory analysis of the compiled f32 step (`bench.step_memory`: −14 % to
   +18 % over 48 sizes, meshes and architectures on 8 CPU devices; tested). On the dense
   path they are max(one more param-sized f32 buffer for the Adam update, c f32
   (batch/data, F/model) activations), c = 3 for relu and 6 for the other architectures;
   on the sparse TopK path 2.5 param-sized f32 buffers plus 1.5 f32 (batch, F)
-  activations, and on a split dictionary 1.7 param-sized f32 buffers, 1.9 f32 (batch/data,
-  F/model) activations and 2.6 f32 (batch/data, k, d) gathers (whole on every model shard:
-  each masks the latents it does not own); plus the f32 input batch twice (raw and
-  scaled). bf16 compute keeps some
+  activations, split 1.7, 1.9 and 2.6 f32 (batch/data, k, d) gathers (whole on every model
+  shard); plus the f32 input batch twice (raw and scaled). bf16 compute keeps some
   activations in bf16, so on TPU this errs high. **Fits** = total ≤ 90 % of HBM (XLA's
   own buffers, fragmentation and this estimate's error take the rest).
 * **Mesh**: `--mesh` if given; otherwise the mesh `sae-jax train` picks by default
@@ -70,16 +62,11 @@ HBM_USABLE_FRACTION = 0.9
 F32 = 4
 GRAD_BYTES_PER_WEIGHT = F32
 DENSE_ACTIVATION_COPIES = {"relu": 3.0}
-"""f32 (batch/data, F/model) temporaries of the dense step, per architecture (default 6):
-relu keeps pre-activations, codes and their gradient; the others also a mask or top-k
-buffers. Calibrated on XLA:CPU's memory analysis (module docstring)."""
+"""f32 (batch/data, F/model) temporaries of the dense step per arch (default 6; calibrated)."""
 DEFAULT_ACTIVATION_COPIES = 6.0
-SPARSE_PARAM_COPIES = 2.5
-SPARSE_ACTIVATION_COPIES = 1.5
+SPARSE_PARAM_COPIES, SPARSE_ACTIVATION_COPIES = 2.5, 1.5
 SPLIT_PARAM_COPIES, SPLIT_ACTIVATION_COPIES, SPLIT_GATHER_COPIES = 1.7, 1.9, 2.6
-"""The split sparse TopK step's f32 temporaries: param-sized buffers, (batch/data, F/model)
-activations and (batch/data, k, d) gathers; least squares on XLA's memory analysis of 8
-steps (d 32-256, F 4k-64k, k 16-64, model 4 and 8): within ±11 %."""
+"""Least squares on XLA's memory of 8 split steps (d 32-256, F 4k-64k, model 4, 8): ±11 %."""
 WIDTH_GRANULE = 256
 
 
@@ -140,42 +127,38 @@ def parse_accelerator(spec: str) -> tuple[Accelerator, int]:
 
 def step_flops_per_token(arch: str, d_in: int, width: int, k: int, sparse: bool,
                          inner_levels: int | None = None, transcoder: bool = False,
-                         model: int = 1) -> int:
+                         model: int = 1, devices: int = 1) -> int:
     """Executed matmul FLOPs per token of one train step (module docstring).
 
     A dense SAE step is 12·d·F: encoder forward 2dF; decoder forward 2dF; decoder backward
     2dF for W_dec and 2dF for f; encoder backward 2dF for W_enc and 2dF for its input,
     because the encoder reads x − b_dec and b_dec's gradient flows through it. A
     transcoder's encoder reads x itself: 10·d·F. (XLA's own cost analysis of the compiled
-    step agrees within 2 %: `tests/test_cli.py`.)
+    step agrees within 2 %: `tests/test_cli.py`.) Sparse steps: TopK 2dF + 10dk·model;
+    BatchTopK/Matryoshka (`saes.batch_sparse`: every device handles k·batch entries)
+    2dF + (10 + 6·levels)·dk·devices.
 
     Args:
-      sparse: whether the sparse TopK step runs (`arch == "topk"` unless
-        `saes.sparse.disabled()`); ignored for other architectures, which run densely.
+      sparse: whether the sparse step runs (unless `saes.sparse.disabled()`); ignored for
+        the other architectures, which run densely.
       inner_levels: matryoshka only: prefixes besides the full width, each one more
-        decoder matmul forward and two backward (+6dF); default 2 (the default levels).
+        decoder pass forward and two backward (+6dF, sparse +6dk); default 2.
       transcoder: the encoder does not centre with b_dec.
-      model: the mesh's model axis: a split sparse step repeats its k-wide work, masked, on
-        every model shard (10dk·model).
+      model, devices: the mesh's model axis and its size.
     """
+    levels = (2 if inner_levels is None else inner_levels) if arch == "matryoshka" else 0
     if sparse and arch == "topk":
         return 2 * d_in * width + 10 * d_in * k * model
-    extra = (2 if inner_levels is None else inner_levels) if arch == "matryoshka" else 0
-    return (10 + (0 if transcoder else 2) + 6 * extra) * d_in * width
+    if sparse and arch in ("batchtopk", "matryoshka"):
+        return 2 * d_in * width + (10 + 6 * levels) * d_in * k * devices
+    return (10 + (0 if transcoder else 2) + 6 * levels) * d_in * width
 
 
 def sparse_step_applies(arch: str, model_axis: int) -> bool:
-    """Mirror of `saes.sparse.usable`: TopK trains sparsely on every mesh, its dictionary
-    split over `model_axis` devices or not."""
+    """Mirror of `saes.sparse.usable` for TopK, sparse on every mesh. (BatchTopK and
+    Matryoshka train sparsely too, but are priced at the dense step, an upper bound.)"""
     del model_axis  # a split dictionary runs the shard_map versions (saes.sparse)
     return arch == "topk"
-
-
-def model_axis_bytes_per_token(d_in: int, k: int, model: int) -> int:
-    """Model-axis traffic of the split sparse TopK step per token (module docstring): the
-    candidate values gathered, then the ids, selected values, partial decodes and the
-    values' cotangent psummed. 0 on an unsplit dictionary."""
-    return 0 if model == 1 else 4 * k * model + 12 * k + 4 * d_in
 
 
 def run_flops(arch: str, d_in: int, width: int, k: int, tokens: float, sparse: bool) -> float:
@@ -202,8 +185,7 @@ def memory_per_chip(d_in: int, width: int, batch_size: int, data: int, model: in
         temp = F32 * (SPLIT_PARAM_COPIES * weights + SPLIT_ACTIVATION_COPIES * rows * cols
                       + SPLIT_GATHER_COPIES * rows * k * d_in)
     elif sparse_step_applies(arch, model):
-        temp = (SPARSE_PARAM_COPIES * F32 * weights
-                + SPARSE_ACTIVATION_COPIES * F32 * rows * cols)
+        temp = F32 * (SPARSE_PARAM_COPIES * weights + SPARSE_ACTIVATION_COPIES * rows * cols)
     else:
         copies = DENSE_ACTIVATION_COPIES.get(arch, DEFAULT_ACTIVATION_COPIES)
         temp = max(F32 * weights, copies * F32 * rows * cols)
@@ -217,8 +199,7 @@ def _fits(memory: dict, hbm: float) -> bool:
     return memory["total_bytes"] <= HBM_USABLE_FRACTION * hbm
 
 
-def max_batch_size(d_in: int, width: int, data: int, model: int, arch: str, hbm: float,
-                   k: int = 32) -> int:
+def max_batch_size(d_in, width, data, model, arch: str, hbm: float, k: int = 32) -> int:
     """The largest global batch (a multiple of `data`) whose step fits, 0 if none does."""
     def fits(rows: int) -> bool:
         return _fits(memory_per_chip(d_in, width, rows * data, data, model, arch, k), hbm)
@@ -260,8 +241,7 @@ def choose_mesh(chips: int, d_in: int, width: int, batch_size: int, arch: str, h
         return auto, "auto (what `sae-jax train` picks without mesh=)"
     axes = _model_axes(chips, width)
     for model in axes:
-        if _fits(memory_per_chip(d_in, width, batch_size, chips // model, model, arch, k),
-                 hbm):
+        if _fits(memory_per_chip(d_in, width, batch_size, chips // model, model, arch, k), hbm):
             why = ("the train default refuses (params + Adam > 30% of HBM)" if auto is None
                    else "the train default does not fit")
             return ({"data": chips // model, "model": model},
@@ -300,6 +280,7 @@ def estimate_cost(d_model: int, width: int, tokens: float, accelerator: str,
     """
     from sae_jax.config import TrainConfig
     from sae_jax.saes import ARCHITECTURES
+    from sae_jax.saes.sparse import model_axis_bytes
 
     defaults = TrainConfig.__dataclass_fields__
     k = defaults["k"].default if k is None else k
@@ -314,11 +295,10 @@ def estimate_cost(d_model: int, width: int, tokens: float, accelerator: str,
     if k > width:
         raise UserError(f"--k {k} must be <= --width {width}")
     acc, chips = parse_accelerator(accelerator)
-    sizes, mesh_rule = choose_mesh(chips, d_model, width, batch_size, arch, acc.hbm_bytes, mesh,
-                                   k)
+    sizes, mesh_rule = choose_mesh(chips, d_model, width, batch_size, arch, acc.hbm_bytes, mesh, k)
     sparse = sparse_step_applies(arch, sizes["model"])
     per_token = step_flops_per_token(arch, d_model, width, k, sparse, model=sizes["model"])
-    traffic = model_axis_bytes_per_token(d_model, k, sizes["model"]) if sparse else 0
+    traffic = model_axis_bytes(d_model, k, sizes["model"]) if sparse else 0
     flops = float(per_token) * tokens
     seconds = flops / (chips * acc.peak_flops * mfu)
     memory = memory_per_chip(d_model, width, batch_size, sizes["data"], sizes["model"], arch, k)
@@ -328,13 +308,13 @@ def estimate_cost(d_model: int, width: int, tokens: float, accelerator: str,
                      f"({sizes['data']}); train will refuse it")
     if sparse:
         notes.append("sparse TopK step: gather-bound, so the time at this MFU is optimistic")
+    if arch in ("batchtopk", "matryoshka"):
+        notes.append("priced at the dense step; it trains on sparse codes (an upper bound)")
     if traffic:
         notes.append(f"split sparse step: {_si(traffic, 'B')} per token over the model axis "
-                     f"({_si(traffic * batch_size / sizes['data'], 'B')} per step per chip): "
-                     "candidate top-k values gathered, ids/values/partial decodes psummed")
+                     f"({_si(traffic * batch_size / sizes['data'], 'B')} per step per chip)")
     fits = _fits(memory, acc.hbm_bytes)
-    largest = max_batch_size(d_model, width, sizes["data"], sizes["model"], arch, acc.hbm_bytes,
-                             k)
+    largest = max_batch_size(d_model, width, sizes["data"], sizes["model"], arch, acc.hbm_bytes, k)
     if not fits and largest:
         notes.append(f"does NOT fit in HBM at batch {batch_size}; the largest batch that fits "
                      f"on this mesh is {largest}")
@@ -353,10 +333,10 @@ def estimate_cost(d_model: int, width: int, tokens: float, accelerator: str,
         "accelerator": str(accelerator), "generation": acc.name, "chips": chips,
         "peak_flops_per_chip": acc.peak_flops, "hbm_bytes_per_chip": acc.hbm_bytes,
         "source": acc.source, "mfu": mfu,
-        "flop_count": ("dense: 12dF per token" if not sparse else
-                       "sparse TopK: 2dF + 10dk per token" if sizes["model"] == 1 else
-                       "split sparse TopK: 2dF + 10dk·model per token"),
-        "flops_per_token": int(per_token), "model_axis_bytes_per_token": int(traffic), "flops": flops, "seconds": seconds,
+        "flop_count": ("sparse TopK: 2dF + 10dk" + ("·model" if sizes["model"] > 1 else "")
+                       + " per token" if sparse else "dense: 12dF per token"),
+        "flops_per_token": int(per_token), "model_axis_bytes_per_token": int(traffic),
+        "flops": flops, "seconds": seconds,
         "wall_hours": seconds / 3600, "chip_hours": seconds / 3600 * chips,
         "mesh": f"data:{sizes['data']},model:{sizes['model']}", "mesh_rule": mesh_rule,
         "memory": {**memory, "hbm_bytes": acc.hbm_bytes,

@@ -214,6 +214,14 @@ def decode(W_dec, values: Float[Array, "batch k"], idx: Int[Array, "batch k"],
                          out_specs=_ROWS)(W_dec, values, idx)
 
 
+def model_axis_bytes(d_in: int, k: int, model: int) -> int:
+    """Payload bytes per token over the model axis of the split sparse TopK step (0
+    unsplit): the k·model candidate values all-gathered, then the winners' ids, their
+    pre-activations, the partial decodes (d) and, backward, the values' cotangent psummed.
+    AuxK steps add the same with aux_k; the data-axis gradient all-reduce is the dense one."""
+    return 0 if model == 1 else 4 * k * model + 12 * k + 4 * d_in
+
+
 def fired(values: Float[Array, "batch k"], idx: Int[Array, "batch k"], width: int):
     """(F,) bool: which features were active in some row."""
     return jnp.zeros((width,), bool).at[idx.reshape(-1)].max(values.reshape(-1) > 0)
