@@ -27,13 +27,16 @@ DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
 
 def bench_sharded(d_in: int = 384, width: int = 24576, k: int = 32, batch_size: int = 4096,
-                  steps: int = 3, timeout: float = 1800) -> dict:
-    """Tokens/s of the sparse and the dense TopK step on each of `MESHES`, and their ratio.
+                  steps: int = 3, meshes: tuple[str, ...] = MESHES,
+                  timeout: float = 1800) -> dict:
+    """Tokens/s of the sparse and the dense TopK step on each of `meshes` (8 devices each),
+    and their ratio.
 
     Returns:
       `{"sharded_devices": 8, "sharded": {mesh: {"sparse_tokens_per_s",
       "dense_tokens_per_s", "sparse_over_dense", "flops_per_token",
-      "model_axis_bytes_per_token"}}, "sharded_sparse_over_dense_model8": ...}`.
+      "model_axis_bytes_per_token"}}, "sharded_sparse_over_dense_model8": ...}` (None
+      without model:8 among `meshes`).
     """
     if width % DEVICES or batch_size % DEVICES or min(d_in, k, steps) < 1 or k > width:
         raise UserError(f"the sharded bench needs width and batch_size divisible by {DEVICES} "
@@ -43,7 +46,8 @@ def bench_sharded(d_in: int = 384, width: int = 24576, k: int = 32, batch_size: 
              not f.startswith(DEVICE_FLAG)]
     env = {**os.environ, "XLA_FLAGS": " ".join([*flags, f"{DEVICE_FLAG}={DEVICES}"]),
            "JAX_PLATFORMS": "cpu"}
-    sizes = {"d_in": d_in, "width": width, "k": k, "batch_size": batch_size, "steps": steps}
+    sizes = {"d_in": d_in, "width": width, "k": k, "batch_size": batch_size, "steps": steps,
+             "meshes": list(meshes)}
     try:
         proc = subprocess.run([sys.executable, "-m", __name__, json.dumps(sizes)], env=env,
                               capture_output=True, text=True, timeout=timeout)
@@ -87,7 +91,8 @@ def tokens_per_s(cfg, d_in: int, steps: int) -> float:
     return cfg.batch_size * steps / (time.perf_counter() - start)
 
 
-def measure(d_in: int, width: int, k: int, batch_size: int, steps: int) -> dict:
+def measure(d_in: int, width: int, k: int, batch_size: int, steps: int,
+            meshes: list[str]) -> dict:
     """The child's work (module docstring): needs `DEVICES` devices."""
     import jax
 
@@ -99,7 +104,7 @@ def measure(d_in: int, width: int, k: int, batch_size: int, steps: int) -> dict:
     if jax.device_count() != DEVICES:
         raise UserError(f"the sharded bench needs {DEVICES} devices, got {jax.device_count()}")
     out = {}
-    for spec in MESHES:
+    for spec in meshes:
         cfg = make_config(arch="topk", width=width, k=k, batch_size=batch_size, mesh=spec,
                           compute_dtype="float32")
         model = parse_mesh(spec, DEVICES)["model"]
@@ -111,8 +116,8 @@ def measure(d_in: int, width: int, k: int, batch_size: int, steps: int) -> dict:
                      "flops_per_token": step_flops_per_token("topk", d_in, width, k, True,
                                                              model=model),
                      "model_axis_bytes_per_token": sparse.model_axis_bytes(d_in, k, model)}
-    return {"sharded_devices": DEVICES, "sharded": out,
-            "sharded_sparse_over_dense_model8": out["data:1,model:8"]["sparse_over_dense"]}
+    model8 = out.get("data:1,model:8", {}).get("sparse_over_dense")
+    return {"sharded_devices": DEVICES, "sharded": out, "sharded_sparse_over_dense_model8": model8}
 
 
 if __name__ == "__main__":

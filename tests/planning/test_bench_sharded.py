@@ -1,6 +1,6 @@
-"""`bench_sharded`: the sparse and the dense TopK step timed on model:8 and data:2,model:4 in
-one child process with 8 simulated devices (tiny sizes: the figures are checked for shape,
-not speed)."""
+"""`bench_sharded`: the sparse and the dense TopK step timed in one child process with 8
+simulated devices (tiny sizes, model:8 only to keep the suite fast: the figures are checked
+for shape, not speed)."""
 
 import pytest
 
@@ -8,10 +8,11 @@ from sae_jax.errors import UserError
 from sae_jax.planning.bench_sharded import bench_sharded
 
 
-def test_bench_sharded_times_both_paths_on_both_meshes():
-    result = bench_sharded(d_in=16, width=256, k=4, batch_size=64, steps=1)
+def test_bench_sharded_times_both_paths():
+    result = bench_sharded(d_in=16, width=256, k=4, batch_size=64, steps=1,
+                           meshes=("data:1,model:8",))
     assert result["sharded_devices"] == 8
-    assert set(result["sharded"]) == {"data:1,model:8", "data:2,model:4"}
+    assert set(result["sharded"]) == {"data:1,model:8"}
     for mesh, row in result["sharded"].items():
         assert row["sparse_tokens_per_s"] > 0 and row["dense_tokens_per_s"] > 0, mesh
         assert row["sparse_over_dense"] == pytest.approx(
