@@ -15,8 +15,8 @@ What it does, as Scaling Monosemanticity did at ~10^6x the compute:
 3. **Point** per SAE: `loss` = held-out FVU (`sae_jax.analysis.evaluate.evaluate` on the first
    `eval_rows` rows of the store's held-out tail; FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖²),
    `tokens` = S × batch size, `flops` = `sae_jax.planning.cost.run_flops` (the executed matmul
-   FLOPs of the train step per token × tokens: 2dF + 10dk for the sparse TopK step that
-   runs on an unsplit dictionary, 10dF otherwise), plus mse, l0, dead_frac and the pass's
+   FLOPs of the train step per token × tokens: 2dF + 10dk for the sparse TopK step; a split
+   dictionary's extra 10dk per model shard is not counted), plus mse, l0, dead_frac and the pass's
    wall time. Written to `DIR/points.json`.
 4. **Fit** (`sae_jax.planning.scaling.fit_scaling`, whose docstring defines every number): L(C) =
    L_inf + a·C^−alpha on the loss-vs-compute frontier with the largest-compute frontier
@@ -105,7 +105,7 @@ def member_config(grid: Grid, width: int, steps: int):
 
 
 def sparse_step(cfg) -> bool:
-    """Whether `cfg`'s train step ran the sparse TopK path (an unsplit dictionary)."""
+    """Whether `cfg`'s train step ran the sparse TopK path (arch=topk, on every mesh)."""
     from sae_jax.mesh import parse_mesh
     from sae_jax.planning import cost
 

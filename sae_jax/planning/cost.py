@@ -9,10 +9,11 @@ Definitions (every number `estimate_cost` returns):
   forward 2dF, decoder backward 2dF for W_dec and 2dF for f, encoder backward 2dF for W_enc;
   b_dec's gradient through the encoder input x − b_dec is one mat-vec,
   `saes.common.centered_matmul`, where it was a 2dF matmul before). The sparse TopK step
-  (`saes.sparse`, used by arch=topk only when the dictionary is not split, i.e. the mesh's
-  model axis is 1) runs only the encoder forward densely: 2dF + 10dk. Elementwise work,
-  top-k and the optimizer are not counted.
-  **Run FLOPs** = FLOPs per token × tokens.
+  (`saes.sparse`, on every mesh) runs only the encoder forward densely: 2dF + 10dk; split
+  over M "model" devices, every shard repeats the k-wide work, masked: 2dF + 10dk·M.
+  Elementwise work, top-k and the optimizer are not counted. **Run FLOPs** = FLOPs per
+  token × tokens. **Model-axis traffic** of the split sparse step: 4kM + 12k + 4d bytes per
+  token (`saes.sparse.model_axis_bytes`).
 * **Time** = run FLOPs / (chips × bf16 peak per chip × MFU); **chip-hours** = time × chips.
   The default MFU, 0.5, is what Gemma Scope reports for its TPU SAE training, and about what
   the dense step reaches of the matmul peak on CPU here (48–54 % counted as 10dF, so 58–65 %
@@ -21,15 +22,15 @@ Definitions (every number `estimate_cost` returns):
   this way).
 * **Memory per chip** under the dictionary sharding (W_enc/W_dec split over the mesh's
   `model` axis, the batch over `data`): params + Adam moments at 12 bytes per weight
-  (`mesh.STATE_BYTES_PER_WEIGHT`, the figure `auto_mesh_spec` and docs/sharding-and-tpu.md
-  "Memory at scale" use) and
-  f32 gradients at 4, over 2·d·F/model weights; plus the step's temporaries, calibrated
+  (`mesh.STATE_BYTES_PER_WEIGHT`, as `auto_mesh_spec` and docs/sharding-and-tpu.md use)
+  and f32 gradients at 4, over 2·d·F/model weights; plus the step's temporaries, calibrated
   against XLA's memory analysis of the compiled f32 step (`bench.step_memory`: −14 % to
   +18 % over 48 sizes, meshes and architectures on 8 CPU devices; tested). On the dense
   path they are max(one more param-sized f32 buffer for the Adam update, c f32
   (batch/data, F/model) activations), c = 3 for relu and 6 for the other architectures;
   on the sparse TopK path 2.5 param-sized f32 buffers plus 1.5 f32 (batch, F)
-  activations; plus the f32 input batch twice (raw and scaled). bf16 compute keeps some
+  activations, split 1.7, 1.9 and 2.6 f32 (batch/data, k, d) gathers (whole on every model
+  shard); plus the f32 input batch twice (raw and scaled). bf16 compute keeps some
   activations in bf16, so on TPU this errs high. **Fits** = total ≤ 90 % of HBM (XLA's
   own buffers, fragmentation and this estimate's error take the rest).
 * **Mesh**: `--mesh` if given; otherwise the mesh `sae-jax train` picks by default
@@ -62,12 +63,11 @@ HBM_USABLE_FRACTION = 0.9
 F32 = 4
 GRAD_BYTES_PER_WEIGHT = F32
 DENSE_ACTIVATION_COPIES = {"relu": 3.0}
-"""f32 (batch/data, F/model) temporaries of the dense step, per architecture (default 6):
-relu keeps pre-activations, codes and their gradient; the others also a mask or top-k
-buffers. Calibrated on XLA:CPU's memory analysis (module docstring)."""
+"""f32 (batch/data, F/model) temporaries of the dense step per arch (default 6; calibrated)."""
 DEFAULT_ACTIVATION_COPIES = 6.0
-SPARSE_PARAM_COPIES = 2.5
-SPARSE_ACTIVATION_COPIES = 1.5
+SPARSE_PARAM_COPIES, SPARSE_ACTIVATION_COPIES = 2.5, 1.5
+SPLIT_PARAM_COPIES, SPLIT_ACTIVATION_COPIES, SPLIT_GATHER_COPIES = 1.7, 1.9, 2.6
+"""Least squares on XLA's memory of 8 split steps (d 32-256, F 4k-64k, model 4, 8): ±11 %."""
 WIDTH_GRANULE = 256
 
 
@@ -128,33 +128,41 @@ def parse_accelerator(spec: str) -> tuple[Accelerator, int]:
 
 def step_flops_per_token(arch: str, d_in: int, width: int, k: int, sparse: bool,
                          inner_levels: int | None = None, transcoder: bool = False,
-                         centre_grad_matmul: bool = False) -> int:
+                         centre_grad_matmul: bool = False, model: int = 1,
+                         devices: int = 1) -> int:
     """Executed matmul FLOPs per token of one train step (module docstring).
 
     A dense SAE step is 10·d·F: encoder forward 2dF; decoder forward 2dF; decoder backward
     2dF for W_dec and 2dF for f; encoder backward 2dF for W_enc. b_dec's gradient through
     the encoder input x − b_dec costs a mat-vec (`saes.common.centered_matmul`). (XLA's own
-    cost analysis of the compiled step agrees within 2 %: `tests/test_cli.py`.)
+    cost analysis of the compiled step agrees within 2 %: `tests/test_cli.py`.) Sparse
+    steps: TopK 2dF + 10dk·model; BatchTopK/Matryoshka (`saes.batch_sparse`: every device
+    handles k·batch entries) 2dF + (10 + 6·levels)·dk·devices.
 
     Args:
-      sparse: whether the sparse TopK step runs (`arch == "topk"` and an unsplit
-        dictionary); ignored for other architectures, which always run densely.
+      sparse: whether the sparse step runs (unless `saes.sparse.disabled()`); ignored for
+        the other architectures, which run densely.
       inner_levels: matryoshka only: prefixes besides the full width, each one more
-        decoder matmul forward and two backward (+6dF); default 2 (the default levels).
+        decoder pass forward and two backward (+6dF, sparse +6dk); default 2.
       transcoder: the encoder does not centre with b_dec.
       centre_grad_matmul: the step built under `saes.common.baseline()`, where b_dec's
         encoder gradient is a (batch, F) × (F, d) matmul: +2dF unless a transcoder.
+      model, devices: the mesh's model axis and its size.
     """
+    levels = (2 if inner_levels is None else inner_levels) if arch == "matryoshka" else 0
     if sparse and arch == "topk":
-        return 2 * d_in * width + 10 * d_in * k
-    extra = (2 if inner_levels is None else inner_levels) if arch == "matryoshka" else 0
+        return 2 * d_in * width + 10 * d_in * k * model
+    if sparse and arch in ("batchtopk", "matryoshka"):
+        return 2 * d_in * width + (10 + 6 * levels) * d_in * k * devices
     centre = 2 if centre_grad_matmul and not transcoder else 0
-    return (10 + centre + 6 * extra) * d_in * width
+    return (10 + centre + 6 * levels) * d_in * width
 
 
 def sparse_step_applies(arch: str, model_axis: int) -> bool:
-    """Mirror of `saes.sparse.usable`: TopK runs sparsely only on an unsplit dictionary."""
-    return arch == "topk" and model_axis == 1
+    """Mirror of `saes.sparse.usable` for TopK, sparse on every mesh. (BatchTopK and
+    Matryoshka train sparsely too, but are priced at the dense step, an upper bound.)"""
+    del model_axis  # a split dictionary runs the shard_map versions (saes.sparse)
+    return arch == "topk"
 
 
 def run_flops(arch: str, d_in: int, width: int, k: int, tokens: float, sparse: bool) -> float:
@@ -166,7 +174,7 @@ def run_flops(arch: str, d_in: int, width: int, k: int, tokens: float, sparse: b
 
 
 def memory_per_chip(d_in: int, width: int, batch_size: int, data: int, model: int,
-                    arch: str = "topk") -> dict:
+                    arch: str = "topk", k: int = 32) -> dict:
     """Estimated bytes per chip of the train step on a `data:D,model:M` mesh.
 
     Returns:
@@ -177,9 +185,11 @@ def memory_per_chip(d_in: int, width: int, batch_size: int, data: int, model: in
 
     weights = 2 * d_in * width / model
     rows, cols = batch_size / data, width / model
-    if sparse_step_applies(arch, model):
-        temp = (SPARSE_PARAM_COPIES * F32 * weights
-                + SPARSE_ACTIVATION_COPIES * F32 * rows * cols)
+    if sparse_step_applies(arch, model) and model > 1:
+        temp = F32 * (SPLIT_PARAM_COPIES * weights + SPLIT_ACTIVATION_COPIES * rows * cols
+                      + SPLIT_GATHER_COPIES * rows * k * d_in)
+    elif sparse_step_applies(arch, model):
+        temp = F32 * (SPARSE_PARAM_COPIES * weights + SPARSE_ACTIVATION_COPIES * rows * cols)
     else:
         copies = DENSE_ACTIVATION_COPIES.get(arch, DEFAULT_ACTIVATION_COPIES)
         temp = max(F32 * weights, copies * F32 * rows * cols)
@@ -193,10 +203,10 @@ def _fits(memory: dict, hbm: float) -> bool:
     return memory["total_bytes"] <= HBM_USABLE_FRACTION * hbm
 
 
-def max_batch_size(d_in: int, width: int, data: int, model: int, arch: str, hbm: float) -> int:
+def max_batch_size(d_in, width, data, model, arch: str, hbm: float, k: int = 32) -> int:
     """The largest global batch (a multiple of `data`) whose step fits, 0 if none does."""
     def fits(rows: int) -> bool:
-        return _fits(memory_per_chip(d_in, width, rows * data, data, model, arch), hbm)
+        return _fits(memory_per_chip(d_in, width, rows * data, data, model, arch, k), hbm)
 
     if not fits(1):
         return 0
@@ -220,7 +230,7 @@ def _model_axes(chips: int, width: int) -> list[int]:
 
 
 def choose_mesh(chips: int, d_in: int, width: int, batch_size: int, arch: str, hbm: float,
-                mesh: str | None = None) -> tuple[dict[str, int], str]:
+                mesh: str | None = None, k: int = 32) -> tuple[dict[str, int], str]:
     """The mesh the estimate assumes and why (module docstring, "Mesh")."""
     from sae_jax.mesh import auto_mesh_spec, parse_mesh
 
@@ -231,11 +241,11 @@ def choose_mesh(chips: int, d_in: int, width: int, batch_size: int, arch: str, h
     except UserError:
         auto = None
     if auto and _fits(memory_per_chip(d_in, width, batch_size, auto["data"], auto["model"],
-                                      arch), hbm):
+                                      arch, k), hbm):
         return auto, "auto (what `sae-jax train` picks without mesh=)"
     axes = _model_axes(chips, width)
     for model in axes:
-        if _fits(memory_per_chip(d_in, width, batch_size, chips // model, model, arch), hbm):
+        if _fits(memory_per_chip(d_in, width, batch_size, chips // model, model, arch, k), hbm):
             why = ("the train default refuses (params + Adam > 30% of HBM)" if auto is None
                    else "the train default does not fit")
             return ({"data": chips // model, "model": model},
@@ -274,6 +284,7 @@ def estimate_cost(d_model: int, width: int, tokens: float, accelerator: str,
     """
     from sae_jax.config import TrainConfig
     from sae_jax.saes import ARCHITECTURES
+    from sae_jax.saes.sparse import model_axis_bytes
 
     defaults = TrainConfig.__dataclass_fields__
     k = defaults["k"].default if k is None else k
@@ -288,26 +299,32 @@ def estimate_cost(d_model: int, width: int, tokens: float, accelerator: str,
     if k > width:
         raise UserError(f"--k {k} must be <= --width {width}")
     acc, chips = parse_accelerator(accelerator)
-    sizes, mesh_rule = choose_mesh(chips, d_model, width, batch_size, arch, acc.hbm_bytes, mesh)
+    sizes, mesh_rule = choose_mesh(chips, d_model, width, batch_size, arch, acc.hbm_bytes, mesh, k)
     sparse = sparse_step_applies(arch, sizes["model"])
-    per_token = step_flops_per_token(arch, d_model, width, k, sparse)
+    per_token = step_flops_per_token(arch, d_model, width, k, sparse, model=sizes["model"])
+    traffic = model_axis_bytes(d_model, k, sizes["model"]) if sparse else 0
     flops = float(per_token) * tokens
     seconds = flops / (chips * acc.peak_flops * mfu)
-    memory = memory_per_chip(d_model, width, batch_size, sizes["data"], sizes["model"], arch)
+    memory = memory_per_chip(d_model, width, batch_size, sizes["data"], sizes["model"], arch, k)
     notes = []
     if batch_size % sizes["data"]:
         notes.append(f"batch size {batch_size} is not divisible by the data axis "
                      f"({sizes['data']}); train will refuse it")
     if sparse:
         notes.append("sparse TopK step: gather-bound, so the time at this MFU is optimistic")
+    if arch in ("batchtopk", "matryoshka"):
+        notes.append("priced at the dense step; it trains on sparse codes (an upper bound)")
+    if traffic:
+        notes.append(f"split sparse step: {_si(traffic, 'B')} per token over the model axis "
+                     f"({_si(traffic * batch_size / sizes['data'], 'B')} per step per chip)")
     fits = _fits(memory, acc.hbm_bytes)
-    largest = max_batch_size(d_model, width, sizes["data"], sizes["model"], arch, acc.hbm_bytes)
+    largest = max_batch_size(d_model, width, sizes["data"], sizes["model"], arch, acc.hbm_bytes, k)
     if not fits and largest:
         notes.append(f"does NOT fit in HBM at batch {batch_size}; the largest batch that fits "
                      f"on this mesh is {largest}")
     elif not fits:
         floor = memory_per_chip(d_model, width, sizes["data"], sizes["data"], sizes["model"],
-                                arch)["total_bytes"] / GIB
+                                arch, k)["total_bytes"] / GIB
         notes.append(f"does NOT fit in HBM at any batch size: params, Adam, gradients and "
                      f"the update alone take {floor:.1f} GiB per chip of the "
                      f"{HBM_USABLE_FRACTION * acc.hbm_bytes / GIB:.1f} GiB usable; use more "
@@ -320,9 +337,10 @@ def estimate_cost(d_model: int, width: int, tokens: float, accelerator: str,
         "accelerator": str(accelerator), "generation": acc.name, "chips": chips,
         "peak_flops_per_chip": acc.peak_flops, "hbm_bytes_per_chip": acc.hbm_bytes,
         "source": acc.source, "mfu": mfu,
-        "flop_count": ("sparse TopK: 2dF + 10dk per token" if sparse
-                       else "dense: 10dF per token"),
-        "flops_per_token": int(per_token), "flops": flops, "seconds": seconds,
+        "flop_count": ("sparse TopK: 2dF + 10dk" + ("·model" if sizes["model"] > 1 else "")
+                       + " per token" if sparse else "dense: 10dF per token"),
+        "flops_per_token": int(per_token), "model_axis_bytes_per_token": int(traffic),
+        "flops": flops, "seconds": seconds,
         "wall_hours": seconds / 3600, "chip_hours": seconds / 3600 * chips,
         "mesh": f"data:{sizes['data']},model:{sizes['model']}", "mesh_rule": mesh_rule,
         "memory": {**memory, "hbm_bytes": acc.hbm_bytes,

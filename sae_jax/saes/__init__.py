@@ -13,7 +13,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sae_jax.saes import batchtopk, crosscoder, jumprelu, matryoshka, relu, sparse, topk
+from sae_jax.saes import (
+    batch_sparse,
+    batchtopk,
+    crosscoder,
+    jumprelu,
+    matryoshka,
+    relu,
+    sparse,
+    topk,
+)
 from sae_jax.saes.common import (
     Architecture,
     Code,
@@ -88,7 +97,7 @@ def loss(params: Params, x, cfg, ctx: LossContext | None = None, mesh=None, targ
     if code.idx is None:
         x_hat = decode(params, code.f, cfg.compute_dtype, mesh) + linear
     else:
-        x_hat = sparse.decode(params["W_dec"], code.f, code.idx, cfg.compute_dtype) + base
+        x_hat = batch_sparse.decode_code(params["W_dec"], code, cfg.compute_dtype, mesh) + base
     err = squared_error(target, x_hat)
     mse = err.mean()
     extra, extra_metrics = (arch.reconstruction_terms(params, code, target, base, cfg, mesh)
@@ -98,13 +107,14 @@ def loss(params: Params, x, cfg, ctx: LossContext | None = None, mesh=None, targ
            if arch.aux_loss else 0.0)
     total = mse + extra + ctx.sparsity_coeff * penalty + cfg.aux_coeff * aux
     active = code.f > 0
+    rows = active.sum(-1) if code.rows is None else active.sum() / x.shape[0]  # L0 per row
     variance = jnp.sum(jnp.square(target - target.mean(0)))
     metrics = {
         "loss": total,
         "mse": mse,
         "penalty": penalty,
         "aux_loss": jnp.asarray(aux, jnp.float32),
-        "l0": active.sum(-1).astype(jnp.float32).mean(),
+        "l0": rows.astype(jnp.float32).mean(),
         "fvu": err.sum() / jnp.maximum(variance, 1e-12),
         "fired": active.any(0) if code.idx is None else sparse.fired(code.f, code.idx,
                                                                       cfg.width),

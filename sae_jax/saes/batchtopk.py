@@ -15,7 +15,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sae_jax.saes.common import Architecture, Code, init_dictionary, pre_activations
+from sae_jax.saes import batch_sparse, sparse
+from sae_jax.saes.common import (
+    Architecture,
+    Code,
+    encoder_center,
+    init_dictionary,
+    pre_activations,
+)
 from sae_jax.saes.select import kth_largest
 from sae_jax.saes.topk import auxk_loss
 
@@ -29,14 +36,30 @@ def init(key, cfg, d_in: int, data_mean=None):
 
 
 def train_encode(params, x, cfg, mesh=None) -> Code:
+    """Flat sparse codes (`saes.batch_sparse`) unless `sparse.disabled()` or a penalty
+    (which weighs per row) asks for the dense reference."""
+    if sparse.usable(mesh) and cfg.penalty == "none":
+        return _sparse_train_encode(params, x, cfg, mesh)
     pre = pre_activations(params, x, cfg, mesh)
     acts = jax.nn.relu(pre)
     kth = kth_largest(acts, cfg.k * x.shape[0], mesh)
     f = jnp.where((acts >= kth) & (acts > 0), acts, 0.0)
+    return Code(pre, f, _threshold_stats(f))
+
+
+def _sparse_train_encode(params, x, cfg, mesh) -> Code:
+    pre = jax.lax.stop_gradient(pre_activations(params, x, cfg, mesh))
+    acts, ids, rows, kth = batch_sparse.select(jax.nn.relu(pre), cfg.k * x.shape[0], mesh)
+    values = batch_sparse.selected_pre(mesh, pre, x, encoder_center(params, cfg),
+                                       params["W_enc"], params["b_enc"], ids, rows)
+    f = jnp.where((acts >= kth) & (acts > 0), jax.nn.relu(values), 0.0)
+    return Code(pre, f, _threshold_stats(f), ids, rows)
+
+
+def _threshold_stats(f) -> dict:
     smallest_kept = jnp.min(jnp.where(f > 0, f, jnp.inf))
     # 0 when nothing was kept: no estimate (a kept activation is always > 0)
-    return Code(pre, f, {"batch_threshold": jnp.where(jnp.isfinite(smallest_kept),
-                                                      smallest_kept, 0.0)})
+    return {"batch_threshold": jnp.where(jnp.isfinite(smallest_kept), smallest_kept, 0.0)}
 
 
 def encode(params, x, cfg, mesh=None) -> Code:

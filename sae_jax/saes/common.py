@@ -55,12 +55,15 @@ class Code(NamedTuple):
 
     Dense codes have `f` of shape (batch, F) and `idx=None`. Sparse codes (TopK training,
     `saes.sparse`) have `f` of shape (batch, k): the values of features `idx` (batch, k).
+    Flat sparse codes (BatchTopK training, `saes.batch_sparse`) have `f`, `idx` and `rows`
+    of shape (n,): entry j is feature `idx[j]` of row `rows[j]` (local to its data shard).
     """
 
     pre: Float[Array, "batch F"]
     f: Float[Array, "batch _"]
     stats: dict[str, Array]
     idx: Array | None = None
+    rows: Array | None = None
 
     def per_feature(self, weights: Float[Array, " F"]) -> Float[Array, "batch _"]:
         """`weights` (one per feature) aligned with `f`, dense or sparse."""

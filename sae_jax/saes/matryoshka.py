@@ -11,7 +11,8 @@ On a mesh the prefixes cut the dictionary axis, which is split over "model" devi
 level's latents may span several shards. Each level is therefore a mask on the latent index
 (`latent < m`) applied where the latents live, followed by the usual sharded decoder matmul;
 nothing is sliced or gathered across shards. Cost: one extra decoder matmul per inner level
-(SAELens also decodes once per level).
+(SAELens also decodes once per level). A flat sparse code (`saes.batch_sparse`) decodes
+each level from its entries with ids below m instead: no dense matmul.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from sae_jax.errors import UserError
-from sae_jax.saes import batchtopk
+from sae_jax.saes import batch_sparse, batchtopk
 from sae_jax.saes.common import Architecture, Code, constrain, matmul, squared_error
 
 
@@ -44,9 +45,12 @@ def prefix_losses(params, code: Code, target, base, cfg, mesh=None):
     latent = constrain(jnp.arange(cfg.width), mesh, ("latent",))
     total, metrics = jnp.float32(0.0), {}
     for m in levels(cfg)[:-1]:
-        f_m = jnp.where(latent < m, code.f, 0.0)
-        x_hat = constrain(matmul(f_m, params["W_dec"], cfg.compute_dtype), mesh,
-                          ("batch", "embed")) + base
+        if code.idx is None:
+            x_hat = constrain(matmul(jnp.where(latent < m, code.f, 0.0), params["W_dec"],
+                                     cfg.compute_dtype), mesh, ("batch", "embed")) + base
+        else:
+            x_hat = batch_sparse.decode_code(params["W_dec"], code, cfg.compute_dtype, mesh,
+                                             prefix=m) + base
         mse = squared_error(target, x_hat).mean()
         metrics[f"mse_prefix_{m}"] = mse
         total = total + mse

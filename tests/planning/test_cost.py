@@ -39,6 +39,7 @@ def test_flops_per_token_is_the_bench_formula():
     from sae_jax.config import make_config
     from sae_jax.mesh import make_mesh
     from sae_jax.planning.bench import flops_per_token
+    from sae_jax.saes import sparse
 
     d, width, k = 384, 24576, 32
     assert cost.step_flops_per_token("relu", d, width, k, sparse=True) == 10 * d * width
@@ -53,18 +54,26 @@ def test_flops_per_token_is_the_bench_formula():
                                                                            + 10 * d * k)
     cfg = make_config(["arch=topk", f"width={width}", f"k={k}"])
     assert flops_per_token(cfg, d, make_mesh("data:8,model:1")) == 2 * d * width + 10 * d * k
-    assert flops_per_token(cfg, d, make_mesh("data:2,model:4")) == 10 * d * width
+    # a split dictionary trains sparsely too; every model shard repeats the k-wide work
+    assert cost.step_flops_per_token("topk", d, width, k, True, model=4) == (
+        2 * d * width + 10 * d * k * 4)
+    with sparse.disabled():
+        assert flops_per_token(cfg, d, make_mesh("data:2,model:4")) == 10 * d * width
     assert cost.run_flops("relu", d, width, k, 1e6, sparse=False) == 10 * d * width * 1e6
 
 
 def test_34m_features_on_v5p_256_by_hand():
     """34M features, d=4096, TopK k=64, 8e9 tokens, batch 4096 on v5p-256 (128 chips)."""
     r = cost.estimate_cost(4096, F34M, 8e9, "v5p-256", arch="topk", k=64, batch_size=4096)
-    per_token = 10 * 4096 * 35_651_584  # sharded dictionary: the dense step
-    assert r["flops_per_token"] == per_token == 1_460_288_880_640
-    assert r["flops"] == pytest.approx(1.1682311e22, rel=1e-6)
-    seconds = 1.1682311e22 / (128 * 459e12 * 0.5)  # chips × bf16 peak × MFU
-    assert r["wall_hours"] == pytest.approx(seconds / 3600, rel=1e-6)  # ≈ 110.5 h
+    # the split sparse step: 2dF + 10dk per token, the k-wide part on each of 128 shards
+    per_token = 2 * 4096 * 35_651_584 + 10 * 4096 * 64 * 128
+    assert r["flops_per_token"] == per_token == 292_393_320_448
+    assert r["flops"] == pytest.approx(2.3391466e21, rel=1e-6)
+    seconds = 2.3391466e21 / (128 * 459e12 * 0.5)  # chips × bf16 peak × MFU
+    assert r["wall_hours"] == pytest.approx(seconds / 3600, rel=1e-6)  # ≈ 22.1 h
+    assert r["chip_hours"] == pytest.approx(2831.2, abs=0.1)  # the dense step's 14,140 / 5
+    # model-axis traffic: 64·128 candidate values, then 3·64 + 4096 numbers psummed (4 B each)
+    assert r["model_axis_bytes_per_token"] == 4 * (64 * 128 + 3 * 64 + 4096) == 49_920
     assert r["chip_hours"] == pytest.approx(128 * seconds / 3600, rel=1e-6)
     assert r["steps"] == 1_953_125
     # the train default (auto mesh) splits the dictionary 128 ways, as docs/sharding-and-tpu.md says
@@ -73,9 +82,10 @@ def test_34m_features_on_v5p_256_by_hand():
     mem = r["memory"]
     assert mem["state_bytes"] == 12 * weights and mem["state_bytes"] / GIB == 25.5
     assert mem["grad_bytes"] / GIB == 8.5
-    assert mem["temp_bytes"] == 6 * 4 * 4096 * (F34M / 128)  # 6 f32 (batch, F/128) copies
+    assert mem["temp_bytes"] == pytest.approx(4 * (1.7 * weights + 1.9 * 4096 * F34M / 128
+                                                   + 2.6 * 4096 * 64 * 4096))
     assert mem["batch_bytes"] == 2 * 4 * 4096 * 4096
-    assert mem["total_bytes"] == pytest.approx((25.5 + 8.5 + 25.5 + 0.125) * GIB)
+    assert mem["total_bytes"] == pytest.approx(34.125 * GIB + mem["temp_bytes"])
     assert mem["fits"] and r["max_batch_size"] >= 4096
 
 
@@ -118,7 +128,7 @@ def test_max_batch_size_is_the_largest_that_fits():
     hbm = r["hbm_bytes_per_chip"]
 
     def fits(batch):
-        total = cost.memory_per_chip(4096, F34M, batch, data, model, "topk")["total_bytes"]
+        total = cost.memory_per_chip(4096, F34M, batch, data, model, "topk", 64)["total_bytes"]
         return total <= cost.HBM_USABLE_FRACTION * hbm
 
     assert fits(r["max_batch_size"]) and not fits(r["max_batch_size"] + data)
@@ -137,7 +147,7 @@ def test_memory_estimate_matches_the_compiled_step(arch, mesh):
                        f"mesh={mesh}", "compute_dtype=float32"])
     measured = step_memory(cfg, d, make_mesh(mesh))
     sizes = parse_mesh(mesh, 8)
-    est = cost.memory_per_chip(d, width, batch, sizes["data"], sizes["model"], arch)
+    est = cost.memory_per_chip(d, width, batch, sizes["data"], sizes["model"], arch, k=16)
     assert est["state_bytes"] == pytest.approx(measured["state_bytes_per_device"], rel=0.02)
     assert est["total_bytes"] == pytest.approx(measured["peak_bytes_per_device"], rel=0.2)
 
@@ -146,9 +156,10 @@ def test_cli_prints_a_table_and_returns_json(capsys):
     result = cost.run(parse(["--d-model", "4096", "--width", str(F34M), "--tokens",
                                      "8e9", "--k", "64", "--accelerator", "v5p-256"]))
     table = capsys.readouterr().err
-    assert "sae-jax cost" in table and "110.5 h" in table and "data:1,model:128" in table
+    assert "sae-jax cost" in table and "22.1 h" in table and "data:1,model:128" in table
+    assert "2dF + 10dk·model" in table and "over the model axis" in table
     assert json.loads(json.dumps(result, allow_nan=False)) == result
-    assert result["wall_hours"] == pytest.approx(110.5, abs=0.05)
+    assert result["wall_hours"] == pytest.approx(22.1, abs=0.05)
 
 
 def fit_file(tmp_path):
