@@ -46,7 +46,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prune": ("sae_jax.release.prune",
               "drop dead, duplicate and least-used latents within an FVU budget; last line JSON"),
     "check": ("sae_jax.check", "read a store or run through; report what is damaged"),
-    "cost": ("sae_jax.planning.cost",
+    "cost": ("sae_jax.planning.cost_command",
              "FLOPs, hours and memory per chip of a planned run; last line is JSON"),
     "bench": ("sae_jax.planning.bench",
               "measure loader and train-step throughput; last line is JSON"),

@@ -129,6 +129,10 @@ def test_bench_prints_ratios_as_json():
     assert 0 < result["peak_fraction_bf16"] and 0 < result["peak_fraction_f32"] <= 1.0
     assert result["malloc_keeps_freed_memory"] is True  # glibc: Linux CI
     assert result["minor_faults_per_step"] >= 0 and "page faults" in out.stdout
+    # Sharded sparse vs dense TopK on 8 simulated devices, model:8 and data:2,model:4.
+    assert result["sharded_sparse_over_dense_model8"] > 0
+    assert set(result["sharded"]) == {"data:1,model:8", "data:2,model:4"}
+    assert "sharded TopK data:1,model:8: sparse / dense" in out.stdout
     # Four seed-sweep members batched (--batch-members) against four separate runs.
     sweep = result["sweep_batched"]
     assert sweep["members"] == 4 and sweep["speedup_vs_separate"] > 0

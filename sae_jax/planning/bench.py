@@ -44,7 +44,8 @@ from sae_jax.planning.bench_io import timed
 BENCH_KEYS = {"d_in": 384, "bench_steps": 5, "store_rows": 262_144, "harvest_tokens": 2048}
 TRAIN_DEFAULTS = ["arch=topk", "k=32", "width=24576", "batch_size=4096"]
 MINILM_WIDTH = 384  # at this d_in the bench also times feature extraction on MiniLM
-EXTRA_SECTIONS: list[str] = ["sae_jax.planning.bench_sweep:bench_section"]
+EXTRA_SECTIONS: list[str] = ["sae_jax.planning.bench_sharded:bench_section",
+                             "sae_jax.planning.bench_sweep:bench_section"]
 """More figures for the same run, as "module:function" names (for example
 "sae_jax.planning.bench_sharded:bench_sharded"), imported only when the bench runs. Each is
 called as `fn(cfg, settings)` (`settings`: d_in, bench_steps, ...) and returns a dict: its
@@ -64,13 +65,13 @@ def flops_per_token(cfg, d_in: int, mesh) -> int:
     """Executed matmul FLOPs per token of one train step (see the module docstring)."""
     from sae_jax.planning.cost import step_flops_per_token
     from sae_jax.saes import matryoshka, sparse
-
-    inner = len(matryoshka.levels(cfg)) - 1 if cfg.arch == "matryoshka" else None
     from sae_jax.saes.common import is_baseline
 
+    inner = len(matryoshka.levels(cfg)) - 1 if cfg.arch == "matryoshka" else None
     return step_flops_per_token(cfg.arch, d_in, cfg.width, cfg.k, sparse=sparse.usable(mesh),
                                 inner_levels=inner, transcoder=bool(cfg.transcoder),
-                                centre_grad_matmul=is_baseline())
+                                centre_grad_matmul=is_baseline(),
+                                model=mesh.shape["model"], devices=mesh.size)
 
 
 def bench_encode(cfg, d_in: int, params, x, repeat: int, best_of: int = 1) -> dict:

@@ -120,5 +120,18 @@ def measure(d_in: int, width: int, k: int, batch_size: int, steps: int,
     return {"sharded_devices": DEVICES, "sharded": out, "sharded_sparse_over_dense_model8": model8}
 
 
+def bench_section(cfg, settings: dict) -> dict:
+    """`sae-jax bench`'s rows (an `EXTRA_SECTIONS` entry): sparse over dense TopK on both
+    meshes, at the bench's size (TopK whatever the bench's arch; k 32 unless it is TopK)."""
+    k = cfg.k if cfg.arch == "topk" and cfg.k else 32
+    result = bench_sharded(d_in=settings["d_in"], width=cfg.width, k=min(k, cfg.width),
+                           batch_size=cfg.batch_size, steps=1 + settings["bench_steps"])
+    rows = [(f"sharded TopK {spec}: sparse / dense", f"{r['sparse_over_dense']:.2f}x",
+             f"{r['sparse_tokens_per_s']:,.0f} vs {r['dense_tokens_per_s']:,.0f} tok/s on "
+             f"{DEVICES} simulated devices (structure, not speed)")
+            for spec, r in result["sharded"].items()]
+    return {"rows": rows, **result}
+
+
 if __name__ == "__main__":
     print(json.dumps(measure(**json.loads(sys.argv[1]))))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from sae_jax.errors import UserError
-from sae_jax.planning import cost, scaling
+from sae_jax.planning import cost, cost_command, scaling
 
 GIB = 2**30
 F34M = 34 * 2**20  # Scaling Monosemanticity's largest SAE, as docs/sharding-and-tpu.md counts it
@@ -15,7 +15,7 @@ F34M = 34 * 2**20  # Scaling Monosemanticity's largest SAE, as docs/sharding-and
 
 def parse(argv):
     parser = argparse.ArgumentParser()
-    cost.add_arguments(parser)
+    cost_command.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -153,7 +153,7 @@ def test_memory_estimate_matches_the_compiled_step(arch, mesh):
 
 
 def test_cli_prints_a_table_and_returns_json(capsys):
-    result = cost.run(parse(["--d-model", "4096", "--width", str(F34M), "--tokens",
+    result = cost_command.run(parse(["--d-model", "4096", "--width", str(F34M), "--tokens",
                                      "8e9", "--k", "64", "--accelerator", "v5p-256"]))
     table = capsys.readouterr().err
     assert "sae-jax cost" in table and "22.1 h" in table and "data:1,model:128" in table
@@ -173,7 +173,7 @@ def fit_file(tmp_path):
 def test_from_fit_prices_the_compute_optimal_run(tmp_path, capsys):
     fit, path = fit_file(tmp_path)
     budget = 1e18
-    r = cost.run(parse(["--d-model", "64", "--accelerator", "h100-8", "--arch", "relu",
+    r = cost_command.run(parse(["--d-model", "64", "--accelerator", "h100-8", "--arch", "relu",
                                 "--from-fit", path, "--budget-flops", "1e18"]))
     plan = r["from_fit"]
     raw = scaling.predict_pure(fit["optimal_width"], budget)
@@ -188,7 +188,7 @@ def test_from_fit_prices_the_compute_optimal_run(tmp_path, capsys):
     assert r["tokens"] == pytest.approx(budget / (10 * 64 * r["width"]))
     assert "predicted loss" in capsys.readouterr().err
     # a wall-clock budget buys hours × chips × peak × MFU
-    r = cost.run(parse(["--d-model", "64", "--accelerator", "h100-8", "--arch", "relu",
+    r = cost_command.run(parse(["--d-model", "64", "--accelerator", "h100-8", "--arch", "relu",
                                 "--from-fit", path, "--budget-hours", "2", "--mfu", "0.4"]))
     assert r["from_fit"]["budget_flops"] == pytest.approx(2 * 3600 * 8 * 989e12 * 0.4)
     assert r["wall_hours"] == pytest.approx(2)
@@ -209,19 +209,19 @@ def test_from_fit_prices_the_compute_optimal_run(tmp_path, capsys):
 ])
 def test_bad_input_is_a_user_error(argv, message):
     with pytest.raises(UserError, match=message):
-        cost.run(parse(["--d-model", "512", *argv]))
+        cost_command.run(parse(["--d-model", "512", *argv]))
 
 
 def test_fit_without_the_needed_laws_is_a_user_error(tmp_path):
     fit, _ = fit_file(tmp_path)
     path = scaling.write_fit({**fit, "optimal_width": None}, tmp_path / "no_width")
     with pytest.raises(UserError, match="no optimal_width law"):
-        cost.run(parse(["--d-model", "64", "--accelerator", "h100-8", "--from-fit",
+        cost_command.run(parse(["--d-model", "64", "--accelerator", "h100-8", "--from-fit",
                                 path, "--budget-flops", "1e18"]))
     with pytest.raises(UserError, match="exactly one of"):
-        cost.run(parse(["--d-model", "64", "--accelerator", "h100-8", "--from-fit",
+        cost_command.run(parse(["--d-model", "64", "--accelerator", "h100-8", "--from-fit",
                                 str(tmp_path)]))
     with pytest.raises(UserError, match="no scaling fit"):
-        cost.run(parse(["--d-model", "64", "--accelerator", "h100-8", "--from-fit",
+        cost_command.run(parse(["--d-model", "64", "--accelerator", "h100-8", "--from-fit",
                                 str(tmp_path / "missing.json"), "--budget-flops", "1e18"]))
     assert np.isfinite(fit["optimal_steps"]["exponent"])
