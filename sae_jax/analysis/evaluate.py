@@ -85,8 +85,8 @@ def evaluate(sae: SAE, rows, batch_size: int = 4096) -> dict:
       `fvu`, `explained_variance`, `l0`, `l0_p1` … `l0_p99`, `dead_frac`, `dense_frac`,
       `shrinkage`, `decoder_sim_mean`, `decoder_sim_dup_frac`, `enc_dec_cos_mean/median`,
       int `n_rows`), `shrinkage_by_l0`, for a crosscoder or CLT `fvu_per_block` (the FVU of
-      each decoder block: each source, or each target layer of a CLT, in row order), `l0_hist` (see `l0_histogram`) and
-      `feature_density` (see `density_histogram`).
+      each decoder block: each source, or each target layer of a CLT, in row order),
+      `l0_hist` (see `l0_histogram`) and `feature_density` (see `density_histogram`).
     """
     sums = eval_sums(sae, rows, batch_size)
     blocks = decoder_blocks(sae.config)
