@@ -48,7 +48,8 @@ def check_model_store(store, what: str = "fidelity", tokens: bool = False) -> No
     meta = store.meta
     if (meta.get("source") != "harvest"
             or (meta.get("model") != MODEL_NAME and not is_causal(meta))
-            or "layer" not in meta or "seq_len" not in meta or store.positions is None
+            or ("layer" not in meta and "layers" not in meta) or "seq_len" not in meta
+            or store.positions is None
             or (tokens and store.token_ids is None)):
         raise UserError(f"{what} {NOT_MODEL_BACKED} (store {store.path} has source "
                         f"{meta.get('source')!r}, model {meta.get('model')!r})")

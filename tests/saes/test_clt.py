@@ -11,12 +11,14 @@ import pytest
 import sae_jax
 from sae_jax import saes
 from sae_jax.analysis.evaluate import evaluate
+from sae_jax.analysis.splice import CrossLayerSplice
 from sae_jax.config import make_config
 from sae_jax.data.store import StoreWriter, open_store
 from sae_jax.data.synthetic import cross_layer_data
 from sae_jax.errors import UserError
 from sae_jax.mesh import make_mesh
 from sae_jax.rundir import data_widths
+from sae_jax.sae import SAE
 from sae_jax.training.step import check_mesh_fits
 from sae_jax.training.train import train
 
@@ -31,6 +33,20 @@ def clt_meta(layers: list, d: int, model: str | None = None) -> dict:
     n = len(layers) * d
     return {"pair": {"d_in": n, "d_out": n, "site": "mlp"}, "layers": list(layers),
             "sources": sources}
+
+
+def stack_pair_stores(stores: list, path) -> None:
+    """A CLT store from single-layer MLP pair harvests of the same tokens (what `harvest
+    --pair mlp --layers ...` writes in one pass): rows [in_1 | … | in_L | out_1 | … | out_L]."""
+    n, d = stores[0].n_rows, stores[0].pair[0]
+    tokens = [s.read(name, 0, n) for s in stores[:1] for name in ("token_ids", "positions")]
+    assert all(np.array_equal(s.read("positions", 0, n), tokens[1]) for s in stores)
+    rows = [s.span().read(0, n) for s in stores]
+    meta = {k: v for k, v in stores[0].meta.items() if k not in ("layer", "pair", "hook")}
+    meta.update(clt_meta([s.meta["layer"] for s in stores], d, stores[0].meta["model"]))
+    with StoreWriter(path, d_in=2 * len(stores) * d, meta=meta, with_tokens=True) as w:
+        w.append(np.concatenate([r[:, :d] for r in rows] + [r[:, d:] for r in rows], axis=1),
+                 token_ids=tokens[0], positions=tokens[1])
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +97,15 @@ def test_causal_mask_is_exact_in_init_and_gradient():
     pre, pre_bumped = np.asarray(encode(x)), np.asarray(encode(bumped))
     np.testing.assert_array_equal(pre[:, 0::L], pre_bumped[:, 0::L])
     assert not np.allclose(pre[:, 1::L], pre_bumped[:, 1::L])
+    # the spliced pass's layer-by-layer prediction is the CLT's own on the same inputs
+    sae = SAE(cfg, params, 2.0, 0, 0.5)
+
+    def layer_by_layer(x):
+        splice = CrossLayerSplice(sae)
+        return jnp.concatenate([splice(p, x[:, p * D:(p + 1) * D]) for p in range(L)], 1)
+
+    np.testing.assert_allclose(jax.jit(layer_by_layer)(x), jax.jit(sae.reconstruct_raw)(x),
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["clt_topk", "clt_jumprelu"])
