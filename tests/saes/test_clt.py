@@ -10,6 +10,7 @@ import pytest
 
 import sae_jax
 from sae_jax import saes
+from sae_jax.analysis.baselines import random_directions_sae
 from sae_jax.analysis.evaluate import evaluate
 from sae_jax.analysis.splice import CrossLayerSplice
 from sae_jax.config import make_config
@@ -106,6 +107,10 @@ def test_causal_mask_is_exact_in_init_and_gradient():
 
     np.testing.assert_allclose(jax.jit(layer_by_layer)(x), jax.jit(sae.reconstruct_raw)(x),
                                rtol=1e-5, atol=1e-5)
+    # eval's random-directions baseline of a CLT is a fresh clt_topk, causal too
+    baseline = random_directions_sae(sae, l0=7.0)
+    assert baseline.config.arch == "clt_topk" and baseline.config.k == 2
+    assert (_causal_zeros(np.asarray(baseline.params["W_dec"])) == 0).all()
 
 
 @pytest.mark.parametrize("arch", ["clt_topk", "clt_jumprelu"])

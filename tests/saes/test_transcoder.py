@@ -187,12 +187,12 @@ def test_mlp_transcoder_fidelity_splices_the_mlp_output(tmp_path):
 
     run_harvest(tmp_path / "pairs2", layer=2, **kw)
     stack_pair_stores([open_store(tmp_path / p) for p in ("pairs2", "pairs")], tmp_path / "clt")
-    cfg = make_config(arch="clt_topk", width=256, k=8, steps=150, batch_size=128, holdout=0.2)
+    cfg = make_config(arch="clt_topk", width=128, k=8, steps=100, batch_size=128, holdout=0.2)
     train(cfg, tmp_path / "clt", tmp_path / "clt_run", False, jax.devices()[:1])
     r = json_result(sae_jax_cli("eval", tmp_path / "clt_run", tmp_path / "clt",
-                                "--fidelity-sequences", 8))
+                                "--fidelity-sequences", 8, "--no-baselines"))
     fidelity = r["fidelity"]
     assert fidelity["layer"] == [2, 3] and len(r["fvu_per_block"]) == 2
     assert fidelity["cos_spliced_with_error"] == pytest.approx(1.0, abs=1e-6)
     assert fidelity["cos_spliced"] > fidelity["cos_zero_ablation"]
-    assert 0 < fidelity["fvu_spliced"] < 1 and r["margins"]["random_init"]["fvu"] > 0
+    assert 0 < fidelity["fvu_spliced"] < 1
