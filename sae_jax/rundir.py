@@ -2,8 +2,10 @@
 statistics a new run starts from.
 
 `config.json` holds the training config plus what was derived from the data (`d_in`, the
-input scale that makes E‖x‖² = d_in). Re-running `train` on the same directory resumes, so a
-changed config is checked here: keys that change the math must match the saved run.
+input scale that makes E‖x‖² = d_in: one number, or on a multi-source store one per source,
+saved per column as a list; see `sae_jax.scales`). Re-running `train` on the same directory
+resumes, so a changed config is checked here: keys that change the math must match the saved
+run.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from typing import Callable
 import jax
 import numpy as np
 
-from sae_jax import files, saes
+from sae_jax import files, saes, scales
 from sae_jax.config import TrainConfig, config_from_dict
-from sae_jax.data.loader import scale_and_mean, stats_sample
+from sae_jax.data.loader import stats_sample
 from sae_jax.errors import UserError
+from sae_jax.scales import Scale
 
 CONFIG_FILE = "config.json"
 IMPORTED_FROM = "imported_from.json"
@@ -36,10 +39,10 @@ class RunInfo:
 
     config: TrainConfig
     d_in: int
-    input_scale: float
+    input_scale: Scale
     data_dir: str
     d_out: int | None = None
-    target_scale: float | None = None
+    target_scale: Scale | None = None
     store_id: str | None = None
     """The id of the store it was trained on (None for runs and stores that predate ids)."""
 
@@ -47,14 +50,14 @@ class RunInfo:
         """The mean of what the SAE reconstructs (the input, or a transcoder's target), in
         this run's scaled units: where a fresh decoder bias starts."""
         if self.d_out is None:
-            return (stats.input_mean * self.input_scale).astype(np.float32)
-        return (stats.target_mean * self.target_scale).astype(np.float32)
+            return (stats.input_mean * scales.multiplier(self.input_scale)).astype(np.float32)
+        return (stats.target_mean * scales.multiplier(self.target_scale)).astype(np.float32)
 
     def to_dict(self) -> dict:
         out = {"config": self.config.to_dict(), "d_in": self.d_in,
-               "input_scale": self.input_scale, "data_dir": self.data_dir}
+               "input_scale": scales.to_json(self.input_scale), "data_dir": self.data_dir}
         if self.d_out is not None:
-            out.update(d_out=self.d_out, target_scale=self.target_scale)
+            out.update(d_out=self.d_out, target_scale=scales.to_json(self.target_scale))
         if self.store_id is not None:
             out["store_id"] = self.store_id
         return out
@@ -62,23 +65,26 @@ class RunInfo:
 
 @dataclass(frozen=True)
 class DataStats:
-    """One read of the stats sample: the input scale c (E‖c·x‖² = d) and the raw mean of the
-    input, and a transcoder's target scale and mean."""
+    """One read of the stats sample: the input scale c (E‖c·x‖² = d, or per source) and the
+    raw mean of the input, and a transcoder's target scale and mean."""
 
-    input_scale: float
+    input_scale: Scale
     input_mean: np.ndarray
-    target_scale: float | None = None
+    target_scale: Scale | None = None
     target_mean: np.ndarray | None = None
 
 
 def read_data_stats(train_rows, d_in: int, d_out: int | None = None) -> DataStats:
     """Reads evenly spread blocks of the training rows once (`loader.stats_sample`) and
-    derives the scale and mean of the input, and of a transcoder's target (`d_out`)."""
+    derives the scale and mean of the input, and of a transcoder's target (`d_out`): one
+    scale per source where the store has several on that side (`scales.per_source`)."""
     sample = stats_sample(train_rows)
+    sources = getattr(getattr(train_rows, "store", None), "sources", None)
+    widths = scales.split_widths(sources and [int(s["d"]) for s in sources], d_in, d_out)
     halves = [sample[:, :d_in]] + ([sample[:, d_in:]] if d_out is not None else [])
     stats = []
-    for half in halves:
-        stats += [scale_and_mean(half)[0], half.mean(0)]
+    for half, side in zip(halves, widths):
+        stats += [scales.per_source(half, side), half.mean(0)]
     return DataStats(*stats)
 
 
@@ -131,10 +137,13 @@ def read_run(run_dir: str | Path) -> RunInfo:
         raw = json.loads(text)
         d_out = raw.get("d_out")
         store_id = raw.get("store_id")
-        return RunInfo(config_from_dict(raw["config"]), int(raw["d_in"]),
-                       float(raw["input_scale"]), str(raw["data_dir"]),
-                       None if d_out is None else int(d_out),
-                       None if d_out is None else float(raw["target_scale"]),
+        d_in = int(raw["d_in"])
+        d_out = None if d_out is None else int(d_out)
+        input_scale = scales.from_json(raw["input_scale"], "input_scale", d_in)
+        target_scale = (None if d_out is None else
+                        scales.from_json(raw["target_scale"], "target_scale", d_out))
+        return RunInfo(config_from_dict(raw["config"]), d_in, input_scale,
+                       str(raw["data_dir"]), d_out, target_scale,
                        None if store_id is None else str(store_id))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path} is damaged: {type(e).__name__}: {e}") from None

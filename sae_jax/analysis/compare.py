@@ -118,6 +118,13 @@ def _examples(per_feature: dict, several: dict, side: str, other: str, lone: str
     return {lone: lone_examples, mixed: mixed_examples}
 
 
+def _directions(sae):
+    """The decoder rows to match: as trained for one input scale (a positive factor, which
+    leaves every direction as it is), in raw units for a per-source scale (which does not)."""
+    scale = sae.output_scale
+    return np.asarray(sae.params["W_dec"]) / scale if np.ndim(scale) else sae.params["W_dec"]
+
+
 def compare_saes(sae_a, sae_b, rows=None, rows_b=None, *, threshold: float = DEFAULT_THRESHOLD,
                  max_rows: int = DEFAULT_MAX_ROWS, batch_size: int = 2048, n_examples: int = 10,
                  catalog_a: dict | None = None, catalog_b: dict | None = None,
@@ -136,8 +143,7 @@ def compare_saes(sae_a, sae_b, rows=None, rows_b=None, *, threshold: float = DEF
       The `match_features` summary, `activation` (summary or None), `examples` (`vanished`,
       `split`, `appeared`, `merged`: lists of feature dicts) and `per_feature` arrays.
     """
-    match = match_features(sae_a.params["W_dec"], sae_b.params["W_dec"], threshold,
-                           **match_kwargs)
+    match = match_features(_directions(sae_a), _directions(sae_b), threshold, **match_kwargs)
     per_feature = match["per_feature"]
     activation = None
     if rows is not None:

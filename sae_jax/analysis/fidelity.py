@@ -44,7 +44,7 @@ import numpy as np
 
 from sae_jax.analysis.heldout import heldout_sequences
 from sae_jax.analysis.moments import rows_mean
-from sae_jax.analysis.splice import CrossLayerSplice, clt_layers, is_clt
+from sae_jax.analysis.splice import CrossLayerSplice, check_one_layer, clt_layers, is_clt
 from sae_jax.batches import padded_batches
 from sae_jax.errors import UserError
 from sae_jax.lm.corpus import Specials
@@ -195,6 +195,7 @@ def downstream_fidelity(sae: SAE, store, n_sequences: int = 128, seed: int = 0,
         layers = clt_layers(sae, store.meta)
         layer, run = list(layers), _make_clt_runner(layers)
     else:
+        check_one_layer(sae, store.meta)
         layer = int(store.meta["layer"])
         run = _make_runner(layer, site)
     seq_len = int(store.meta["seq_len"])

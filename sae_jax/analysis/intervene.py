@@ -44,7 +44,7 @@ def add_direction(h, direction, amount, mask) -> jax.Array:
 def feature_direction(sae, feature) -> jax.Array:
     """W_dec[feature] in raw units (d,) (or (k, d) for k feature ids): what one unit of the
     feature adds to the stream."""
-    return jnp.asarray(sae.params["W_dec"])[feature].astype(jnp.float32) / sae.input_scale
+    return jnp.asarray(sae.params["W_dec"])[feature].astype(jnp.float32) / sae.input_multiplier
 
 
 def add_feature(sae, h, feature, amount, mask) -> jax.Array:

@@ -54,7 +54,7 @@ from jax.sharding import PartitionSpec as P
 
 from sae_jax.analysis.heldout import heldout_sequences
 from sae_jax.analysis.moments import rows_mean
-from sae_jax.analysis.splice import CrossLayerSplice, clt_layers, is_clt
+from sae_jax.analysis.splice import CrossLayerSplice, check_one_layer, clt_layers, is_clt
 from sae_jax.batches import pad_rows, padded_batches
 from sae_jax.errors import UserError
 from sae_jax.lm.corpus import NO_POSITION
@@ -211,6 +211,7 @@ def loss_recovered(sae: SAE, store, n_sequences: int = 128, seed: int = 0,
         raise UserError(f"this run is a transcoder, but store {store.path} holds no "
                         "input/output pairs")
     site = meta["pair"]["site"] if sae.transcoder else meta.get("site", "resid")
+    check_one_layer(sae, meta)
     layer = list(clt_layers(sae, meta)) if is_clt(sae) else int(meta["layer"])
     model = store_model(meta, mesh=mesh)
     train_rows, heldout = store.split(sae.config.holdout)

@@ -6,7 +6,8 @@ builds the `sae-jax compare` report on it.
 
 **Directions.** Feature i of an SAE writes along its decoder row; its direction is the unit
 row u_i = W_dec[i] / ‖W_dec[i]‖ (a zero row stays zero). A run's input scale multiplies all
-its decoder rows by one positive number (raw-unit row = W_dec[i] / input_scale), and per-
+its decoder rows by one positive number (raw-unit row = W_dec[i] / input_scale; a run on a
+multi-source store, whose scale is per source, is compared in raw units), and per-
 feature rescaling (f_i → c·f_i, W_dec[i] → W_dec[i] / c) leaves u_i as it is, so neither
 affects anything below. Both SAEs must write into the same space (equal d_in); their widths
 F_A and F_B may differ.

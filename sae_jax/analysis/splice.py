@@ -23,6 +23,14 @@ def is_clt(sae: SAE) -> bool:
     return clt.is_clt(sae.config)
 
 
+def check_one_layer(sae: SAE, meta: dict) -> None:
+    """Only a CLT splices a multi-layer store: anything else needs the store's one `layer`."""
+    if "layer" not in meta and not is_clt(sae):
+        raise UserError(f"this {sae.config.arch} run cannot stand in for the layers "
+                        f"{meta.get('layers')} at once; a multi-layer MLP store is spliced by a "
+                        "cross-layer transcoder (arch=clt_topk or clt_jumprelu)")
+
+
 def clt_layers(sae: SAE, meta: dict) -> tuple[int, ...]:
     """The model layers a CLT run spans, from its store's `layers` (the single `layer` of a
     one-layer pair store), checked against the run's own layer count."""

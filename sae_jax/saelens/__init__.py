@@ -1,4 +1,7 @@
-"""SAELens 6.x folders: `export_saelens(RUN_DIR, OUT_DIR)` and `import_saelens(SAE_DIR, RUN_DIR)`.
+"""SAELens 6.x folders: `export_saelens(RUN_DIR, OUT_DIR)` and `import_saelens(SAE_DIR, RUN_DIR)`;
+for what SAELens cannot load (crosscoders, CLTs), sae_jax's own layout of the same two files:
+`export_native(RUN_DIR, OUT_DIR)`, read back by `sae_jax.load(OUT_DIR)` and `import_saelens`
+(`saelens.native`). `export_run` is `sae-jax export`, choosing between them.
 
 An export is a folder `SAE.load_from_disk` opens: `cfg.json` plus `sae_weights.safetensors`
 (float32 `W_enc (d_in, d_sae)`, `b_enc (d_sae,)`, `W_dec (d_sae, d_in)`, `b_dec (d_in,)`, and
@@ -52,8 +55,15 @@ Weights are rounded to cfg.json's `dtype` (as SAELens casts them) and then compu
 float32.
 """
 
-from sae_jax.saelens.export import export_saelens, saelens_cfg, saelens_tensors
-from sae_jax.saelens.import_sae import import_saelens, load_saelens, read_safetensors
+from sae_jax.data.safetensors_io import read_safetensors
+from sae_jax.saelens.export import (
+    export_native,
+    export_run,
+    export_saelens,
+    saelens_cfg,
+    saelens_tensors,
+)
+from sae_jax.saelens.import_sae import import_saelens, load_saelens
 
-__all__ = ["export_saelens", "import_saelens", "load_saelens", "read_safetensors", "saelens_cfg",
-           "saelens_tensors"]
+__all__ = ["export_native", "export_run", "export_saelens", "import_saelens", "load_saelens",
+           "read_safetensors", "saelens_cfg", "saelens_tensors"]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sae_jax import scales
 from sae_jax.errors import UserError
 from sae_jax.saelens.format import (
     CATALOG_FILE,
@@ -22,23 +23,26 @@ from sae_jax.saelens.format import (
     TRANSCODER_ARCH,
     WEIGHTS_FILE,
 )
+from sae_jax.scales import Scale
 
 
-def saelens_tensors(params: dict, arch: str, input_scale: float,
-                    target_scale: float | None = None) -> dict[str, np.ndarray]:
+def saelens_tensors(params: dict, arch: str, input_scale: Scale,
+                    target_scale: Scale | None = None) -> dict[str, np.ndarray]:
     """Our params (scaled units) -> SAELens's tensors on raw inputs, float32.
 
     A transcoder's outputs are divided by its `target_scale` c_t instead of c, and its skip
-    map becomes W_skip·c/c_t."""
+    map becomes W_skip·c/c_t. A per-source scale (one value per column) folds in the same
+    way, column by column: W_enc's row j times c_j, W_dec's and b_dec's column j over c_j."""
     import jax.numpy as jnp
 
-    c = np.float64(input_scale)
-    c_out = c if target_scale is None else np.float64(target_scale)
+    c = np.asarray(input_scale, np.float64)
+    c_out = c if target_scale is None else np.asarray(target_scale, np.float64)
+    c_in = c.reshape(-1, 1) if c.ndim else c  # a per-column scale multiplies W_enc's rows
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
-    out = {"W_enc": p["W_enc"] * c, "b_enc": p["b_enc"], "W_dec": p["W_dec"] / c_out,
+    out = {"W_enc": p["W_enc"] * c_in, "b_enc": p["b_enc"], "W_dec": p["W_dec"] / c_out,
            "b_dec": p["b_dec"] / c_out}
     if "W_skip" in p:
-        out["W_skip"] = p["W_skip"] * (c / c_out)
+        out["W_skip"] = p["W_skip"] * (c_in / c_out)
     width = p["b_enc"].shape[0]
     if arch == "jumprelu":  # XLA's exp, bit for bit the θ our encoder compares with
         out["threshold"] = np.asarray(jnp.exp(jnp.asarray(params["log_threshold"])))
@@ -131,10 +135,10 @@ def _check_out_dir(out: Path, force: bool) -> None:
     if not out.is_dir() or not any(out.iterdir()):
         return
     if not (out / CFG_FILE).exists():
-        raise UserError(f"{out} exists, is not empty and holds no SAELens export; "
+        raise UserError(f"{out} exists, is not empty and holds no export; "
                         "choose a new directory")
     if not force:
-        raise UserError(f"{out} already holds a SAELens export; pass --force to replace it "
+        raise UserError(f"{out} already holds an export; pass --force to replace it "
                         "(the whole folder), or choose a new directory")
 
 
@@ -171,6 +175,66 @@ def _write_folder(out: Path, contents: dict[str, bytes]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already when it became `out`
 
 
+def saelens_supports(arch: str, transcoder: bool) -> bool:
+    """Whether SAELens 6.x has an inference class for this run (else: sae_jax's layout)."""
+    return arch in EXPORT_ARCH and (not transcoder or EXPORT_ARCH[arch] in TRANSCODER_ARCH)
+
+
+def _checked_run(run_dir: Path, out: Path, step: int | None, force: bool):
+    """`(sae, store meta)` of a run whose params and scales are finite, after the out-dir
+    check (so a refused OUT_DIR costs no checkpoint read)."""
+    import sae_jax
+    from sae_jax.rundir import read_run
+
+    run = read_run(run_dir)
+    _check_out_dir(out, force)
+    sae = sae_jax.load(run_dir, step)
+    both = [sae.input_scale] + ([sae.target_scale] if sae.transcoder else [])
+    if not all(np.all(np.isfinite(c)) and np.all(np.asarray(c) > 0) for c in both):
+        shown = [scales.to_json(c) for c in both]
+        raise UserError(f"run {run_dir} has input/target scale {shown}; they must be finite "
+                        "and > 0")
+    bad = [k for k, v in sae.params.items() if not np.all(np.isfinite(np.asarray(v)))]
+    if bad:
+        raise UserError(f"run {run_dir} step {sae.step} has non-finite values in "
+                        f"{', '.join(sorted(bad))}; nothing exported")
+    return sae, _store_meta(run.data_dir)
+
+
+def _details(sae, meta: dict) -> dict:
+    """Who wrote the export, from which step, config and store."""
+    import sae_jax
+
+    details = {"library": "sae_jax", "sae_jax_version": sae_jax.__version__,
+               "arch": sae.config.arch, "input_scale": scales.to_json(sae.input_scale),
+               "step": sae.step, "config": sae.config.to_dict()}
+    if sae.transcoder:
+        details["target_scale"] = scales.to_json(sae.target_scale)
+    if _store_provenance(meta):
+        details["data"] = _store_provenance(meta)
+    return details
+
+
+def _write_export(run_dir: Path, out: Path, cfg: dict, tensors: dict) -> list[str]:
+    """cfg.json, the weights and the run's feature catalog, as one new folder."""
+    import safetensors.numpy
+
+    contents = {CFG_FILE: (json.dumps(cfg, indent=2) + "\n").encode(),
+                WEIGHTS_FILE: safetensors.numpy.save(tensors)}
+    catalog = run_dir / CATALOG_FILE
+    if catalog.is_file():
+        contents[CATALOG_FILE] = catalog.read_bytes()
+    _write_folder(out, contents)
+    return list(contents)
+
+
+def _result(fmt: str, architecture: str, sae, out: Path, files: list[str], llm: dict) -> dict:
+    return {"format": fmt, "architecture": architecture, "training_architecture": sae.config.arch,
+            "d_in": sae.d_in, "d_sae": sae.width, "input_scale": scales.to_json(sae.input_scale),
+            "step": sae.step, "out_dir": str(out.absolute()), "files": files,
+            "hook_name": llm.get("hook_name")}
+
+
 def export_saelens(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
                    step: int | None = None, force: bool = False) -> dict:
     """Writes the run's SAE (latest or `step`'s checkpoint) as a SAELens 6.x folder.
@@ -182,41 +246,26 @@ def export_saelens(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
     `metadata` (`llm_metadata`), so SAELens users can attach it to their model.
 
     Returns:
-      `{"architecture", "training_architecture", "d_in", "d_sae", "input_scale", "step",
-      "out_dir", "files", "hook_name"}` (files: names inside out_dir; hook_name: the
-      TransformerLens hook, or None for a store without one).
+      `{"format": "saelens", "architecture", "training_architecture", "d_in", "d_sae",
+      "input_scale", "step", "out_dir", "files", "hook_name"}` (files: names inside out_dir;
+      hook_name: the TransformerLens hook, or None for a store without one).
 
     Raises:
-      UserError: no run / checkpoint, an unusable out_dir, non-finite params or scale.
+      UserError: no run / checkpoint, an architecture SAELens cannot load (crosscoders: use
+        `export_native`), an unusable out_dir, non-finite params or scale.
     """
-    import safetensors.numpy
-
-    import sae_jax
     from sae_jax.rundir import read_run
 
     run_dir, out = Path(run_dir), Path(out_dir)
-    run = read_run(run_dir)
-    if run.config.arch not in EXPORT_ARCH:
-        raise UserError(f"no SAELens export for arch={run.config.arch} yet (crosscoder export "
-                        "is issue 19); the run itself loads with sae_jax.load")
-    _check_out_dir(out, force)
-    sae = sae_jax.load(run_dir, step)
-    arch, c = sae.config.arch, float(sae.input_scale)
-    if not (np.isfinite(c) and c > 0):
-        raise UserError(f"run {run_dir} has input_scale {c}; it must be finite and > 0")
+    arch = read_run(run_dir).config.arch
+    if arch not in EXPORT_ARCH:
+        raise UserError(f"no SAELens export for arch={arch} (SAELens has no crosscoder or "
+                        "cross-layer transcoder class); export with --format sae_jax, which "
+                        "sae_jax.load reads (docs/interop.md)")
+    sae, meta = _checked_run(run_dir, out, step, force)
     params = {k: np.asarray(v) for k, v in sae.params.items()}
-    bad = [k for k, v in params.items() if not np.all(np.isfinite(v))]
-    if bad:
-        raise UserError(f"run {run_dir} step {sae.step} has non-finite values in "
-                        f"{', '.join(sorted(bad))}; nothing exported")
-    tensors = saelens_tensors(params, arch, c, sae.target_scale)
-    details = {"library": "sae_jax", "sae_jax_version": sae_jax.__version__, "arch": arch,
-               "input_scale": c, "step": sae.step, "config": sae.config.to_dict()}
-    if sae.transcoder:
-        details["target_scale"] = float(sae.target_scale)
-    meta = _store_meta(run.data_dir)
-    if _store_provenance(meta):
-        details["data"] = _store_provenance(meta)
+    tensors = saelens_tensors(params, arch, sae.input_scale, sae.target_scale)
+    details = _details(sae, meta)
     if arch in THRESHOLD_ARCHS:
         details["threshold"] = float(params["threshold"])
     transcoder = (sae.d_out, "W_skip" in params) if sae.transcoder else None
@@ -225,28 +274,54 @@ def export_saelens(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
     cfg["metadata"].update(llm)
     if "hook_name_out" in llm:  # TranscoderConfig's own fields (SAELens reads them there)
         cfg.update(hook_name_out=llm["hook_name_out"], hook_layer_out=int(meta["layer"]))
+    written = _write_export(run_dir, out, cfg, tensors)
+    return _result("saelens", cfg["architecture"], sae, out, written, llm)
 
-    contents = {CFG_FILE: (json.dumps(cfg, indent=2) + "\n").encode(),
-                WEIGHTS_FILE: safetensors.numpy.save(tensors)}
-    catalog = run_dir / CATALOG_FILE
-    if catalog.is_file():
-        contents[CATALOG_FILE] = catalog.read_bytes()
-    _write_folder(out, contents)
-    written = list(contents)
-    return {"architecture": cfg["architecture"], "training_architecture": arch,
-            "d_in": sae.d_in, "d_sae": sae.width, "input_scale": c, "step": sae.step,
-            "out_dir": str(out.absolute()), "files": written,
-            "hook_name": llm.get("hook_name")}
+
+def export_native(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                  step: int | None = None, force: bool = False) -> dict:
+    """Writes any run (crosscoders, CLTs, and every other architecture) in sae_jax's own
+    layout (`sae_jax.saelens.native`), which `sae_jax.load(out_dir)` reads back with the
+    run's exact encode/decode. Same folder rules, result keys and errors as `export_saelens`
+    (`format` is "sae_jax", `architecture` our arch)."""
+    from sae_jax.saelens.native import native_cfg, native_tensors, source_entries
+
+    run_dir, out = Path(run_dir), Path(out_dir)
+    sae, meta = _checked_run(run_dir, out, step, force)
+    tensors = native_tensors({k: np.asarray(v) for k, v in sae.params.items()},
+                             sae.input_scale, sae.target_scale)
+    sources = (source_entries(sae.config.sources, meta.get("sources"))
+               if sae.config.sources else None)
+    llm = llm_metadata(meta)
+    cfg = native_cfg(sae, tensors, sources, {**_details(sae, meta), **llm})
+    written = _write_export(run_dir, out, cfg, tensors)
+    return _result("sae_jax", sae.config.arch, sae, out, written, llm)
+
+
+def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
+               step: int | None = None, force: bool = False, fmt: str = "auto") -> dict:
+    """`sae-jax export`: `fmt` "saelens", "sae_jax", or "auto" (SAELens's format where SAELens
+    can load the architecture, else sae_jax's)."""
+    from sae_jax.rundir import read_run
+
+    if fmt == "auto":
+        config = read_run(run_dir).config
+        fmt = "saelens" if saelens_supports(config.arch, config.transcoder) else "sae_jax"
+    return (export_saelens if fmt == "saelens" else export_native)(run_dir, out_dir, step,
+                                                                    force)
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("run_dir")
     parser.add_argument("out_dir")
-    parser.add_argument("--format", choices=("saelens",), default="saelens")
+    parser.add_argument("--format", choices=("auto", "saelens", "sae_jax"), default="auto",
+                        help="saelens: SAELens 6.x's folder; sae_jax: our own layout, for "
+                             "every arch (crosscoders, CLTs); auto (default): saelens where "
+                             "SAELens can load the arch, else sae_jax")
     parser.add_argument("--step", type=int, help="checkpoint to export (default: the latest)")
     parser.add_argument("--force", action="store_true",
                         help="replace an earlier export in OUT_DIR (the whole folder)")
 
 
 def run(args) -> dict:
-    return export_saelens(args.run_dir, args.out_dir, args.step, args.force)
+    return export_run(args.run_dir, args.out_dir, args.step, args.force, args.format)

@@ -9,6 +9,7 @@ CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 CATALOG_FILE = "feature_catalog.json"
 SAELENS_VERSION = "6.0.0"
+NATIVE_FORMAT = "sae_jax"  # cfg.json's "format" in sae_jax's own layout (`saelens.native`)
 
 EXPORT_ARCH = {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk",
                "batchtopk": "jumprelu", "matryoshka": "jumprelu"}

@@ -11,7 +11,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from sae_jax.data import safetensors_io
+from sae_jax.data.safetensors_io import read_safetensors
 from sae_jax.errors import UserError
 from sae_jax.rundir import IMPORTED_FROM
 from sae_jax.saelens.format import (
@@ -19,24 +19,13 @@ from sae_jax.saelens.format import (
     CFG_DTYPES,
     CFG_FILE,
     IMPORT_ARCH,
+    NATIVE_FORMAT,
     WEIGHTS_FILE,
 )
 
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """All tensors of a safetensors file, which must all be floating point."""
-    tensors = safetensors_io.read_all(path)
-    for name, tensor in tensors.items():
-        if tensor.dtype.kind != "f" and tensor.dtype != ml_dtypes.bfloat16:
-            names = ", ".join(k for k, v in safetensors_io.DTYPES.items()
-                              if np.dtype(v).kind == "f" or v is ml_dtypes.bfloat16)
-            raise UserError(f"{path}: tensor {name!r} has dtype {tensor.dtype}; expected a "
-                            f"float type ({names})")
-    return tensors
 
 
 def _read_cfg(sae_dir: Path) -> dict:
@@ -242,17 +231,39 @@ def load_saelens(sae_dir: str | os.PathLike):
     folding as `import_saelens`."""
     import jax.numpy as jnp
 
-    from sae_jax.sae import SAE
+    from sae_jax.sae import SAE, load_export
 
+    if _is_native(Path(sae_dir)):
+        return load_export(sae_dir)
     _, _, cfg, params = _read_folder(Path(sae_dir))
     return SAE(cfg, {k: jnp.asarray(v) for k, v in params.items()}, 1.0, 0)
 
 
+def _is_native(sae_dir: Path) -> bool:
+    """Whether the folder is an export in sae_jax's own layout (`saelens.native`)."""
+    return sae_dir.is_dir() and (sae_dir / CFG_FILE).is_file() and (
+        _read_cfg(sae_dir).get("format") == NATIVE_FORMAT)
+
+
+def _read_native_run(sae_dir: Path, run_dir: Path):
+    """An export in sae_jax's layout as `(cfg.json, RunInfo, params, step)` for a new run:
+    the exported run's config, scales and step, so the new run encodes bit for bit alike."""
+    from sae_jax.rundir import RunInfo
+    from sae_jax.sae import load_export
+
+    sae = load_export(sae_dir)
+    check_new_run_dir(run_dir)
+    info = RunInfo(sae.config, sae.d_in, sae.input_scale, "",
+                   sae.d_out if sae.transcoder else None, sae.target_scale)
+    return _read_cfg(sae_dir), info, {k: np.asarray(v) for k, v in sae.params.items()}, sae.step
+
+
 def import_saelens(sae_dir: str | os.PathLike, run_dir: str | os.PathLike) -> dict:
-    """Reads a SAELens folder (standard/jumprelu/topk) into a new sae_jax run directory.
+    """Reads a SAELens folder (standard/jumprelu/topk) into a new sae_jax run directory, or
+    an export in sae_jax's own layout (any arch: crosscoders, CLTs) back into a run.
 
     `sae_jax.load(run_dir)` then encodes/decodes raw activations as SAELens's
-    `SAE.load_from_disk(sae_dir)` does.
+    `SAE.load_from_disk(sae_dir)` does (as the exported run did, for our layout).
 
     Returns:
       `{"arch", "source_architecture", "d_in", "d_sae", "k", "run_dir", "files"}`.
@@ -263,16 +274,21 @@ def import_saelens(sae_dir: str | os.PathLike, run_dir: str | os.PathLike) -> di
     from sae_jax.rundir import RunInfo
 
     sae_dir, run_dir = Path(sae_dir), Path(run_dir)
-    cfg_json, info, cfg, params = _read_folder(sae_dir, run_dir)
-    written = write_params_run(run_dir, RunInfo(cfg, info["d_in"], 1.0, ""), params)
+    if _is_native(sae_dir):
+        cfg_json, run, params, step = _read_native_run(sae_dir, run_dir)
+        source_arch = NATIVE_FORMAT
+    else:
+        cfg_json, info, cfg, params = _read_folder(sae_dir, run_dir)
+        run, step, source_arch = RunInfo(cfg, info["d_in"], 1.0, ""), 0, info["arch"]
+    written = write_params_run(run_dir, run, params, step)
     source = {"sae_dir": str(sae_dir.absolute()), "cfg": cfg_json}
     (run_dir / IMPORTED_FROM).write_text(json.dumps(source, indent=2) + "\n")
     written.insert(1, IMPORTED_FROM)
     if (sae_dir / CATALOG_FILE).is_file():
         shutil.copyfile(sae_dir / CATALOG_FILE, run_dir / CATALOG_FILE)
         written.append(CATALOG_FILE)
-    return {"arch": cfg.arch, "source_architecture": info["arch"], "d_in": info["d_in"],
-            "d_sae": info["d_sae"], "k": cfg.k, "run_dir": str(run_dir.absolute()),
+    return {"arch": run.config.arch, "source_architecture": source_arch, "d_in": run.d_in,
+            "d_sae": run.config.width, "k": run.config.k, "run_dir": str(run_dir.absolute()),
             "files": written}
 
 

@@ -8,8 +8,10 @@ architecture adds. Inputs here are already scaled (E‖x‖² = d_in); see `sae_
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
+from functools import partial
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -20,6 +22,25 @@ from jaxtyping import Array, Float
 from sae_jax.mesh import logical_to_spec
 
 Params = dict[str, Array]
+
+_BASELINE = False
+
+
+@contextlib.contextmanager
+def baseline():
+    """Traces inside this block build the step as it was before the step-speed work (issue
+    20): b_dec's encoder gradient as a dense matmul, the sparse decode through a gathered
+    (batch, k, d) array. `sae-jax bench` times both in one run; tests compare them."""
+    global _BASELINE
+    previous, _BASELINE = _BASELINE, True
+    try:
+        yield
+    finally:
+        _BASELINE = previous
+
+
+def is_baseline() -> bool:
+    return _BASELINE
 
 BASE_AXES: dict[str, tuple[str, ...]] = {
     "W_enc": ("embed", "latent"),
@@ -144,6 +165,36 @@ def _low_precision_matmul_bwd(operands, g):
 _low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
 
 
+def centered_matmul(x, center, W, compute_dtype_name: str) -> Float[Array, "batch F"]:
+    """`(x − center) @ W` (the encoder: `center` is b_dec) whose gradient for `center` is
+    one mat-vec, `−(Σ_b g) @ Wᵀ`, where autodiff would run a (batch, F) × (F, d) matmul
+    (2·d·F FLOPs per token, a sixth of a dense step) only to sum its rows. The forward
+    and the W gradient are `matmul`'s, bf16 included."""
+    if _BASELINE:
+        return matmul(x - center, W, compute_dtype_name)
+    return _centered_matmul(x, center, W, compute_dtype_name)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _centered_matmul(x, center, W, compute_dtype_name):
+    return matmul(x - center, W, compute_dtype_name)
+
+
+def _centered_matmul_fwd(x, center, W, compute_dtype_name):
+    return _centered_matmul(x, center, W, compute_dtype_name), (x - center, W)
+
+
+def _centered_matmul_bwd(compute_dtype_name, residuals, g):
+    x_in, W = residuals
+    _, transpose = jax.vjp(lambda a, w: matmul(a, w, compute_dtype_name), x_in, W)
+    dx, dW = transpose(g)  # dx is dropped by XLA unless x itself is differentiated
+    dcenter = -(W.astype(jnp.float32) @ jnp.sum(g, axis=0, dtype=jnp.float32))
+    return dx, dcenter.astype(x_in.dtype), dW
+
+
+_centered_matmul.defvjp(_centered_matmul_fwd, _centered_matmul_bwd)
+
+
 def init_dictionary(key, d_in: int, width: int, row_norm: float, data_mean=None) -> Params:
     """Random decoder directions of norm `row_norm`, `W_enc = W_decᵀ`, `b_dec` = data mean.
 
@@ -169,8 +220,8 @@ def encoder_center(params: Params, cfg) -> Float[Array, " d_in"]:
 
 def pre_activations(params: Params, x, cfg, mesh: Mesh | None) -> Float[Array, "batch F"]:
     """`(x - b_dec) @ W_enc + b_enc`, sharded (batch over data, features over model)."""
-    x_in = x - encoder_center(params, cfg)
-    pre = matmul(x_in, params["W_enc"], cfg.compute_dtype) + params["b_enc"]
+    pre = centered_matmul(x, encoder_center(params, cfg), params["W_enc"],
+                          cfg.compute_dtype) + params["b_enc"]
     return constrain(pre, mesh, ("batch", "latent"))
 
 

@@ -33,8 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> dict:
+    from sae_jax.allocator import keep_freed_memory
     from sae_jax.training.sweep import run_sweep_command
     from sae_jax.training.train import train
+
+    keep_freed_memory()  # no page faults for each step's temporaries (before XLA's threads)
 
     overrides = args.overrides + ([f"sweep={args.sweep}"] if args.sweep else [])
     if is_sweep(overrides):  # lists of values: the whole grid in one pass over the data

@@ -16,12 +16,13 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from sae_jax import saes
+from sae_jax import saes, scales
 from sae_jax.config import TrainConfig
 from sae_jax.errors import UserError
 from sae_jax.mesh import batch_sharding, logical_to_sharding, replicated
 from sae_jax.saes import clt
 from sae_jax.saes.common import LossContext, normalize_decoder, remove_parallel_grad
+from sae_jax.scales import Scale
 
 
 @flax.struct.dataclass
@@ -89,8 +90,8 @@ def state_shardings(cfg: TrainConfig, d_in: int, tx, mesh: Mesh, d_out: int | No
                               steps_since_fired=latent)
 
 
-def make_train_step(cfg: TrainConfig, tx, mesh: Mesh | None, input_scale: float,
-                    target_scale: float | None = None):
+def make_train_step(cfg: TrainConfig, tx, mesh: Mesh | None, input_scale: Scale,
+                    target_scale: Scale | None = None):
     """Returns the pure `train_step(state, x_raw) -> (state, metrics)`.
 
     Inside the step: scale the raw batch, take the loss gradient, drop the decoder's parallel
@@ -98,9 +99,11 @@ def make_train_step(cfg: TrainConfig, tx, mesh: Mesh | None, input_scale: float,
     estimated buffers. Metrics are scalars, among them `params_ok` (see `params_ok`: checked
     on device, so the loop refuses to save a broken state without fetching it). With
     `target_scale` (a transcoder) each raw row is the input (`d_in` columns) followed by the
-    target, scaled by `target_scale`.
+    target, scaled by `target_scale`. A scale is a float or per-column (`sae_jax.scales`).
     """
     arch = saes.ARCHITECTURES[cfg.arch]
+    input_scale = scales.multiplier(input_scale)
+    target_scale = None if target_scale is None else scales.multiplier(target_scale)
     dead_steps = math.ceil(cfg.dead_tokens / cfg.batch_size)
 
     def train_step(state: TrainState, x_raw):
@@ -147,8 +150,8 @@ def params_ok(params, x, cfg: TrainConfig, mesh: Mesh | None) -> jax.Array:
     return (finite & jnp.isfinite(jnp.sum(jnp.square(x_hat)))).astype(jnp.float32)
 
 
-def compile_train_step(cfg: TrainConfig, tx, mesh: Mesh, state_sh, input_scale: float,
-                       target_scale: float | None = None):
+def compile_train_step(cfg: TrainConfig, tx, mesh: Mesh, state_sh, input_scale: Scale,
+                       target_scale: Scale | None = None):
     """`jax.jit` of the step with explicit in/out shardings; the old state is donated."""
     step = make_train_step(cfg, tx, mesh, input_scale, target_scale)
     return jax.jit(step, in_shardings=(state_sh, batch_sharding(mesh)),

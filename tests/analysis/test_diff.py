@@ -42,15 +42,20 @@ def test_diff_finds_the_planted_atoms_through_the_entry_point(tmp_path):
     assert (out["source_a"], out["source_b"]) == ("base", "chat")
     result = json.loads((tmp_path / "run/diff/diff.json").read_text())
     assert (tmp_path / "run/diff/diff.png").read_bytes()[:4] == b"\x89PNG"
-    # each planted atom's best latent is in the class of the atom
+    # ≥ 90 % of the planted atoms are recovered (a latent at cosine ≥ 0.9), and each
+    # recovered atom's best latent is in the class of the atom. (The sources' scales
+    # differ by a few percent: a unit atom in raw units is compared in scaled units, as
+    # the diff reads them.)
     import sae_jax
 
     W_dec = np.asarray(sae_jax.load(tmp_path / "run").params["W_dec"])
     cos = (W_dec / np.linalg.norm(W_dec, axis=1, keepdims=True)) @ atoms.T
-    best = cos.argmax(0)
+    best, recovered = cos.argmax(0), cos.max(0) >= 0.9
+    assert recovered.mean() >= 0.9, cos.max(0)
     found = {kind: [] for kind in ("shared", "A-only", "B-only")}
     for atom, latent in enumerate(best):
-        found[kinds[atom]].append(latent in result["latents"][kinds[atom]])
+        if recovered[atom]:
+            found[kinds[atom]].append(latent in result["latents"][kinds[atom]])
     assert all(np.mean(v) >= 0.9 for v in found.values()), found
     assert out["counts"]["A-only"] >= 8 and out["counts"]["B-only"] >= 8
     assert out["median_shared_cosine"] is not None

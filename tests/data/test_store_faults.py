@@ -417,7 +417,7 @@ def test_train_on_a_store_with_a_deleted_chunk_fails_with_one_line(tmp_path):
 
 
 def test_bench_reports_read_speed_with_and_without_checksums():
-    from sae_jax.planning.bench import bench_store_checksums
+    from sae_jax.planning.bench_io import bench_store_checksums
 
     out = bench_store_checksums(d_in=16, n_rows=8192, seed=0, repeat=1)
     assert out["store_read_crc32c_gib_per_s"] > 0 and out["store_read_unchecked_gib_per_s"] > 0

@@ -41,28 +41,30 @@ def test_flops_per_token_is_the_bench_formula():
     from sae_jax.planning.bench import flops_per_token
 
     d, width, k = 384, 24576, 32
-    assert cost.step_flops_per_token("relu", d, width, k, sparse=True) == 12 * d * width
-    assert cost.step_flops_per_token("relu", d, width, k, False, transcoder=True) == (
-        10 * d * width)
-    assert cost.step_flops_per_token("matryoshka", d, width, k, sparse=False) == 24 * d * width
+    assert cost.step_flops_per_token("relu", d, width, k, sparse=True) == 10 * d * width
+    assert cost.step_flops_per_token("relu", d, width, k, False, centre_grad_matmul=True) == (
+        12 * d * width)  # the baseline step: b_dec's encoder gradient as a matmul
+    assert cost.step_flops_per_token("relu", d, width, k, False, transcoder=True,
+                                     centre_grad_matmul=True) == 10 * d * width
+    assert cost.step_flops_per_token("matryoshka", d, width, k, sparse=False) == 22 * d * width
     assert cost.step_flops_per_token("matryoshka", d, width, k, False, inner_levels=1) == (
-        18 * d * width)
+        16 * d * width)
     assert cost.step_flops_per_token("topk", d, width, k, sparse=True) == (2 * d * width
                                                                            + 10 * d * k)
     cfg = make_config(["arch=topk", f"width={width}", f"k={k}"])
     assert flops_per_token(cfg, d, make_mesh("data:8,model:1")) == 2 * d * width + 10 * d * k
-    assert flops_per_token(cfg, d, make_mesh("data:2,model:4")) == 12 * d * width
-    assert cost.run_flops("relu", d, width, k, 1e6, sparse=False) == 12 * d * width * 1e6
+    assert flops_per_token(cfg, d, make_mesh("data:2,model:4")) == 10 * d * width
+    assert cost.run_flops("relu", d, width, k, 1e6, sparse=False) == 10 * d * width * 1e6
 
 
 def test_34m_features_on_v5p_256_by_hand():
     """34M features, d=4096, TopK k=64, 8e9 tokens, batch 4096 on v5p-256 (128 chips)."""
     r = cost.estimate_cost(4096, F34M, 8e9, "v5p-256", arch="topk", k=64, batch_size=4096)
-    per_token = 12 * 4096 * 35_651_584  # sharded dictionary: the dense step
-    assert r["flops_per_token"] == per_token == 1_752_346_656_768
-    assert r["flops"] == pytest.approx(1.4018773e22, rel=1e-6)
-    seconds = 1.4018773e22 / (128 * 459e12 * 0.5)  # chips × bf16 peak × MFU
-    assert r["wall_hours"] == pytest.approx(seconds / 3600, rel=1e-6)  # ≈ 132.6 h
+    per_token = 10 * 4096 * 35_651_584  # sharded dictionary: the dense step
+    assert r["flops_per_token"] == per_token == 1_460_288_880_640
+    assert r["flops"] == pytest.approx(1.1682311e22, rel=1e-6)
+    seconds = 1.1682311e22 / (128 * 459e12 * 0.5)  # chips × bf16 peak × MFU
+    assert r["wall_hours"] == pytest.approx(seconds / 3600, rel=1e-6)  # ≈ 110.5 h
     assert r["chip_hours"] == pytest.approx(128 * seconds / 3600, rel=1e-6)
     assert r["steps"] == 1_953_125
     # the train default (auto mesh) splits the dictionary 128 ways, as docs/sharding-and-tpu.md says
@@ -80,8 +82,8 @@ def test_34m_features_on_v5p_256_by_hand():
 def test_small_relu_on_one_h100_node_by_hand():
     r = cost.estimate_cost(512, 16384, 1e9, "h100-8", arch="relu", batch_size=512)
     assert r["mesh"] == "data:8,model:1"  # 0.2 GB of params + Adam: data parallel
-    assert r["flops"] == 12 * 512 * 16384 * 1e9
-    assert r["wall_hours"] == pytest.approx(12 * 512 * 16384 * 1e9 / (8 * 989e12 * 0.5)
+    assert r["flops"] == 10 * 512 * 16384 * 1e9
+    assert r["wall_hours"] == pytest.approx(10 * 512 * 16384 * 1e9 / (8 * 989e12 * 0.5)
                                             / 3600)
     weights = 2 * 512 * 16384
     mem = r["memory"]
@@ -144,9 +146,9 @@ def test_cli_prints_a_table_and_returns_json(capsys):
     result = cost.run(parse(["--d-model", "4096", "--width", str(F34M), "--tokens",
                                      "8e9", "--k", "64", "--accelerator", "v5p-256"]))
     table = capsys.readouterr().err
-    assert "sae-jax cost" in table and "132.6 h" in table and "data:1,model:128" in table
+    assert "sae-jax cost" in table and "110.5 h" in table and "data:1,model:128" in table
     assert json.loads(json.dumps(result, allow_nan=False)) == result
-    assert result["wall_hours"] == pytest.approx(132.6, abs=0.05)
+    assert result["wall_hours"] == pytest.approx(110.5, abs=0.05)
 
 
 def fit_file(tmp_path):
@@ -172,7 +174,7 @@ def test_from_fit_prices_the_compute_optimal_run(tmp_path, capsys):
     assert plan["predicted_loss"] == pytest.approx(scaling.predict(fit["loss_vs_compute"],
                                                                    budget))
     assert r["flops"] == pytest.approx(budget)  # the run spends the budget
-    assert r["tokens"] == pytest.approx(budget / (12 * 64 * r["width"]))
+    assert r["tokens"] == pytest.approx(budget / (10 * 64 * r["width"]))
     assert "predicted loss" in capsys.readouterr().err
     # a wall-clock budget buys hours × chips × peak × MFU
     r = cost.run(parse(["--d-model", "64", "--accelerator", "h100-8", "--arch", "relu",
