@@ -159,11 +159,9 @@ def test_transcoder_on_gemma2(tmp_path):
     from sae_jax.data.store import open_store
     from sae_jax.lm.harvest import run_harvest
     from sae_jax.sae import load
-    from tests.saes.test_clt import stack_pair_stores
 
-    run_harvest(tmp_path / "l0", model=str(CAUSAL_FIXTURES / "gemma2"), layer=0, pair="mlp",
-                max_tokens=3000, seq_len=32, corpus=corpus, progress=False)
-    stack_pair_stores([open_store(tmp_path / "l0"), open_store(store)], tmp_path / "clt")
+    run_harvest(tmp_path / "clt", model=str(CAUSAL_FIXTURES / "gemma2"), layers=[0, 1],
+                pair="mlp", max_tokens=3000, seq_len=32, corpus=corpus, progress=False)
     cfg = make_config([*TRAIN, "arch=clt_topk", "k=4"])
     train(cfg, tmp_path / "clt", tmp_path / "clt_run", progress=False,
           devices=jax.devices()[:1])

@@ -36,20 +36,6 @@ def clt_meta(layers: list, d: int, model: str | None = None) -> dict:
             "sources": sources}
 
 
-def stack_pair_stores(stores: list, path) -> None:
-    """A CLT store from single-layer MLP pair harvests of the same tokens (what `harvest
-    --pair mlp --layers ...` writes in one pass): rows [in_1 | … | in_L | out_1 | … | out_L]."""
-    n, d = stores[0].n_rows, stores[0].pair[0]
-    tokens = [s.read(name, 0, n) for s in stores[:1] for name in ("token_ids", "positions")]
-    assert all(np.array_equal(s.read("positions", 0, n), tokens[1]) for s in stores)
-    rows = [s.span().read(0, n) for s in stores]
-    meta = {k: v for k, v in stores[0].meta.items() if k not in ("layer", "pair", "hook")}
-    meta.update(clt_meta([s.meta["layer"] for s in stores], d, stores[0].meta["model"]))
-    with StoreWriter(path, d_in=2 * len(stores) * d, meta=meta, with_tokens=True) as w:
-        w.append(np.concatenate([r[:, :d] for r in rows] + [r[:, d:] for r in rows], axis=1),
-                 token_ids=tokens[0], positions=tokens[1])
-
-
 @pytest.fixture(scope="module")
 def planted():
     return cross_layer_data(20_000, D, L, ATOMS, active=2.0, seed=0)

@@ -24,7 +24,6 @@ from sae_jax.training.step import (
 )
 from sae_jax.training.train import train
 from tests.conftest import batch_at, json_result, mesh_devices, sae_jax_cli
-from tests.saes.test_clt import stack_pair_stores
 from tests.test_export import read_export
 
 D_IN, D_OUT, ATOMS = 32, 24, 64
@@ -185,8 +184,7 @@ def test_mlp_transcoder_fidelity_splices_the_mlp_output(tmp_path):
     assert out["cos_spliced"] > out["cos_zero_ablation"]
     assert 0 < out["fvu_spliced"] < 1
 
-    run_harvest(tmp_path / "pairs2", layer=2, **kw)
-    stack_pair_stores([open_store(tmp_path / p) for p in ("pairs2", "pairs")], tmp_path / "clt")
+    run_harvest(tmp_path / "clt", layers=[2, 3], **kw)
     cfg = make_config(arch="clt_topk", width=128, k=8, steps=100, batch_size=128, holdout=0.2)
     train(cfg, tmp_path / "clt", tmp_path / "clt_run", False, jax.devices()[:1])
     r = json_result(sae_jax_cli("eval", tmp_path / "clt_run", tmp_path / "clt",
