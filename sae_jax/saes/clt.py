@@ -38,8 +38,8 @@ Two activations:
   of the concatenation, as Ameisen et al. write it): with unit-norm rows, that sum is 1 for a
   latent writing to one layer and up to √(#targets) when it spreads, so it pays for reach.
 
-One input scale covers all L input blocks and one target scale all L target blocks (as for
-crosscoders: bring layers to comparable norms if they differ much).
+Scaling is outside the architecture: each input and target block gets its own scale (the
+per-source scales of `sae_jax.scales`), so layers of different norms weigh equally.
 """
 
 from __future__ import annotations
