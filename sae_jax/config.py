@@ -21,7 +21,7 @@ from sae_jax.saes import penalties
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "auto")
 CROSSCODER_NORMS = ("sum", "l2")
-TOPK_ARCHS = ("topk", "batchtopk", "crosscoder_topk", "crosscoder_batchtopk")
+TOPK_ARCHS = ("topk", "batchtopk", "crosscoder_topk", "crosscoder_batchtopk", "clt_topk")
 """Architectures with a per-row (or per-row average) k that must fit in the width."""
 
 
@@ -32,7 +32,8 @@ class TrainConfig:
     arch: str = "topk"
     """SAE architecture: relu, jumprelu, topk, batchtopk, matryoshka (Matryoshka BatchTopK), or
     a crosscoder over a multi-source store: crosscoder (ReLU), crosscoder_topk or
-    crosscoder_batchtopk (docs/crosscoders.md)."""
+    crosscoder_batchtopk, or a cross-layer transcoder over a multi-layer MLP pair store:
+    clt_topk (k per layer) or clt_jumprelu (docs/crosscoders.md)."""
     width: int = 4096
     """Number of dictionary features F (the SAE's hidden width)."""
     k: int = 32
@@ -54,11 +55,13 @@ class TrainConfig:
     """Train a transcoder: encode the store's input columns, reconstruct its target columns
     (default: true exactly when the store holds input/target pairs, `harvest --pair`)."""
     sources: tuple[int, ...] | None = None
-    """Crosscoders only: the widths of the sources side by side in each row, e.g. 384,384
-    (default: the store's `sources`, else the whole row as one source)."""
+    """Crosscoders and CLTs only: the widths of the sources side by side in each row, e.g.
+    384,384 (default: the store's `sources`, else the whole row as one source, or a pair
+    store's input and target: a CLT of one layer)."""
     crosscoder_norm: str = "sum"
-    """Crosscoders only: how a latent's per-source decoder norms weigh its sparsity penalty:
-    sum (Σ_s ‖W_dec,i^s‖, Lindsey et al. 2024) or l2 (‖W_dec,i‖ over all sources)."""
+    """Crosscoders and CLTs: how a latent's per-source (per-target-layer) decoder norms weigh
+    its sparsity penalty: sum (Σ_s ‖W_dec,i^s‖, Lindsey et al. 2024) or l2 (‖W_dec,i‖ over
+    all sources)."""
     skip_connection: bool = False
     """Transcoders only: add a learned linear map W_skip from input to target."""
     aux_k: int | None = None
@@ -146,14 +149,14 @@ class TrainConfig:
         _check_choice("crosscoder_norm", self.crosscoder_norm, CROSSCODER_NORMS)
         if self.sources is not None:
             object.__setattr__(self, "sources", tuple(int(d) for d in self.sources))
-            _check(arch.crosscoder, f"sources is for the crosscoder architectures, not "
-                                    f"arch={self.arch}")
+            _check(arch.crosscoder, f"sources is for the crosscoder and CLT architectures, "
+                                    f"not arch={self.arch}")
             _check(len(self.sources) > 0 and all(d > 0 for d in self.sources),
                    f"sources must be positive widths, got {self.sources}")
         if arch.check:
             arch.check(self)
-        _check(self.penalty != "l0" or self.arch == "jumprelu",
-               "penalty=l0 needs the learned thresholds of arch=jumprelu")
+        _check(self.penalty != "l0" or "log_threshold" in arch.extra_axes,
+               "penalty=l0 needs the learned thresholds of arch=jumprelu (or clt_jumprelu)")
         from sae_jax.mesh import parse_mesh  # validates the syntax; sizes are checked later
 
         parse_mesh(self.mesh, n_devices=None)

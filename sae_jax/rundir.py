@@ -105,16 +105,17 @@ def data_widths(cfg: TrainConfig, store) -> tuple[TrainConfig, int, int | None]:
                         "transcoder (leave transcoder unset) or harvest the input alone")
     cfg = dataclasses.replace(cfg, transcoder=transcoder)
     if saes.get(cfg).crosscoder:
-        cfg = dataclasses.replace(cfg, sources=_source_widths(cfg, store))
+        cfg = dataclasses.replace(cfg, sources=_source_widths(cfg, store, transcoder))
     return (cfg, *pair) if transcoder else (cfg, store.d_in, None)
 
 
-def _source_widths(cfg: TrainConfig, store) -> tuple[int, ...]:
-    """A crosscoder's source widths: `cfg.sources` if given (it must agree with the store's
-    own), else the store's, else one source of the whole row."""
+def _source_widths(cfg: TrainConfig, store, transcoder: bool) -> tuple[int, ...]:
+    """A crosscoder's (or CLT's) source widths: `cfg.sources` if given (it must agree with
+    the store's own), else the store's, else one source of the whole row (a pair store's
+    input and target: a CLT of one layer)."""
     stored = store.sources
     stored = None if stored is None else tuple(int(s["d"]) for s in stored)
-    widths = cfg.sources or stored or (store.d_in,)
+    widths = cfg.sources or stored or (store.pair if transcoder else (store.d_in,))
     if stored is not None and widths != stored:
         raise UserError(f"sources={','.join(map(str, widths))} disagrees with store "
                         f"{store.path}, whose sources are {','.join(map(str, stored))}; "

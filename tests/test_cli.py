@@ -221,7 +221,6 @@ def test_analysis_commands_are_wired(capsys):
 def test_bench_without_minilm_skips_only_the_extraction_figures(monkeypatch, capsys):
     """A plain `pip install -e .` has no MiniLM package: bench still prints everything else."""
     import importlib.util
-
     import sys
 
     from sae_jax.planning import bench

@@ -7,7 +7,8 @@ some metrics, arXiv 2602.14111).
   its k largest projections onto random directions. The trained `b_dec` is kept: the data's
   centre is not a feature, so the margin measures the features alone. A transcoder's
   encoder gets its own random directions (its input and target spaces differ) and no skip
-  path.
+  path. A cross-layer transcoder's is a `clt_topk` of fresh random directions (k = its L0
+  per layer), so that it splices layer by layer as the CLT does.
 * `random_init_sae`: the architecture's own fresh init (`saes.init`) at the same config and
   input scale, centred at the trained `b_dec` (training centres it at the data mean). A
   fresh BatchTopK / Matryoshka has no inference threshold yet (training estimates it from
@@ -36,6 +37,7 @@ from sae_jax import saes
 from sae_jax.analysis.core_metrics import HIGHER_IS_BETTER, eval_sums, row_metrics
 from sae_jax.analysis.downstream import recovered
 from sae_jax.sae import SAE
+from sae_jax.saes import clt
 from sae_jax.vectors import unit_vectors
 
 SCORED = ("fvu", "explained_variance", "mse", "l0")
@@ -50,6 +52,8 @@ def unit_gaussian(rng: np.random.Generator, shape: tuple[int, int], axis: int) -
 def random_directions_sae(sae: SAE, l0: float, seed: int = 0) -> SAE:
     """TopK with k = round(l0) (1 … width) over random unit decoder directions, encoder
     their transpose (module docstring)."""
+    if clt.is_clt(sae.config):
+        return _random_directions_clt(sae, l0, seed)
     rng = np.random.default_rng(seed)
     k = min(max(1, round(l0)), sae.width)
     w_dec = unit_gaussian(rng, (sae.width, sae.d_out), axis=1)
@@ -58,6 +62,18 @@ def random_directions_sae(sae: SAE, l0: float, seed: int = 0) -> SAE:
                               skip_connection=False, matryoshka_widths=None)
     params = {"W_enc": jnp.asarray(w_enc), "b_enc": jnp.zeros((sae.width,), jnp.float32),
               "W_dec": jnp.asarray(w_dec), "b_dec": jnp.asarray(sae.params["b_dec"])}
+    return SAE(cfg, params, sae.input_scale, 0, sae.target_scale)
+
+
+def _random_directions_clt(sae: SAE, l0: float, seed: int) -> SAE:
+    """A CLT's random-directions baseline is a `clt_topk` of the same layers (k = l0 / L per
+    layer) at its fresh init: random unit encoder directions per layer, random causal unit
+    decoders, the trained `b_dec`; a plain TopK could not be spliced layer by layer."""
+    layers = clt.n_layers(sae.config)
+    k = min(max(1, round(l0 / layers)), sae.width // layers)
+    cfg = dataclasses.replace(sae.config, arch="clt_topk", k=k, penalty="none",
+                              sparsity_coeff=0.0)
+    params = saes.init(jax.random.key(seed), cfg, sae.d_in, sae.params["b_dec"], sae.d_out)
     return SAE(cfg, params, sae.input_scale, 0, sae.target_scale)
 
 

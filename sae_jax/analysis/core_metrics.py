@@ -175,7 +175,7 @@ def weight_metrics(sae: SAE) -> dict:
     out = {"decoder_sim_mean": float(np.mean(sim)) if len(sim) > 1 else None,
            "decoder_sim_dup_frac": (float(np.mean(sim >= DUPLICATE_COSINE))
                                     if len(sim) > 1 else None)}
-    if sae.d_in != sae.d_out:
+    if sae.params["W_enc"].shape[::-1] != sae.params["W_dec"].shape:  # e.g. a CLT's
         return {**out, "enc_dec_cos_mean": None, "enc_dec_cos_median": None}
     enc = unit_vectors(np.asarray(sae.params["W_enc"], np.float64).T)
     dec = unit_vectors(np.asarray(sae.params["W_dec"], np.float64))

@@ -133,6 +133,9 @@ def diff_run(run_dir: str, a: str | None = None, b: str | None = None) -> dict:
     if not saes.get(info.config).crosscoder:
         raise UserError(f"{run_dir} is a {info.config.arch} run; diff needs a crosscoder "
                         "(arch=crosscoder, crosscoder_topk or crosscoder_batchtopk)")
+    if info.config.transcoder:
+        raise UserError(f"{run_dir} is a cross-layer transcoder ({info.config.arch}); diff "
+                        "compares the sources of a crosscoder")
     widths = tuple(info.config.sources or (info.d_in,))
     if len(widths) < 2:
         raise UserError(f"{run_dir} was trained on one source; diff needs a multi-source store "

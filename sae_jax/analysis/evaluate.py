@@ -31,6 +31,7 @@ from sae_jax.analysis.downstream import LM_BATCH, downstream
 from sae_jax.analysis.downstream import add_arguments as downstream_arguments
 from sae_jax.errors import UserError
 from sae_jax.sae import SAE
+from sae_jax.saes.common import decoder_blocks
 
 DENSITY_BIN_WIDTH = 0.25  # decades per bin of the feature density histogram
 EVAL_JSON = "eval.json"
@@ -83,14 +84,26 @@ def evaluate(sae: SAE, rows, batch_size: int = 4096) -> dict:
       A JSON-friendly dict: the flat `core_metrics` (floats `mse` (per element, raw units),
       `fvu`, `explained_variance`, `l0`, `l0_p1` … `l0_p99`, `dead_frac`, `dense_frac`,
       `shrinkage`, `decoder_sim_mean`, `decoder_sim_dup_frac`, `enc_dec_cos_mean/median`,
-      int `n_rows`), `shrinkage_by_l0`, `l0_hist` (see `l0_histogram`) and
-      `feature_density` (see `density_histogram`).
+      int `n_rows`), `shrinkage_by_l0`, for a crosscoder or CLT `fvu_per_block` (the FVU of
+      each decoder block: each source, or each target layer of a CLT, in row order),
+      `l0_hist` (see `l0_histogram`) and `feature_density` (see `density_histogram`).
     """
     sums = eval_sums(sae, rows, batch_size)
-    return {**row_metrics(sums, sae.d_out), **weight_metrics(sae),
+    blocks = decoder_blocks(sae.config)
+    per_block = {} if not blocks or len(blocks) < 2 else {
+        "fvu_per_block": block_fvu(sums["sq_err"], sums["m2"], blocks)}
+    return {**row_metrics(sums, sae.d_out), **per_block, **weight_metrics(sae),
             "shrinkage_by_l0": shrinkage_by_l0(sums["norm_ratio"], sums["l0"]),
             "l0_hist": l0_histogram(sums["l0"]),
             "feature_density": density_histogram(sums["fires"], sums["n"])}
+
+
+def block_fvu(sq_err: np.ndarray, m2: np.ndarray, widths: tuple[int, ...]) -> list:
+    """FVU of each consecutive column block of the given widths (None where the block's
+    data has no variance)."""
+    bounds = np.cumsum((0, *widths))
+    return [float(sq_err[a:b].sum() / m2[a:b].sum()) if m2[a:b].sum() > 0 else None
+            for a, b in zip(bounds, bounds[1:])]
 
 
 def plot_feature_density(density: dict, title: str | None = None) -> bytes:

@@ -17,6 +17,9 @@ For a **transcoder** (a store of `harvest --pair` rows) what is replaced is the 
 block `layer`'s MLP (`--pair mlp`) or of the whole block (`--pair block`): by the
 transcoder's prediction from that sub-layer's clean input, by zeros, by the mean target, and
 by the prediction plus its error. Everything downstream of the block is the model's own.
+For a **cross-layer transcoder** (`saes.clt`, a multi-layer MLP pair store) the MLP output of
+*every* layer it spans is replaced at once, each by the CLT's prediction from the MLP inputs
+of the patched pass itself (`splice.CrossLayerSplice`); `layer` is then the list of layers.
 
 **Spliced positions** are exactly the tokens the store holds rows for: document tokens
 only, *not* `[CLS]`, `[SEP]` or padding (the SAE never saw those; they are left unchanged),
@@ -41,6 +44,7 @@ import numpy as np
 
 from sae_jax.analysis.heldout import heldout_sequences
 from sae_jax.analysis.moments import rows_mean
+from sae_jax.analysis.splice import CrossLayerSplice, check_one_layer, clt_layers, is_clt
 from sae_jax.batches import padded_batches
 from sae_jax.errors import UserError
 from sae_jax.lm.corpus import Specials
@@ -95,6 +99,54 @@ def _make_runner(layer: int, site: str = "resid"):
     return jax.jit(run)
 
 
+@functools.lru_cache(maxsize=8)
+def _make_clt_runner(layers: tuple[int, ...]):
+    """`_make_runner`'s pass for a cross-layer transcoder: every MLP of `layers` replaced at
+    once (`splice.CrossLayerSplice`: each layer's latents read the patched pass's MLP input),
+    by zeros, by each layer's mean target, and by the prediction plus its error. The clean
+    pass, hooked without changing anything, gives the CLT's error on clean inputs."""
+    from sae_jax.lm import minilm
+
+    position = {layer: p for p, layer in enumerate(layers)}
+
+    def run(params, sae, mean, ids, mask, splice, others=()):
+        n, d = ids.shape[0], sae.d_in // len(layers)
+        n_var = 4 + len(others)
+        sel = splice[..., None]
+        sums = {"err": 0.0, "dev": 0.0}
+        clean_clt = CrossLayerSplice(sae)
+
+        def measure(i, inp, out):
+            p = position[i]
+            x_hat = clean_clt(p, inp)
+            sums["err"] += jnp.where(sel, jnp.square(out - x_hat), 0.0).sum()
+            sums["dev"] += jnp.where(sel, jnp.square(out - mean[p * d:(p + 1) * d]), 0.0).sum()
+            return out
+
+        spliced, with_error, *spliced_others = (CrossLayerSplice(s) for s in (sae, sae, *others))
+
+        def replace(i, inp, out):  # (n_var·n, L, d): the stacked copies' own MLP in/out
+            p = position[i]
+            ins, outs = (a.reshape(n_var, n, *a.shape[1:]) for a in (inp, out))
+            x_err = with_error(p, ins[3])
+            new = jnp.stack([
+                spliced(p, ins[0]),
+                jnp.zeros_like(outs[0]),
+                jnp.broadcast_to(mean[p * d:(p + 1) * d], outs[0].shape),
+                x_err + (outs[3] - x_err),
+                *[o(p, ins[4 + j]) for j, o in enumerate(spliced_others)],
+            ])
+            return jnp.where(sel[None], new, outs).reshape(out.shape)
+
+        tile = lambda a: jnp.concatenate([a] * n_var)  # noqa: E731
+        clean = minilm.embed(params, ids, mask, replace=(layers, measure, "mlp"))
+        variants = minilm.embed(params, tile(ids), tile(mask), replace=(layers, replace, "mlp"))
+        return (jnp.concatenate([clean[None], variants.reshape(n_var, n, -1)]), sums["err"],
+                sums["dev"])
+
+    return jax.jit(run)
+
+
 def downstream_fidelity(sae: SAE, store, n_sequences: int = 128, seed: int = 0,
                         corpus: None | str | os.PathLike | list = None,
                         batch_sequences: int = BATCH_SEQUENCES,
@@ -139,7 +191,14 @@ def downstream_fidelity(sae: SAE, store, n_sequences: int = 128, seed: int = 0,
         raise UserError(f"store {store.path} has d_in={store.d_in}, but the SAE expects "
                         f"d_in={sae.row_width}")
     site = store.meta["pair"]["site"] if sae.transcoder else "resid"
-    layer, seq_len = int(store.meta["layer"]), int(store.meta["seq_len"])
+    if is_clt(sae):
+        layers = clt_layers(sae, store.meta)
+        layer, run = list(layers), _make_clt_runner(layers)
+    else:
+        check_one_layer(sae, store.meta)
+        layer = int(store.meta["layer"])
+        run = _make_runner(layer, site)
+    seq_len = int(store.meta["seq_len"])
     keep_special = bool(store.meta.get("keep_special", False))
     train_rows, heldout = store.split(sae.config.holdout)
     tokenizer = minilm.load_tokenizer()
@@ -150,7 +209,6 @@ def downstream_fidelity(sae: SAE, store, n_sequences: int = 128, seed: int = 0,
     splice = spliced_positions(mask, positions, keep_special)
     target = slice(sae.d_in, None) if sae.transcoder else slice(None)
     mean = jnp.asarray(rows_mean(train_rows, target), jnp.float32)
-    run = _make_runner(layer, site)
     params = minilm.load_params()
     n = len(ids)
     embs, sq_err, sq_dev = [], 0.0, 0.0

@@ -16,6 +16,9 @@ site (`meta["site"]` of block `meta["layer"]`) replaced, at the spliced position
 For a **transcoder** (`meta["pair"]`) what is replaced is block `layer`'s MLP output
 (`pair.site` "mlp") or the whole block's output ("block"), by the transcoder's prediction from
 that sub-layer's clean input (and by zeros, the mean target, the prediction plus its error).
+For a **cross-layer transcoder** (`saes.clt`) the MLP output of every layer it spans is
+replaced at once, each predicted from the MLP inputs of the patched pass itself
+(`splice.CrossLayerSplice`); `layer` is then the list of layers.
 
 **Spliced positions** are the tokens the store holds rows for (`hooks.spliced_positions`):
 document tokens, not BOS or padding, unless the store was harvested with `keep_special`
@@ -51,6 +54,7 @@ from jax.sharding import PartitionSpec as P
 
 from sae_jax.analysis.heldout import heldout_sequences
 from sae_jax.analysis.moments import rows_mean
+from sae_jax.analysis.splice import CrossLayerSplice, check_one_layer, clt_layers, is_clt
 from sae_jax.batches import pad_rows, padded_batches
 from sae_jax.errors import UserError
 from sae_jax.lm.corpus import NO_POSITION
@@ -92,19 +96,72 @@ def _make_runner(arch, layer: int, site: str, mesh):
             return jnp.where(sel[:, None], new, hs).reshape(h.shape)
 
         hook = (layer, site, (lambda _inp, out: replace(out)) if pair else replace)
-        # Copies of a row next to each other: a device's slice of the stacked batch is the
-        # copies of its own rows, so the splice needs no data moved between devices.
-        stacked = jax.lax.with_sharding_constraint(jnp.repeat(ids, 4, axis=0), rows)
-        clean = jax.nn.log_softmax(transformer.forward(arch, params, ids)[:, :-1])
-        variants = transformer.forward(arch, params, stacked, hook=hook)
-        variants = jax.nn.log_softmax(variants.reshape(n, 4, *variants.shape[1:])[:, :, :-1])
-        nxt = ids[:, 1:, None]
-        nll = -jnp.concatenate([jnp.take_along_axis(clean, nxt, -1)[:, None],
-                                jnp.take_along_axis(variants, nxt[:, None], -1)], 1)[..., 0]
-        kl = jnp.sum(jnp.exp(clean)[:, None] * (clean[:, None] - variants), -1)  # (n, 4, T-1)
-        target = target[:, None]
-        return (jnp.where(target, nll, 0.0).sum((0, 2)), jnp.where(target, kl, 0.0).sum((0, 2)),
-                err, dev)
+        clean = transformer.forward(arch, params, ids)
+        return (*_scores(arch, params, ids, target, clean, hook, rows), err, dev)
+
+    return jax.jit(run)
+
+
+def _scores(arch, params, ids, target, clean_logits, hook, rows):
+    """Per-variant sums of next-token CE (clean first) and of KL to clean over the predicted
+    positions, the variants being the 4 stacked copies of each row run with `hook`."""
+    from sae_jax.lm import transformer
+
+    n = ids.shape[0]
+    # Copies of a row next to each other: a device's slice of the stacked batch is the
+    # copies of its own rows, so the splice needs no data moved between devices.
+    stacked = jax.lax.with_sharding_constraint(jnp.repeat(ids, 4, axis=0), rows)
+    clean = jax.nn.log_softmax(clean_logits[:, :-1])
+    variants = transformer.forward(arch, params, stacked, hook=hook)
+    variants = jax.nn.log_softmax(variants.reshape(n, 4, *variants.shape[1:])[:, :, :-1])
+    nxt = ids[:, 1:, None]
+    nll = -jnp.concatenate([jnp.take_along_axis(clean, nxt, -1)[:, None],
+                            jnp.take_along_axis(variants, nxt[:, None], -1)], 1)[..., 0]
+    kl = jnp.sum(jnp.exp(clean)[:, None] * (clean[:, None] - variants), -1)  # (n, 4, T-1)
+    target = target[:, None]
+    return jnp.where(target, nll, 0.0).sum((0, 2)), jnp.where(target, kl, 0.0).sum((0, 2))
+
+
+@functools.lru_cache(maxsize=8)
+def _make_clt_runner(arch, layers: tuple[int, ...], mesh):
+    """`_make_runner`'s pass for a cross-layer transcoder: every MLP of `layers` replaced at
+    once (`splice.CrossLayerSplice`, from the patched pass's own MLP inputs), by zeros, by
+    each layer's mean target and by the prediction plus its error; the clean pass, hooked
+    without changing anything, gives the CLT's error on clean inputs."""
+    from sae_jax.lm import transformer
+
+    position = {layer: p for p, layer in enumerate(layers)}
+    rows = NamedSharding(mesh, P("data", None))
+
+    def run(params, sae, mean, ids, splice, target):
+        n, d = ids.shape[0], arch.d_model
+        sel = splice[..., None]
+        sums = {"err": 0.0, "dev": 0.0}
+        clean_clt, spliced, with_error = (CrossLayerSplice(sae) for _ in range(3))
+
+        def measure(i, inp, out):
+            p, out32 = position[i], out.astype(jnp.float32)
+            x_hat = clean_clt(p, inp)
+            sums["err"] += jnp.where(sel, jnp.square(out32 - x_hat), 0.0).sum()
+            sums["dev"] += jnp.where(sel, jnp.square(out32 - mean[p * d:(p + 1) * d]),
+                                     0.0).sum()
+            return out
+
+        def replace(i, inp, out):  # (n·4, T, d): each row's 4 copies' own MLP in/out
+            p = position[i]
+            ins, outs = (a.reshape(n, 4, *a.shape[1:]) for a in (inp, out))
+            x_err = with_error(p, ins[:, 3])
+            new = jnp.stack([
+                spliced(p, ins[:, 0]),
+                jnp.zeros(outs[:, 0].shape, jnp.float32),
+                jnp.broadcast_to(mean[p * d:(p + 1) * d], outs[:, 0].shape),
+                x_err + (outs[:, 3].astype(jnp.float32) - x_err),
+            ], axis=1).astype(out.dtype)
+            return jnp.where(sel[:, None], new, outs).reshape(out.shape)
+
+        clean = transformer.forward(arch, params, ids, hook=(layers, "mlp", measure))
+        return (*_scores(arch, params, ids, target, clean, (layers, "mlp", replace), rows),
+                sums["err"], sums["dev"])
 
     return jax.jit(run)
 
@@ -154,7 +211,8 @@ def loss_recovered(sae: SAE, store, n_sequences: int = 128, seed: int = 0,
         raise UserError(f"this run is a transcoder, but store {store.path} holds no "
                         "input/output pairs")
     site = meta["pair"]["site"] if sae.transcoder else meta.get("site", "resid")
-    layer = int(meta["layer"])
+    check_one_layer(sae, meta)
+    layer = list(clt_layers(sae, meta)) if is_clt(sae) else int(meta["layer"])
     model = store_model(meta, mesh=mesh)
     train_rows, heldout = store.split(sae.config.holdout)
     sample = heldout_sequences(store, heldout, model.tokenizer, model.specials, n_sequences,
@@ -172,7 +230,8 @@ def loss_recovered(sae: SAE, store, n_sequences: int = 128, seed: int = 0,
     mean = jax.device_put(np.asarray(rows_mean(train_rows, target_cols), np.float32),
                           everywhere)
     sae_here = jax.device_put(sae, everywhere)
-    run = _make_runner(model.arch, layer, site, model.mesh)
+    run = (_make_clt_runner(model.arch, tuple(layer), model.mesh) if is_clt(sae) else
+           _make_runner(model.arch, layer, site, model.mesh))
     n_data = model.mesh.shape["data"]
     ce, kl, sq_err, sq_dev = np.zeros(5), np.zeros(4), 0.0, 0.0
     # Fill rows splice and predict nothing, so they add nothing to the sums.

@@ -83,6 +83,35 @@ def two_source_data(n_rows: int, d: int, n_shared: int, n_exclusive: int,
     return rows.astype(np.float32), atoms.astype(np.float32), kinds
 
 
+def cross_layer_data(n_rows: int, d: int, n_layers: int, n_atoms: int, active: float = 2.0,
+                     seed: int = 0):
+    """A known sparse multi-layer map, as a CLT store row: `[x_1 | … | x_L | y_1 | … | y_L]`.
+
+    Layer l has `n_atoms` atoms with sparse codes c_l; its input is x_l = c_l @ A_l, and
+    atom i of layer l writes to every output y_t, t ≥ l, through its own block B_{l,t}:
+    y_t = Σ_{l ≤ t} c_l @ B_{l,t} + bias. Each atom's planted decoder is the row
+    `[0 … 0 | B_{l,l}[i] | … | B_{l,L−1}[i]]` of width L·d, of unit norm (equal parts per
+    target); a CLT should learn it in a latent of layer l.
+
+    Returns:
+      `(rows (n_rows, 2·L·d), decoders (L·n_atoms, L·d), layer_of (L·n_atoms,))`, float32
+      rows and decoders, atoms of layer l at `layer_of == l`.
+    """
+    rng = np.random.default_rng(seed)
+    codes = [_codes(rng, n_rows, n_atoms, active) for _ in range(n_layers)]
+    inputs = [c @ _atoms(rng, n_atoms, d) for c in codes]
+    decoders = np.zeros((n_layers, n_atoms, n_layers, d))
+    for layer in range(n_layers):
+        for target in range(layer, n_layers):
+            decoders[layer, :, target] = _atoms(rng, n_atoms, d) / np.sqrt(n_layers - layer)
+    outputs = sum(c @ decoders[layer].reshape(n_atoms, -1) for layer, c in enumerate(codes))
+    outputs = outputs + rng.standard_normal(n_layers * d) / np.sqrt(d)
+    rows = np.concatenate([*inputs, outputs], axis=1)
+    layer_of = np.repeat(np.arange(n_layers), n_atoms)
+    return (rows.astype(np.float32), decoders.reshape(n_layers * n_atoms, -1).astype(np.float32),
+            layer_of)
+
+
 def atoms_recovered(W_dec: np.ndarray, atoms: np.ndarray, threshold: float = 0.9) -> float:
     """Fraction of true atoms whose best-matching decoder row has cosine ≥ `threshold`."""
     W = W_dec / np.maximum(np.linalg.norm(W_dec, axis=1, keepdims=True), 1e-12)

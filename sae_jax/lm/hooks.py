@@ -43,17 +43,21 @@ from the residual stream at the hooked layer."""
 
 
 def check_model_store(store, what: str = "fidelity", tokens: bool = False) -> None:
-    """Refuses a store the model cannot be re-run for: not a MiniLM or causal-LM harvest, or
-    missing its layer, sequence length or positions (and token ids, with `tokens`)."""
+    """Refuses a store the model cannot be re-run for: not a MiniLM or causal-LM harvest,
+    several models or hooks side by side (but a cross-layer transcoder's store of one model's
+    MLPs, `--pair mlp --layers`), or missing its layer, sequence length or positions (and
+    token ids, with `tokens`)."""
     meta = store.meta
     sources = meta.get("sources") or []
-    if len(sources) > 1:
+    clt_store = meta.get("pair") is not None and "layers" in meta  # one model, its MLPs
+    if len(sources) > 1 and not clt_store:
         raise UserError(f"{what} re-runs one model at one hook; store {store.path} holds "
                         f"{len(sources)} sources side by side "
                         f"({', '.join(str(s.get('name')) for s in sources)})")
     if (meta.get("source") != "harvest"
             or (meta.get("model") != MODEL_NAME and not is_causal(meta))
-            or "layer" not in meta or "seq_len" not in meta or store.positions is None
+            or ("layer" not in meta and "layers" not in meta) or "seq_len" not in meta
+            or store.positions is None
             or (tokens and store.token_ids is None)):
         raise UserError(f"{what} {NOT_MODEL_BACKED} (store {store.path} has source "
                         f"{meta.get('source')!r}, model {meta.get('model')!r})")

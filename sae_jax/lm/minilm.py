@@ -13,6 +13,7 @@ bf16/TF32 passes; the model is small enough that this costs little.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -312,7 +313,10 @@ def forward(
         steer. Must be static under `jit` (e.g. `static_argnames="replace"`). As
         `(layer_index, fn, site)` with site "mlp" or "block", `fn(inp, out) -> out_new`
         replaces the output of block `layer_index`'s MLP or of the whole block, given its
-        input (a transcoder's splice); site "resid" is the default above.
+        input (a transcoder's splice); site "resid" is the default above. As
+        `(layers, fn, site)` with a tuple of layers, `fn(i, inp, out) -> out_new` (pair sites)
+        or `fn(i, h)` replaces the value at each block i of them, in order, in this one pass
+        (a cross-layer transcoder's splice).
       n_layers: run only the first `n_layers` blocks (0..6; default all six) and return the
         stream up to there, e.g. to harvest layer 3 without paying for layers 4-6. Static
         under `jit`; the returned states equal the first `n_layers + 1` of a full run.
@@ -325,11 +329,15 @@ def forward(
     if not 0 <= n_layers <= N_LAYERS:
         raise UserError(f"n_layers must be in [0, {N_LAYERS}], got {n_layers}")
     site = "resid" if replace is None or len(replace) < 3 else replace[2]
-    if replace is not None:
-        _check_site(replace[0], site, n_layers)
+    at = () if replace is None else (
+        replace[0] if isinstance(replace[0], tuple) else (replace[0],))
+    for index in at:
+        _check_site(index, site, n_layers)
 
     def hooked(where: str, i: int):
-        return replace[1] if replace is not None and site == where and replace[0] == i else None
+        if site != where or i not in at:
+            return None
+        return functools.partial(replace[1], i) if isinstance(replace[0], tuple) else replace[1]
 
     x = _embeddings(params, input_ids)
     key_mask = jnp.asarray(attention_mask).astype(bool)
@@ -427,4 +435,6 @@ class MiniLM:
 
 def _static(replace) -> Replace | None:
     # `jit` hashes static args: a list would be rejected, a tuple of (int, function) is fine.
-    return None if replace is None else (int(replace[0]), *replace[1:])
+    if replace is None or isinstance(replace[0], tuple):
+        return replace
+    return (int(replace[0]), *replace[1:])

@@ -225,7 +225,9 @@ def forward(arch: Arch, params: dict, ids: jax.Array, *, hook: Hook | None = Non
 
     Args:
       hook: `(layer, site, fn)`: the value at `site` of block `layer` is replaced by
-        `fn(value)` (pair sites: `fn(input, output) -> output`) before the model reads on.
+        `fn(value)` (pair sites: `fn(input, output) -> output`) before the model reads on;
+        with a tuple of layers, by `fn(layer, value)` (`fn(layer, input, output)`) at each of
+        them, in order, in this one pass (a cross-layer transcoder's splice).
       capture: `((layer, site), ...)`: return the values there (a tuple, in this order)
         instead of logits (pair sites: input and output concatenated on the last axis),
         running no block after the last of these layers.
@@ -233,17 +235,18 @@ def forward(arch: Arch, params: dict, ids: jax.Array, *, hook: Hook | None = Non
     Returns:
       float32 logits `(B, T, vocab)`, or the captured activations in the params' dtype.
     """
-    for where in (hook, *capture):
-        if where is not None:
-            check_site(arch, where[0], where[1])
+    hooked = () if hook is None else hook[0] if isinstance(hook[0], tuple) else (hook[0],)
+    for layer, site in (*((i, hook[1]) for i in hooked), *capture):
+        check_site(arch, layer, site)
     captured = {}
 
     def at(layer: int, site: str, *values):
         if (layer, site) in capture:
             captured[layer, site] = (jnp.concatenate(values, -1) if len(values) > 1
                                      else values[-1])
-        if hook is not None and tuple(hook[:2]) == (layer, site):
-            return hook[2](*values)
+        if hook is not None and site == hook[1] and layer in hooked:
+            return (hook[2](layer, *values) if isinstance(hook[0], tuple)
+                    else hook[2](*values))
         return values[-1]
 
     h = embed(arch, params, ids)

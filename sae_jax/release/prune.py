@@ -39,6 +39,7 @@ from sae_jax.release import pruning
 from sae_jax.rundir import PRUNED_FROM, read_run
 from sae_jax.sae import SAE, load
 from sae_jax.saelens.import_sae import check_new_run_dir, write_params_run
+from sae_jax.saes import clt
 from sae_jax.training.metrics import METRICS_FILE
 
 BENCH_ROWS, BENCH_REPEAT, BENCH_BEST_OF = 4096, 3, 5
@@ -206,6 +207,9 @@ def prune(args) -> dict:
         raise UserError("prune's OUT must be a local directory")
     check_new_run_dir(out)
     info = read_run(args.run_dir)
+    if clt.is_clt(info.config):
+        raise UserError(f"prune does not handle cross-layer transcoders yet ({args.run_dir} is "
+                        f"arch={info.config.arch}: its latents are interleaved by layer)")
     sae = load(args.run_dir)
     _check_options(args, sae)
     store = _open_data(args.run_dir, info, args.data)

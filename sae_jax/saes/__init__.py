@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from sae_jax.saes import (
     batch_sparse,
     batchtopk,
+    clt,
     crosscoder,
     jumprelu,
     matryoshka,
@@ -37,7 +38,7 @@ from sae_jax.saes.penalties import PENALTIES
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.name: a for a in (relu.ARCH, jumprelu.ARCH, topk.ARCH, batchtopk.ARCH, matryoshka.ARCH,
-                        *crosscoder.ARCHS)
+                        *crosscoder.ARCHS, *clt.ARCHS)
 }
 
 
@@ -50,11 +51,14 @@ def init(key, cfg, d_in: int, data_mean=None, d_out: int | None = None) -> Param
 
     `data_mean` is the mean of what is reconstructed: the input for an SAE, the target (of
     width `d_out`) for a transcoder."""
+    arch = get(cfg)
     if not cfg.transcoder:
-        return get(cfg).init(key, cfg, d_in, data_mean)
+        return arch.init(key, cfg, d_in, data_mean)
     key, out_key = jax.random.split(key)
-    params = get(cfg).init(key, cfg, d_in, None)
-    return transcoder_params(out_key, params, d_out or d_in, data_mean, cfg.skip_connection)
+    params = arch.init(key, cfg, d_in, None)
+    d_out = d_out or d_in
+    mask = arch.decoder_mask(cfg, d_out) if arch.decoder_mask else None
+    return transcoder_params(out_key, params, d_out, data_mean, cfg.skip_connection, mask)
 
 
 def encode(params: Params, x, cfg, mesh=None) -> Code:
@@ -87,6 +91,9 @@ def loss(params: Params, x, cfg, ctx: LossContext | None = None, mesh=None, targ
       `fired` mask (F,), and the architecture's statistics.
     """
     arch = get(cfg)
+    if arch.decoder_mask:  # masked entries get exactly zero gradient (`Architecture`)
+        mask = arch.decoder_mask(cfg, params["W_dec"].shape[1])
+        params = {**params, "W_dec": params["W_dec"] * mask}
     if ctx is None:
         ctx = LossContext(jnp.float32(cfg.sparsity_coeff), jnp.zeros((cfg.width,), bool))
     code = (arch.train_encode or arch.encode)(params, x, cfg, mesh)

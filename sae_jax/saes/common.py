@@ -100,7 +100,10 @@ class Architecture:
       check: `(cfg) -> None`, raises `UserError` for config values it cannot use.
       crosscoder: the row is several sources side by side (`cfg.sources`), and the
         sparsity penalty weighs each latent by its per-source decoder norms
-        (`saes.crosscoder`).
+        (`saes.crosscoder`; a CLT's sources are its input blocks then its target blocks).
+      decoder_mask: `(cfg, d_out) -> (F, d_out)` of 0/1: decoder entries that must stay
+        exactly zero (a CLT's causal blocks, `saes.clt`). They start at zero and the loss
+        reads `W_dec` through the mask, so their gradient, and hence every update, is zero.
     """
 
     name: str
@@ -115,6 +118,7 @@ class Architecture:
     unit_norm_decoder: bool = False
     check: Callable | None = None
     crosscoder: bool = False
+    decoder_mask: Callable | None = None
 
     def param_axes(self) -> dict[str, tuple[str, ...]]:
         return {**BASE_AXES, **self.extra_axes}
@@ -238,12 +242,15 @@ def skip(params: Params, x, cfg) -> Float[Array, "batch d_out"] | float:
     return matmul(x, params["W_skip"].T, cfg.compute_dtype)
 
 
-def transcoder_params(key, params: Params, d_out: int, target_mean, skip_connection: bool):
+def transcoder_params(key, params: Params, d_out: int, target_mean, skip_connection: bool,
+                      mask=None):
     """Turns freshly initialised SAE params into a transcoder's: decoder rows of the same
-    norms in the target space, `b_dec` at the target mean, `W_skip` at zero (so training
-    starts from the plain transcoder, as SAELens's `SkipTranscoder` does)."""
+    norms in the target space (zero where `mask`, `Architecture.decoder_mask`, is 0),
+    `b_dec` at the target mean, `W_skip` at zero (so training starts from the plain
+    transcoder, as SAELens's `SkipTranscoder` does)."""
     norms = decoder_norms(params)[:, None]
     W_dec = jax.random.normal(key, (params["W_dec"].shape[0], d_out), jnp.float32)
+    W_dec = W_dec if mask is None else W_dec * mask
     W_dec = norms * W_dec / jnp.linalg.norm(W_dec, axis=1, keepdims=True)
     b_dec = jnp.zeros((d_out,), jnp.float32) if target_mean is None else jnp.asarray(
         target_mean, jnp.float32)
@@ -268,11 +275,21 @@ def source_norms(W_dec, widths: tuple[int, ...]) -> Float[Array, "F S"]:
     return jnp.sqrt(jnp.maximum(jnp.stack(squares, axis=1), 1e-30))
 
 
+def decoder_blocks(cfg) -> tuple[int, ...] | None:
+    """The widths of `W_dec`'s column blocks: a crosscoder's sources, a CLT's target blocks
+    (the second half of its sources: a transcoder's decoder writes the target only)."""
+    widths = getattr(cfg, "sources", None)
+    if not widths:
+        return None
+    return tuple(widths[len(widths) // 2:]) if cfg.transcoder else tuple(widths)
+
+
 def penalty_norms(params: Params, cfg) -> Float[Array, " F"]:
     """What each latent's activation is multiplied by in the sparsity penalty: its decoder
-    norm, or for a crosscoder with `crosscoder_norm=sum` the sum of its per-source decoder
-    norms (Lindsey et al. 2024), which makes a latent pay for every source it writes to."""
-    widths = getattr(cfg, "sources", None)
+    norm, or for a crosscoder (or CLT) with `crosscoder_norm=sum` the sum of its per-source
+    (per-target-layer) decoder norms (Lindsey et al. 2024), which makes a latent pay for
+    every source it writes to."""
+    widths = decoder_blocks(cfg)
     if not widths or len(widths) == 1 or cfg.crosscoder_norm == "l2":
         return decoder_norms(params)
     return source_norms(params["W_dec"], widths).sum(axis=1)

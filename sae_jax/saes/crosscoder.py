@@ -50,7 +50,7 @@ def source_widths(cfg, d_in: int) -> tuple[int, ...]:
 def check(cfg) -> None:
     if cfg.transcoder:
         raise UserError("crosscoders read plain or multi-source rows, not transcoder pairs "
-                        "(cross-layer transcoders are not built yet: issue 19)")
+                        "(for a multi-layer MLP pair store: arch=clt_topk or clt_jumprelu)")
 
 
 def _init_with(plain_init):

@@ -20,6 +20,7 @@ from sae_jax import saes, scales
 from sae_jax.config import TrainConfig
 from sae_jax.errors import UserError
 from sae_jax.mesh import batch_sharding, logical_to_sharding, replicated
+from sae_jax.saes import clt
 from sae_jax.saes.common import LossContext, normalize_decoder, remove_parallel_grad
 from sae_jax.scales import Scale
 
@@ -165,3 +166,7 @@ def check_mesh_fits(cfg: TrainConfig, mesh: Mesh) -> None:
     if cfg.width % model:
         raise UserError(f"width={cfg.width} must be divisible by the model axis "
                         f"({model} devices)")
+    layers = clt.n_layers(cfg) if clt.is_clt(cfg) else 1
+    if (cfg.width // layers) % model:
+        raise UserError(f"width/layers = {cfg.width // layers} (a CLT's latents per layer) "
+                        f"must be divisible by the model axis ({model} devices)")

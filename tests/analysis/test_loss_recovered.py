@@ -154,6 +154,22 @@ def test_transcoder_on_gemma2(tmp_path):
     assert lm["site"] == "mlp" and lm["layer"] == 1 and r["loss_recovered"] is not None
     check_arithmetic(lm)
 
+    # A cross-layer transcoder on the MLPs of blocks 0 and 1: both replaced at once.
+    from sae_jax.analysis.loss_recovered import loss_recovered
+    from sae_jax.data.store import open_store
+    from sae_jax.lm.harvest import run_harvest
+    from sae_jax.sae import load
+
+    run_harvest(tmp_path / "clt", model=str(CAUSAL_FIXTURES / "gemma2"), layers=[0, 1],
+                pair="mlp", max_tokens=3000, seq_len=32, corpus=corpus, progress=False)
+    cfg = make_config([*TRAIN, "arch=clt_topk", "k=4"])
+    train(cfg, tmp_path / "clt", tmp_path / "clt_run", progress=False,
+          devices=jax.devices()[:1])
+    lm = loss_recovered(load(tmp_path / "clt_run"), open_store(tmp_path / "clt"),
+                        n_sequences=N_SEQ, corpus=corpus)
+    assert lm["layer"] == [0, 1]
+    check_arithmetic(lm)
+
 
 def test_refusals(llama, synthetic_store):
     """Not a causal store: loss recovered says so; a causal store: MiniLM fidelity says so."""

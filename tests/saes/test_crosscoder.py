@@ -58,7 +58,7 @@ def test_sources_reach_the_architecture_from_the_store(store):
     assert cfg.sources == (D, D) and d_in == 2 * D and d_out is None
     with pytest.raises(UserError, match=r"sources=8,24 disagrees with store .*16,16"):
         data_widths(make_config(arch="crosscoder", sources=(8, 24)), store)
-    with pytest.raises(UserError, match="sources is for the crosscoder architectures"):
+    with pytest.raises(UserError, match="sources is for the crosscoder and CLT architectures"):
         make_config(arch="relu", sources=(16, 16))
     with pytest.raises(UserError, match=r"add up to 10, but the rows have width 32"):
         saes.init(jax.random.key(0), make_config(arch="crosscoder", sources=(4, 6)), 2 * D)

@@ -23,7 +23,7 @@ from sae_jax.training.step import (
     state_shardings,
 )
 from sae_jax.training.train import train
-from tests.conftest import batch_at, mesh_devices
+from tests.conftest import batch_at, json_result, mesh_devices, sae_jax_cli
 from tests.test_export import read_export
 
 D_IN, D_OUT, ATOMS = 32, 24, 64
@@ -167,12 +167,15 @@ def test_harvested_pairs_are_the_model_sublayer(params, tmp_path):
 
 def test_mlp_transcoder_fidelity_splices_the_mlp_output(tmp_path):
     """A transcoder on MiniLM's MLP: the spliced pass replaces the MLP output, so adding back
-    its error reproduces the clean embedding, and the prediction beats ablating the MLP."""
+    its error reproduces the clean embedding, and the prediction beats ablating the MLP.
+    Then a cross-layer transcoder on the MLPs of blocks 2 and 3 (`saes.clt`), evaluated
+    through `sae-jax eval`: both MLP outputs replaced at once, block 3's predicted from the
+    MLP input of the patched pass."""
     from sae_jax.analysis.fidelity import downstream_fidelity
     from sae_jax.lm.harvest import run_harvest
 
-    run_harvest(tmp_path / "pairs", layer=3, pair="mlp", max_tokens=6000, seq_len=64,
-                progress=False)
+    kw = dict(pair="mlp", max_tokens=6000, seq_len=64, progress=False)
+    run_harvest(tmp_path / "pairs", layer=3, **kw)
     cfg = make_config(width=256, k=16, steps=150, batch_size=128, holdout=0.2)
     train(cfg, tmp_path / "pairs", tmp_path / "run", False, jax.devices()[:1])
     sae = sae_jax.load(tmp_path / "run")
@@ -180,3 +183,14 @@ def test_mlp_transcoder_fidelity_splices_the_mlp_output(tmp_path):
     assert out["cos_spliced_with_error"] == pytest.approx(1.0, abs=1e-6)
     assert out["cos_spliced"] > out["cos_zero_ablation"]
     assert 0 < out["fvu_spliced"] < 1
+
+    run_harvest(tmp_path / "clt", layers=[2, 3], **kw)
+    cfg = make_config(arch="clt_topk", width=128, k=8, steps=100, batch_size=128, holdout=0.2)
+    train(cfg, tmp_path / "clt", tmp_path / "clt_run", False, jax.devices()[:1])
+    r = json_result(sae_jax_cli("eval", tmp_path / "clt_run", tmp_path / "clt",
+                                "--fidelity-sequences", 8, "--no-baselines"))
+    fidelity = r["fidelity"]
+    assert fidelity["layer"] == [2, 3] and len(r["fvu_per_block"]) == 2
+    assert fidelity["cos_spliced_with_error"] == pytest.approx(1.0, abs=1e-6)
+    assert fidelity["cos_spliced"] > fidelity["cos_zero_ablation"]
+    assert 0 < fidelity["fvu_spliced"] < 1

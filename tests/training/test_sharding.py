@@ -51,13 +51,15 @@ def test_sharding_plan_snapshot():
 
 
 def _train_steps(cfg, rows, spec, n_steps):
+    """`n_steps` of training on `rows`; a transcoder's rows are input then target halves."""
     mesh = _mesh(spec)
     tx = make_optimizer(cfg)
-    _, sh = state_shardings(cfg, rows.shape[1], tx, mesh)
-    mean = rows.mean(0)
-    state = jax.jit(lambda k: init_state(k, cfg, rows.shape[1], mean, tx), out_shardings=sh)(
+    d_in, d_out = (rows.shape[1] // 2,) * 2 if cfg.transcoder else (rows.shape[1], None)
+    _, sh = state_shardings(cfg, d_in, tx, mesh, d_out)
+    mean = rows[:, -(d_out or d_in):].mean(0)
+    state = jax.jit(lambda k: init_state(k, cfg, d_in, mean, tx, d_out), out_shardings=sh)(
         jax.random.key(cfg.seed))
-    step = compile_train_step(cfg, tx, mesh, sh, input_scale=1.0)
+    step = compile_train_step(cfg, tx, mesh, sh, 1.0, 1.0 if cfg.transcoder else None)
     aux_losses = []
     for s in range(n_steps):
         x = jax.device_put(batch_at(rows, cfg, s), NamedSharding(mesh, P("data", None)))
@@ -71,15 +73,18 @@ def test_same_training_result_on_every_mesh(arch, synthetic):
     rows = synthetic[0][:4096]
     # dead_tokens=1 marks non-firing latents dead at once, so AuxK runs sharded too.
     # Crosscoders read the 32 columns as two sources of 16 (the summed-norm penalty); their
-    # encode/decode code is the plain architectures', so two meshes suffice.
+    # encode/decode code is the plain architectures', so two meshes suffice. CLTs read them
+    # as two layers' inputs (8 each) then their two targets: a transcoder of 16 -> 16.
     crosscoder = saes.ARCHITECTURES[arch].crosscoder
+    clt = arch.startswith("clt_")
     cfg = make_config(arch=arch, width=64, k=4, batch_size=64, steps=12, dead_tokens=1,
                       lr=1e-2, sparsity_coeff=0.5 if arch in ("relu", "jumprelu") else None,
-                      sources=(16, 16) if crosscoder else None)
+                      sources=(8,) * 4 if clt else (16, 16) if crosscoder else None,
+                      transcoder=clt or None)
     meshes = ["data:1,model:1", "data:2,model:4"] if crosscoder else MESHES
     results = {spec: _train_steps(cfg, rows, spec, 12) for spec in meshes}
     ref_params, ref_metrics = results[meshes[0]]
-    if arch in ("topk", "batchtopk", "crosscoder_topk", "crosscoder_batchtopk"):
+    if arch in ("topk", "batchtopk", "crosscoder_topk", "crosscoder_batchtopk", "clt_topk"):
         assert ref_metrics["aux_max"] > 0  # the dead-latent path really ran
     for spec, (params, metrics) in results.items():
         for name in ref_params:
