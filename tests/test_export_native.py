@@ -21,6 +21,7 @@ from sae_jax.rundir import RunInfo
 from sae_jax.sae import param_shapes
 from sae_jax.saelens.export import export_native, export_run
 from sae_jax.saelens.import_sae import import_saelens, load_saelens, write_params_run
+from sae_jax.saes import clt
 from tests.conftest import json_result, sae_jax_cli
 
 ARCHS = ["crosscoder", "crosscoder_topk", "crosscoder_batchtopk"]
@@ -83,6 +84,31 @@ def test_crosscoder_export_load_and_import_round_trip(arch, x_raw, tmp_path):
     with pytest.raises(UserError, match=f"no SAELens export for arch={arch}.*--format sae_jax"):
         export_run(run, tmp_path / "sl", fmt="saelens")
     assert not (tmp_path / "sl").exists()
+
+
+@pytest.mark.parametrize("arch", ["clt_topk", "clt_jumprelu"])
+def test_cross_layer_transcoder_round_trip(arch, tmp_path):
+    """A CLT (3 layers of 8: inputs then targets, per-source scales on both sides) exports in
+    the sae_jax layout and loads back with the same encode/decode; its causal blocks stay 0."""
+    layers, d = 3, 8
+    cfg = make_config(arch=arch, width=48, k=2, sources=(d,) * 2 * layers, transcoder=True)
+    rng = np.random.default_rng(3)
+    mask = np.asarray(clt.decoder_mask(cfg, layers * d))
+    params = {k: (rng.normal(size=s.shape) * 0.3).astype(s.dtype)
+              for k, s in param_shapes(cfg, layers * d, layers * d).items()}
+    params["W_dec"] = params["W_dec"] * mask
+    in_scale = tuple(float(c) for c in np.repeat([3.0, 5.0, 7.0], d))
+    out_scale = tuple(float(c) for c in np.repeat([11.0, 13.0, 17.0], d))
+    info = RunInfo(cfg, layers * d, in_scale, "", d_out=layers * d, target_scale=out_scale)
+    write_params_run(tmp_path / "run", info, params, STEP)
+    assert export_run(tmp_path / "run", tmp_path / "out")["format"] == "sae_jax"
+    x = rng.normal(size=(32, layers * d)).astype(np.float32) / 5
+    original, back = sae_jax.load(tmp_path / "run"), sae_jax.load(tmp_path / "out")
+    assert_same_sae(original, back, x)
+    np.testing.assert_array_equal(np.asarray(back.params["W_dec"]) * (1 - mask), 0)
+    imported = import_saelens(tmp_path / "out", tmp_path / "back")
+    assert imported["arch"] == arch
+    assert_same_sae(original, sae_jax.load(tmp_path / "back"), x)
 
 
 def test_plain_runs_export_in_either_layout(tmp_path, x_raw):
