@@ -118,3 +118,44 @@ def diff_dashboard(tmp_path, result):
     assert res.stdout.count('class="contrib"') >= 3 and "chat-only" in res.stdout
     res = _browse((site / "index.html").as_uri(), tmp_path, "--dump-dom")
     assert res.stdout.count('data-diff="B-only"') == 4 and "Model diff: base vs chat" in res.stdout
+
+
+def test_planted_changes_of_the_minilm_diff_experiment():
+    """`experiments/diff_minilm.py`'s generator: added sets move along their own orthogonal
+    unit directions by strength x the set's mean row norm, a removed set loses exactly its
+    shared direction, and nothing else changes; every planted word is one MiniLM token."""
+    from conftest import experiment
+
+    from sae_jax.lm import minilm
+
+    exp = experiment("diff_minilm")
+    rng = np.random.default_rng(0)
+    E = rng.normal(size=(40, 8)).astype(np.float32)
+    other = rng.normal(size=(3, 3)).astype(np.float32)
+    tensors = {exp.WORD_EMBEDDINGS: E, "other": other}
+    new, plan = exp.plant_changes(tensors, [[1, 2], [3]], [[10, 11, 12]], strength=0.5)
+    out = new[exp.WORD_EMBEDDINGS]
+    assert new["other"] is other and out.dtype == np.float32
+    untouched = np.setdiff1d(np.arange(40), [1, 2, 3, 10, 11, 12])
+    np.testing.assert_array_equal(out[untouched], E[untouched])
+    u0, u1, m = (p["direction"] for p in plan)
+    assert [p["expected"] for p in plan] == ["B-only", "B-only", "A-only"]
+    assert abs(u0 @ u1) < 1e-12 and np.isclose(np.linalg.norm(u0), 1)
+    np.testing.assert_allclose(out[[1, 2]] - E[[1, 2]],
+                               np.tile(0.5 * np.linalg.norm(E[[1, 2]], axis=1).mean() * u0,
+                                       (2, 1)), atol=1e-5)
+    np.testing.assert_allclose(m, (E[10:13].mean(0) - E.mean(0)) / np.linalg.norm(
+        E[10:13].mean(0) - E.mean(0)), atol=1e-6)
+    np.testing.assert_allclose(out[10:13] @ m, 0, atol=1e-5)  # the shared direction is gone
+    delta = out[10:13] - E[10:13]  # and only it: the change is parallel to m
+    np.testing.assert_allclose(delta - np.outer(delta @ m, m), 0, atol=1e-5)
+    again, _ = exp.plant_changes(tensors, [[1, 2], [3]], [[10, 11, 12]], strength=0.5)
+    np.testing.assert_array_equal(again[exp.WORD_EMBEDDINGS], out)
+    tokenizer = minilm.load_tokenizer()
+    for words, ids in zip(exp.ADDED + exp.REMOVED, exp.token_sets(tokenizer,
+                                                                   exp.ADDED + exp.REMOVED)):
+        assert len(ids) == len(words)
+    # a latent points at a set when it fired >= 10 times and half its top rows are the set's
+    rows = np.array([np.arange(20), np.arange(20)])
+    tokens = np.array([5] * 10 + [7] * 10)
+    assert exp.pointed_sets(rows, np.array([50, 9]), tokens, [[7], [5, 6]]) == [0, None]
