@@ -90,9 +90,13 @@ def open_rows(src: Path, tensor: str | None) -> tuple[list[Path], list[np.ndarra
 
 def source_names(srcs: list[Path], names: list[str] | None) -> list[str]:
     """One unique name per source: `names`, or each path's stem."""
-    names = [p.stem for p in srcs] if names is None else list(names)
-    if len(names) != len(srcs):
-        raise UserError(f"--names gives {len(names)} names for {len(srcs)} sources")
+    return checked_names([p.stem for p in srcs] if names is None else list(names), len(srcs))
+
+
+def checked_names(names: list[str], n_sources: int) -> list[str]:
+    """`names` if there is one per source, all unique and non-empty; else one line."""
+    if len(names) != n_sources:
+        raise UserError(f"--names gives {len(names)} names for {n_sources} sources")
     if len(set(names)) < len(names) or not all(names):
         raise UserError(f"source names must be unique and non-empty, got {', '.join(names)}; "
                         "name them with --names A,B")

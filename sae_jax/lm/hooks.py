@@ -46,6 +46,11 @@ def check_model_store(store, what: str = "fidelity", tokens: bool = False) -> No
     """Refuses a store the model cannot be re-run for: not a MiniLM or causal-LM harvest, or
     missing its layer, sequence length or positions (and token ids, with `tokens`)."""
     meta = store.meta
+    sources = meta.get("sources") or []
+    if len(sources) > 1:
+        raise UserError(f"{what} re-runs one model at one hook; store {store.path} holds "
+                        f"{len(sources)} sources side by side "
+                        f"({', '.join(str(s.get('name')) for s in sources)})")
     if (meta.get("source") != "harvest"
             or (meta.get("model") != MODEL_NAME and not is_causal(meta))
             or "layer" not in meta or "seq_len" not in meta or store.positions is None

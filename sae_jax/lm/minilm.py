@@ -100,14 +100,11 @@ def load_params(path: str | Path | None = None) -> dict:
     from safetensors.numpy import load_file
 
     folder = Path(path) if path is not None else model_dir()
+    check_config(folder)
     try:
-        config = json.loads((folder / "config.json").read_text())
         tensors = load_file(str(folder / "model.safetensors"))
     except FileNotFoundError as e:
         raise UserError(f"cannot load MiniLM weights from {folder}: {e}") from e
-    bad = {k: (config.get(k), v) for k, v in _EXPECTED_CONFIG.items() if config.get(k) != v}
-    if bad:
-        raise UserError(f"{folder}/config.json is not all-MiniLM-L6-v2 (got, expected): {bad}")
 
     layers = []
     for i in range(N_LAYERS):
@@ -131,6 +128,18 @@ def load_params(path: str | Path | None = None) -> dict:
         "ln": _layer_norm_params(tensors, "embeddings.LayerNorm"),
     }
     return {"embeddings": embeddings, "layers": layers}
+
+
+def check_config(folder: str | Path) -> None:
+    """Refuses a folder whose `config.json` is not all-MiniLM-L6-v2's architecture."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"cannot load MiniLM weights from {folder}: {e}") from e
+    bad = {k: (config.get(k), v) for k, v in _EXPECTED_CONFIG.items() if config.get(k) != v}
+    if bad:
+        raise UserError(f"{folder}/config.json is not all-MiniLM-L6-v2 (got, expected): {bad}")
 
 
 def load_tokenizer(path: str | Path | None = None):
@@ -234,6 +243,31 @@ def _block(p: dict, x: jax.Array, key_mask: jax.Array, mlp_hook=None) -> jax.Arr
     return _layer_norm(p["ln_mlp"], x + out)
 
 
+def _embeddings(params: dict, input_ids: jax.Array) -> jax.Array:
+    """The embedding LayerNorm output: the residual stream at layer 0."""
+    emb = params["embeddings"]
+    x = emb["word"][input_ids] + emb["position"][:input_ids.shape[1]] + emb["token_type"][0]
+    return _layer_norm(emb["ln"], x)
+
+
+def mlp_io_layers(params: dict, input_ids: jax.Array, attention_mask: jax.Array,
+                  layers: Sequence[int]) -> list[tuple[jax.Array, jax.Array]]:
+    """`(input, output)` of the MLP of each block in `layers` (1..6), from ONE pass that
+    runs blocks 1..max(layers): the pairs of a cross-layer transcoder. Each equals
+    `sublayer_io(..., layer, "mlp")`."""
+    for layer in layers:
+        _check_site(layer, "mlp", N_LAYERS)
+    key_mask = jnp.asarray(attention_mask).astype(bool)
+    x, found = _embeddings(params, input_ids), {}
+    for i in range(1, max(layers) + 1):
+        p = params["layers"][i - 1]
+        x_in = _mlp_input(p, x, key_mask)
+        out = _mlp(p, x_in)
+        found[i] = (x_in, out)
+        x = _layer_norm(p["ln_mlp"], x_in + out)
+    return [found[layer] for layer in layers]
+
+
 def sublayer_io(params: dict, input_ids: jax.Array, attention_mask: jax.Array, layer: int,
                 site: str) -> tuple[jax.Array, jax.Array]:
     """`(input, output)` of block `layer`'s MLP (`site="mlp"`) or of the whole block
@@ -297,10 +331,7 @@ def forward(
     def hooked(where: str, i: int):
         return replace[1] if replace is not None and site == where and replace[0] == i else None
 
-    emb = params["embeddings"]
-    length = input_ids.shape[1]
-    x = emb["word"][input_ids] + emb["position"][:length] + emb["token_type"][0]
-    x = _layer_norm(emb["ln"], x)
+    x = _embeddings(params, input_ids)
     key_mask = jnp.asarray(attention_mask).astype(bool)
     states = []
     for i in range(n_layers + 1):

@@ -146,7 +146,7 @@ def test_bad_input_is_one_line(tmp_path, corpus):
     cases = [
         ({"model": str(tmp_path / "nowhere")}, "unknown model .*no such folder"),
         ({"model": str(_folder(tmp_path, "bert", model_type="bert"))},
-         "unsupported model_type 'bert'; supported: gpt2, llama"),
+         "bert/config.json is not all-MiniLM-L6-v2"),  # a BERT folder is read as MiniLM
         ({"model": str(_folder(tmp_path, "noconfig", drop=["config.json"]))}, "no config.json"),
         ({"model": str(_folder(tmp_path, "noweights", drop=["*.safetensors*"]))},
          "no .safetensors weights"),
