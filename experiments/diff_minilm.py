@@ -7,27 +7,39 @@ model, where seed-to-seed `compare` of two separate SAEs cannot?
 1. **The tuned model** is a copy of the packaged MiniLM folder (`minilm.model_dir()`) written
    as a Hugging Face BERT folder (`OUT/tuned_model`, `model.safetensors` via `safetensors`),
    with changes planted in its word embeddings (`plant_changes`):
-   - *added* (expected B-only): for each token set T_j of `ADDED`, every token's embedding row
-     gets `strength` x (the set's mean row norm) x u_j, u_j a seeded random unit direction
-     (orthogonalised across sets). The tuned model has a direction for T_j that the base
-     lacks;
-   - *removed* (expected A-only): for each token set of `REMOVED`, the component of each
-     row along the set's shared direction (its mean row minus the vocabulary's mean row) is
-     projected out. The base has that shared direction, the tuned model lost it.
+   - *added* (expected B-only): 2 seeded random sets T_j of 600 of the corpus's 3000
+     commonest tokens (`choose_sets`); every token's embedding row gets `strength` x (the
+     set's mean row norm) x u_j, u_j a seeded random unit direction (orthogonalised across
+     sets). The tuned model has a direction on T_j that the base lacks;
+   - *removed* (expected A-only): the 600 common tokens furthest along the embeddings' first
+     (frequency-weighted) principal direction (`principal_set`) lose the component of each
+     row along their shared direction (their mean row minus the vocabulary's mean row): the
+     base uses that direction on them, the tuned model does not.
+   Sets of hundreds of unrelated tokens, because a change on a few tokens is absorbed by
+   those tokens' own latents (each shared latent's two decoders simply differ a little), so
+   no latent is exclusive: measured with sets of 60 tokens and the number tokens.
    Optionally (`--noise`) every weight matrix of blocks 1..3 also gets Gaussian noise (RMS =
    noise x its own RMS), as in `drift_minilm.py`, so the planted changes sit in diffuse ones.
-2. **One two-source store**: the same stdlib tokens through both models at layer 3, rows
-   `[x_base | x_tuned]` (both models run on each batch: `harvest` over a function returning
-   both residual streams side by side; `meta.sources` names them base and tuned). Then two
-   single-source stores are split from it, for the separate SAEs.
-3. **Crosscoder** (`crosscoder_batchtopk`) on the two-source store, and `sae-jax diff` with
-   its dashboard section (OUT/xc/diff/dashboard/index.html).
-4. **Contrast**: a TopK SAE on the base store (seed 0) and one on the tuned store (seed 1),
+2. **One two-source store**: `sae-jax harvest OUT/joint --model minilm --model
+   OUT/tuned_model --names base,tuned --layer 3` runs both models on every batch of the same
+   stdlib tokens, rows `[x_base | x_tuned]`. Two single-source stores are split from it (same
+   rows and tokens), for the separate SAEs.
+3. **Crosscoder**: the ReLU crosscoder (`arch=crosscoder`: L1 weighted by the summed
+   per-source decoder norms, the paper's recipe) on the two-source store, and `sae-jax diff`
+   with its dashboard section (OUT/xc/diff/dashboard/index.html). Not `crosscoder_batchtopk`:
+   at these sizes (600 steps, width 512) it classed every latent shared, r in 0.45-0.55,
+   even on activations with a constant direction added on 16 % of the rows, where the ReLU
+   crosscoder gave that direction one latent of r 0.97 (decoder cosine 0.98): the summed-norm
+   penalty shrinks a latent's useless decoder block, TopK's unit norm over all sources does
+   not push it anywhere.
+4. **Contrast**: a ReLU SAE on the base store (seed 0) and one on the tuned store (seed 1),
    matched by `compare` (each reading its own model's activations of the same held-out
    tokens): its *vanished* (base) and *appeared* (tuned) features are its candidate changes.
 
-**Found.** A latent *points at* token set T if it fires on at least `MIN_FIRING` rows and at
-least half of its `TOP` strongest rows (all rows of the store) are tokens of T. A planted
+**Found.** A latent *points at* token set T if it fires on at least 10 rows, at least half of
+its 20 strongest rows (all rows of the store) are tokens of T, and those are at least 5
+different tokens of T (a latent of one common token of the set, which any SAE has, does not
+point at the set). A planted
 change is *found* by a method if some latent of its candidate list points at its set: for the
 crosscoder, its B-only latents for an added set and its A-only latents for a removed one; for
 `compare`, the tuned SAE's appeared features for an added set and the base SAE's vanished
@@ -42,7 +54,6 @@ OUT/diff_summary.json; prints the table. Finished steps are skipped on a rerun.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -52,26 +63,63 @@ from pathlib import Path
 import numpy as np
 
 LAYER = 3
-ADDED = (("raise", "try", "except"), ("true", "false", "none"), ("import", "from"))
-REMOVED = (tuple("0123456789"),)
+N_ADDED, SET_SIZE, POOL = 2, 600, 3000  # 2 random sets of 600 of the 3000 commonest tokens
 STRENGTH = 0.5
-TOP, MIN_FIRING = 20, 10
+TOP, MIN_FIRING, MIN_DISTINCT = 20, 10, 5
 WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"
 SIZES = {
-    "full": {"tokens": 100_000, "width": 1024, "k": 32, "steps": 1000, "batch_size": 1024},
-    "small": {"tokens": 40_000, "width": 512, "k": 32, "steps": 300, "batch_size": 512},
+    "full": {"tokens": 100_000, "width": 1024, "steps": 1000, "batch_size": 1024},
+    "small": {"tokens": 40_000, "width": 512, "steps": 600, "batch_size": 512},
 }
 MAX_ROWS = 20_000  # held-out rows `compare` reads
+LR = 3e-3  # 3.75x the default at width 1024: decoders must travel from their r = 0.5 init
 
 
 # ----------------------------------------------------------------------------------------
 # The planted changes
 
 
-def token_sets(tokenizer, words: tuple[tuple[str, ...], ...]) -> list[list[int]]:
-    """Each word set as the ids of its words that are single tokens of the vocabulary."""
-    sets = [[tokenizer.token_to_id(w) for w in ws] for ws in words]
-    return [[i for i in ids if i is not None] for ids in sets]
+def corpus_counts(tokenizer, tokens: int) -> np.ndarray:
+    """How often each vocabulary id occurs among the first `tokens` document tokens of the
+    stdlib corpus (the tokens the harvest reads, in its order)."""
+    from sae_jax.lm.corpus import make_corpus, sequences
+    from sae_jax.lm.harvest import DEFAULT_SEQ_LEN
+
+    counts, seen = np.zeros(tokenizer.get_vocab_size(), np.int64), 0
+    for seq in sequences(make_corpus(None), tokenizer, DEFAULT_SEQ_LEN):
+        ids = seq.input_ids[seq.positions >= 0][:tokens - seen]
+        np.add.at(counts, ids, 1)
+        seen += len(ids)
+        if seen >= tokens:
+            break
+    return counts
+
+
+def principal_set(E: np.ndarray, counts: np.ndarray, size: int, exclude: list[int],
+                  pool: int = POOL) -> list[int]:
+    """The `size` tokens of the `pool` commonest (not in `exclude`) that lie furthest along
+    the embeddings' first principal direction, weighted by corpus frequency: a direction the
+    base model really uses, shared by many tokens that are common in the data."""
+    common = np.argsort(-counts, kind="stable")[:pool]
+    w = counts[common].astype(np.float64)
+    X = np.asarray(E[common], np.float64)
+    X = (X - (w[:, None] * X).sum(0) / w.sum()) * np.sqrt(w / w.sum())[:, None]
+    pc = np.linalg.svd(X, full_matrices=False)[2][0]
+    pc = pc if np.sum((X @ pc) ** 3) >= 0 else -pc  # the sign whose tail is the long one
+    order = [int(i) for i in common[np.argsort(-(np.asarray(E[common], np.float64) @ pc),
+                                               kind="stable")] if i not in set(exclude)]
+    return sorted(order[:size])
+
+
+def choose_sets(counts: np.ndarray, n_sets: int, size: int, exclude: list[int],
+                seed: int = 0, pool: int = POOL) -> list[list[int]]:
+    """`n_sets` disjoint random sets of `size` tokens from the `pool` commonest ones (not in
+    `exclude`): sets with nothing in common but the direction planted on them, so only a
+    latent of their own can carry it (latents of single tokens would have to absorb it
+    hundreds of times over)."""
+    order = [i for i in np.argsort(-counts, kind="stable") if i not in set(exclude)]
+    picked = np.random.default_rng(seed).permutation(order[:pool])[:n_sets * size]
+    return [sorted(int(i) for i in picked[j * size:(j + 1) * size]) for j in range(n_sets)]
 
 
 def plant_changes(tensors: dict, added: list[list[int]], removed: list[list[int]],
@@ -134,37 +182,17 @@ def write_model(folder: Path, tensors: dict) -> Path:
 # Stores
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def harvest_two(data_dir: Path, tuned_model: Path, tokens: int) -> None:
+    """`sae-jax harvest DATA --model minilm --model TUNED --names base,tuned --layer 3`: both
+    models on every batch of the same stdlib sequences, rows `[x_base | x_tuned]`."""
+    from sae_jax.cli import main as sae_jax
 
-
-def harvest_two(data_dir: Path, models: dict[str, Path], tokens: int) -> None:
-    """Both models on every batch of the same stdlib sequences, rows side by side."""
-    import jax
-    from jax.tree_util import Partial
-
-    from sae_jax.data.store import StoreWriter
-    from sae_jax.lm import minilm
-    from sae_jax.lm.corpus import make_corpus, sequences
-    from sae_jax.lm.harvest import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN, harvest
-    from sae_jax.lm.harvest_models import minilm_plan
-    from sae_jax.lm.hooks import minilm_activations
-
-    fns = [minilm_activations(LAYER, minilm.load_params(path)) for path in models.values()]
-
-    def both(fa, fb, ids, mask):
-        return jax.numpy.concatenate([fa(ids, mask), fb(ids, mask)], axis=-1)
-
-    meta, d = minilm_plan(LAYER, None, DEFAULT_SEQ_LEN, False, tokens)
-    meta["sources"] = [{"name": name, "d": d, "model": str(path),
-                        "hash": sha256(path / "model.safetensors"), "layer": LAYER,
-                        "site": "resid"} for name, path in models.items()]
-    docs = make_corpus(None)
-    seqs = sequences(docs, minilm.load_tokenizer(), DEFAULT_SEQ_LEN)
-    with StoreWriter(data_dir, d_in=2 * d, meta=meta, with_tokens=True) as writer:
-        stats = harvest(Partial(both, *fns), seqs, writer, max_tokens=tokens,
-                        batch_size=DEFAULT_BATCH_SIZE, progress=False)
-        writer.meta.update(corpus=docs.description, **stats)
+    argv = ["harvest", str(data_dir), "--model", "minilm", "--model", str(tuned_model),
+            "--names", "base,tuned", "--layer", str(LAYER), "--max-tokens", str(tokens),
+            "--quiet"]
+    print("sae-jax " + " ".join(argv), file=sys.stderr)
+    if sae_jax(argv) != 0:
+        raise SystemExit("the harvest failed (its error is above)")
 
 
 def split_sources(joint: Path, out: dict[str, Path]) -> None:
@@ -219,7 +247,9 @@ def pointed_sets(rows: np.ndarray, counts: np.ndarray, token_ids: np.ndarray,
         toks = token_ids[r[r >= 0]]
         share = [np.isin(toks, s).sum() / TOP for s in sets]
         best = int(np.argmax(share)) if share else 0
-        out.append(best if c >= MIN_FIRING and share and share[best] >= 0.5 else None)
+        distinct = len(np.unique(toks[np.isin(toks, sets[best])])) if share else 0
+        out.append(best if c >= MIN_FIRING and share and share[best] >= 0.5
+                   and distinct >= MIN_DISTINCT else None)
     return out
 
 
@@ -290,26 +320,28 @@ def main(argv: list[str] | None = None) -> dict:
     from safetensors.numpy import load_file
 
     tokenizer = minilm.load_tokenizer()
-    added, removed = token_sets(tokenizer, ADDED), token_sets(tokenizer, REMOVED)
     base_tensors = load_file(str(minilm.model_dir() / "model.safetensors"))
+    specials = [tokenizer.token_to_id(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]")]
+    counts = corpus_counts(tokenizer, size["tokens"])
+    removed = [principal_set(base_tensors[WORD_EMBEDDINGS], counts, SET_SIZE, specials)]
+    added = choose_sets(counts, N_ADDED, SET_SIZE, removed[0] + specials)
     tuned_tensors, plan = plant_changes(base_tensors, added, removed, args.strength)
     tuned_model = out / "tuned_model"
     if not tuned_model.exists():
         step("write tuned model", write_model, tuned_model, add_noise(tuned_tensors, args.noise))
-    models = {"base": minilm.model_dir(), "tuned": tuned_model}
     joint = out / "joint"
     if not (joint / "meta.json").exists():
-        step("harvest both models", harvest_two, joint, models, size["tokens"])
+        step("harvest both models", harvest_two, joint, tuned_model, size["tokens"])
     stores = {"base": out / "base", "tuned": out / "tuned"}
     step("split sources", split_sources, joint, stores)
 
-    common = {"width": size["width"], "k": size["k"], "steps": size["steps"],
-              "batch_size": size["batch_size"]}
-    step("train crosscoder", train_run, {"arch": "crosscoder_batchtopk", "seed": 0, **common},
+    common = {"width": size["width"], "steps": size["steps"], "batch_size": size["batch_size"],
+              "lr": LR}
+    step("train crosscoder", train_run, {"arch": "crosscoder", "seed": 0, **common},
          joint, out / "xc")
-    step("train sae base", train_run, {"arch": "topk", "seed": 0, **common}, stores["base"],
+    step("train sae base", train_run, {"arch": "relu", "seed": 0, **common}, stores["base"],
          out / "sae_base")
-    step("train sae tuned", train_run, {"arch": "topk", "seed": 1, **common}, stores["tuned"],
+    step("train sae tuned", train_run, {"arch": "relu", "seed": 1, **common}, stores["tuned"],
          out / "sae_tuned")
 
     diff = step("diff", diff_run, str(out / "xc"))
@@ -320,8 +352,9 @@ def main(argv: list[str] | None = None) -> dict:
     xc = sae_jax.load(out / "xc")
     site = step("diff dashboard", lambda: write_diff_site(
         xc, diff, str(joint), out / "xc" / "diff" / "dashboard", png, max_latents=50))
-    cmp = step("compare", compare.compare, out / "sae_base", out / "sae_tuned", stores["base"],
-               stores["tuned"], max_rows=MAX_ROWS)
+    cmp = step("compare", lambda: compare.compare(out / "sae_base", out / "sae_tuned",
+                                                  stores["base"], stores["tuned"],
+                                                  max_rows=MAX_ROWS))
     compare.write_compare_artifacts(cmp, out / "compare")
 
     sets = [p["token_ids"] for p in plan]
@@ -344,6 +377,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "size": size, "strength": args.strength, "noise": args.noise,
         "changes": [{"kind": p["kind"], "expected": p["expected"],
+                     "n_tokens": len(p["token_ids"]),
+                     "share_of_rows": float(np.isin(tokens, p["token_ids"]).mean()),
                      "tokens": [tokenizer.id_to_token(i) for i in p["token_ids"]]}
                     for p in plan],
         "crosscoder": {"counts": diff["counts"], **score(xc_lists, xc_points, plan),
@@ -372,7 +407,8 @@ def table(r: dict) -> str:
              f"| seed-to-seed `compare` (PW-MCC {c['pwmcc']:.3f}) | {c['listed']['A-only']} "
              f"vanished / {c['listed']['B-only']} appeared | {c['found']} of {c['of']} | "
              f"{_pct(c['precision'])} |"]
-    changes = "; ".join(f"{ch['kind']} {{{', '.join(ch['tokens'])}}} -> "
+    changes = "; ".join(f"{ch['kind']} {{{', '.join(ch['tokens'][:4])}, ...}} "
+                        f"({ch['share_of_rows']:.1%} of rows) -> "
                         f"{'found' if x['latents_per_change'][i] else 'missed'} "
                         f"{x['latents_per_change'][i][:3]}"
                         for i, ch in enumerate(r["changes"]))

@@ -123,10 +123,9 @@ def diff_dashboard(tmp_path, result):
 def test_planted_changes_of_the_minilm_diff_experiment():
     """`experiments/diff_minilm.py`'s generator: added sets move along their own orthogonal
     unit directions by strength x the set's mean row norm, a removed set loses exactly its
-    shared direction, and nothing else changes; every planted word is one MiniLM token."""
+    shared direction, and nothing else changes; the added sets are disjoint draws from the
+    commonest tokens, the removed set the common tokens furthest along the main direction."""
     from conftest import experiment
-
-    from sae_jax.lm import minilm
 
     exp = experiment("diff_minilm")
     rng = np.random.default_rng(0)
@@ -151,11 +150,22 @@ def test_planted_changes_of_the_minilm_diff_experiment():
     np.testing.assert_allclose(delta - np.outer(delta @ m, m), 0, atol=1e-5)
     again, _ = exp.plant_changes(tensors, [[1, 2], [3]], [[10, 11, 12]], strength=0.5)
     np.testing.assert_array_equal(again[exp.WORD_EMBEDDINGS], out)
-    tokenizer = minilm.load_tokenizer()
-    for words, ids in zip(exp.ADDED + exp.REMOVED, exp.token_sets(tokenizer,
-                                                                   exp.ADDED + exp.REMOVED)):
-        assert len(ids) == len(words)
-    # a latent points at a set when it fired >= 10 times and half its top rows are the set's
-    rows = np.array([np.arange(20), np.arange(20)])
-    tokens = np.array([5] * 10 + [7] * 10)
-    assert exp.pointed_sets(rows, np.array([50, 9]), tokens, [[7], [5, 6]]) == [0, None]
+    counts = np.array([50, 0, 40, 30, 20, 10, 9, 8, 7, 6, 5, 1])
+    sets = exp.choose_sets(counts, 2, 3, exclude=[2], pool=8)
+    flat = sum(sets, [])
+    assert [len(x) for x in sets] == [3, 3] and len(set(flat)) == 6
+    assert set(flat) <= {0, 3, 4, 5, 6, 7, 8, 9}  # the 8 commonest but the excluded 2
+    assert exp.choose_sets(counts, 2, 3, exclude=[2], pool=8) == sets
+    # the removed set: common tokens far along the main direction (here planted on 5 tokens)
+    E2 = rng.normal(size=(40, 8))
+    E2[[4, 6, 9, 12]] -= 9 * np.eye(8)[2]
+    for sign in (1, -1):  # whatever sign the SVD gives, the long tail is the one taken
+        picked = exp.principal_set(sign * E2, np.arange(40, 0, -1), 4, exclude=[6], pool=20)
+        assert len(picked) == 4 and {4, 9, 12} <= set(picked) and 6 not in picked, picked
+    # a latent points at a set: fired >= 10 times, half its top rows are 5+ of the set's tokens
+    rows = np.array([np.arange(20)] * 3)
+    tokens = np.array([5] * 10 + [10, 11, 12, 13, 14] * 2)
+    sets = [[10, 11, 12, 13, 14], [5, 6]]
+    assert exp.pointed_sets(rows, np.array([50, 9, 50]), tokens, sets) == [0, None, 0]
+    assert exp.pointed_sets(rows[:1], np.array([50]), tokens, [[10, 11, 12, 13], [5]]) == [
+        None]  # 10 rows of token 5 alone, or 4 distinct tokens: neither points
