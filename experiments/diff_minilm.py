@@ -101,6 +101,7 @@ def principal_set(E: np.ndarray, counts: np.ndarray, size: int, exclude: list[in
     the embeddings' first principal direction, weighted by corpus frequency: a direction the
     base model really uses, shared by many tokens that are common in the data."""
     common = np.argsort(-counts, kind="stable")[:pool]
+    common = common[counts[common] > 0]  # tokens that occur
     w = counts[common].astype(np.float64)
     X = np.asarray(E[common], np.float64)
     X = (X - (w[:, None] * X).sum(0) / w.sum()) * np.sqrt(w / w.sum())[:, None]
@@ -113,11 +114,12 @@ def principal_set(E: np.ndarray, counts: np.ndarray, size: int, exclude: list[in
 
 def choose_sets(counts: np.ndarray, n_sets: int, size: int, exclude: list[int],
                 seed: int = 0, pool: int = POOL) -> list[list[int]]:
-    """`n_sets` disjoint random sets of `size` tokens from the `pool` commonest ones (not in
-    `exclude`): sets with nothing in common but the direction planted on them, so only a
+    """`n_sets` disjoint random sets of `size` tokens from the `pool` commonest ones that occur
+    (and are not in `exclude`): sets with nothing in common but the direction planted on them, so only a
     latent of their own can carry it (latents of single tokens would have to absorb it
     hundreds of times over)."""
-    order = [i for i in np.argsort(-counts, kind="stable") if i not in set(exclude)]
+    order = [i for i in np.argsort(-counts, kind="stable")
+             if counts[i] > 0 and i not in set(exclude)]
     picked = np.random.default_rng(seed).permutation(order[:pool])[:n_sets * size]
     return [sorted(int(i) for i in picked[j * size:(j + 1) * size]) for j in range(n_sets)]
 
@@ -374,6 +376,18 @@ def main(argv: list[str] | None = None) -> dict:
                          {"A-only": cmp_lists["A-only"]})["A-only"],
         "B-only": points(sae_jax.load(out / "sae_tuned"), stores["tuned"],
                          {"B-only": cmp_lists["B-only"]})["B-only"]})
+    # Where the change went when no latent is exclusive: every crosscoder latent that points
+    # at a set, with its relative norm and the cosine of its two decoders.
+    everyone = step("score all crosscoder latents", lambda: pointed_sets(
+        *top_rows(xc, open_store(joint), list(range(diff["width"]))), tokens, sets))
+    r_all, cos_all = (np.asarray(diff[k], float) for k in ("relative_norm", "cosine"))
+    pointing = [[i for i, s_ in enumerate(everyone) if s_ == j] for j in range(len(plan))]
+    others = [i for i, s_ in enumerate(everyone) if s_ is None]
+
+    def medians(ids):
+        return {"latents": len(ids), "median_r": _median(r_all[ids]),
+                "median_cosine": _median(cos_all[ids])}
+
     result = {
         "size": size, "strength": args.strength, "noise": args.noise,
         "changes": [{"kind": p["kind"], "expected": p["expected"],
@@ -382,7 +396,9 @@ def main(argv: list[str] | None = None) -> dict:
                      "tokens": [tokenizer.id_to_token(i) for i in p["token_ids"]]}
                     for p in plan],
         "crosscoder": {"counts": diff["counts"], **score(xc_lists, xc_points, plan),
-                       "median_shared_cosine": diff["median_shared_cosine"]},
+                       "median_shared_cosine": diff["median_shared_cosine"],
+                       "pointing": [medians(ids) for ids in pointing],
+                       "other_latents": medians(others)},
         "compare": {"pwmcc": cmp["matched_cosine_mean"], "matched_frac_a": cmp["matched_frac_a"],
                     **score(cmp_lists, cmp_points, plan)},
         "dashboard": site["index"], "seconds": times,
@@ -412,7 +428,20 @@ def table(r: dict) -> str:
                         f"{'found' if x['latents_per_change'][i] else 'missed'} "
                         f"{x['latents_per_change'][i][:3]}"
                         for i, ch in enumerate(r["changes"]))
-    return "\n".join(lines) + "\ncrosscoder per change: " + changes
+    o = x["other_latents"]
+    where = "; ".join(f"set {i}: {p['latents']} latents, median r {_fmt(p['median_r'])}, "
+                      f"cosine {_fmt(p['median_cosine'])}" for i, p in enumerate(x["pointing"]))
+    return ("\n".join(lines) + "\ncrosscoder per change: " + changes
+            + f"\ncrosscoder latents pointing at each set: {where}; the {o['latents']} others: "
+              f"median r {_fmt(o['median_r'])}, cosine {_fmt(o['median_cosine'])}")
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _median(x) -> float | None:
+    return float(np.nanmedian(x)) if len(x) else None
 
 
 def _pct(x) -> str:
