@@ -1,7 +1,7 @@
 """Model diffing on all-MiniLM-L6-v2: does a crosscoder find changes planted in a copy of the
 model, where seed-to-seed `compare` of two separate SAEs cannot?
 
-    python experiments/diff_minilm.py --out runs/diff              # full run, ~15 min
+    python experiments/diff_minilm.py --out runs/diff              # full run, ~9 min
     python experiments/diff_minilm.py --out /tmp/diff --small      # smoke test, ~3 min
 
 1. **The tuned model** is a copy of the packaged MiniLM folder (`minilm.model_dir()`) written
