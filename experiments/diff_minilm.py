@@ -115,9 +115,9 @@ def principal_set(E: np.ndarray, counts: np.ndarray, size: int, exclude: list[in
 def choose_sets(counts: np.ndarray, n_sets: int, size: int, exclude: list[int],
                 seed: int = 0, pool: int = POOL) -> list[list[int]]:
     """`n_sets` disjoint random sets of `size` tokens from the `pool` commonest ones that occur
-    (and are not in `exclude`): sets with nothing in common but the direction planted on them, so only a
-    latent of their own can carry it (latents of single tokens would have to absorb it
-    hundreds of times over)."""
+    (and are not in `exclude`): sets with nothing in common but the direction planted on
+    them, so only a latent of their own can carry it (latents of single tokens would have to
+    absorb it hundreds of times over)."""
     order = [i for i in np.argsort(-counts, kind="stable")
              if counts[i] > 0 and i not in set(exclude)]
     picked = np.random.default_rng(seed).permutation(order[:pool])[:n_sets * size]
