@@ -49,6 +49,10 @@ any planted set: the rest are what a reviewer would wade through.
 Writes OUT/tuned_model, OUT/joint (two-source store), OUT/base, OUT/tuned (split stores),
 OUT/xc (+ xc/diff), OUT/sae_base, OUT/sae_tuned, OUT/compare (compare.json, compare.png) and
 OUT/diff_summary.json; prints the table. Finished steps are skipped on a rerun.
+
+Measured (2026-11-30, full sizes, 9.0 min on a shared 2-core box): every crosscoder latent
+shared, so 0 of 3 changes found by exclusive latents; `compare` (PW-MCC 0.768) found 3 of 3
+among 48 vanished + 57 appeared features (precision 10 %). docs/crosscoders.md reads it.
 """
 
 from __future__ import annotations
