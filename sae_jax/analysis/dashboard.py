@@ -18,7 +18,10 @@ and dark-matter contexts), the table gets causal and explanatory columns, and ea
 feature's page its scores. When the run has an evals report (`RUN_DIR/evals/evals.json`, or
 that of the sweep it belongs to: `evals.read_evals`), the index shows an Evals table: per
 metric the mean ± 95 % CI across runs, each random baseline and the margin over it, and
-PW-MCC. Plain HTML/CSS/JS, no dependencies.
+PW-MCC. A crosscoder diff's site (`sae-jax diff RUN DATA`, `diff_dashboard`) adds `diff.js`
+(`window.SAE_DIFF`, null otherwise): a Model diff section on the index and, on each
+exclusive latent's page, each example's pre-activation and decoder write per model.
+Plain HTML/CSS/JS, no dependencies.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ ASSETS = ("index.html", "app.js", "style.css")
 DATA_JS = "data.js"
 AUDIT_JS = "audit.js"
 EVALS_JS = "evals.js"
+DIFF_JS = "diff.js"
 EVALS_SHOWN = ("runs", "n_runs", "suites", "ci_level", "metrics", "pw_mcc")
 """The parts of an evals report the page shows (not the per-suite `detail`)."""
 
@@ -65,9 +69,10 @@ def _copy_assets(out: Path) -> None:
 
 
 def write_site(catalog: FeatureCatalog, out_dir: str | os.PathLike,
-               audit: dict | None = None, evals: dict | None = None) -> dict:
-    """Writes the static site for an existing catalog (and audit and evals reports) into
-    `out_dir`."""
+               audit: dict | None = None, evals: dict | None = None,
+               diff: dict | None = None) -> dict:
+    """Writes the static site for an existing catalog (and audit and evals reports, and a
+    crosscoder diff: `diff_dashboard`) into `out_dir`."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a directory")
@@ -76,6 +81,7 @@ def write_site(catalog: FeatureCatalog, out_dir: str | os.PathLike,
     _write_audit(audit, out)
     shown = None if evals is None else {k: evals[k] for k in EVALS_SHOWN if k in evals}
     files.write_text(out / EVALS_JS, _script("SAE_EVALS", files.strict_json(shown)))
+    files.write_text(out / DIFF_JS, _script("SAE_DIFF", files.strict_json(diff)))
     write_catalog(catalog, out / CATALOG_FILE)
     return {"index": str(out / "index.html"), "out_dir": str(out),
             "data_js_bytes": (out / DATA_JS).stat().st_size}

@@ -17,8 +17,10 @@ because a crosscoder's shared latents need not write with equal strength to both
 For sources of equal width (two models at one layer), the cosine between a latent's two
 decoders says whether a shared latent also writes the same *direction* in both.
 
-Writes `diff.json` (counts, thresholds, per-latent r, cosine and class, the latent lists),
-and `diff.png` (the histogram of r) to `RUN/diff/` or `--out`.
+Writes `diff.json` (counts, thresholds, per-latent r, decoder norms, cosine and class, the
+latent lists), and `diff.png` (the histogram of r) to `RUN/diff/` or `--out`. Given the
+two-source store (`sae-jax diff RUN DATA`), also a dashboard section in `OUT/dashboard/`
+(`diff_dashboard`): each exclusive latent's top examples with each model's share of them.
 """
 
 from __future__ import annotations
@@ -39,10 +41,16 @@ CLASSES = ("A-only", "shared", "B-only", "mixed", "empty")
 DIFF_JSON, DIFF_PNG = "diff.json", "diff.png"
 
 
+def source_columns(widths: tuple[int, ...], a: int, b: int) -> tuple[tuple[int, int], ...]:
+    """The row columns `((lo_A, hi_A), (lo_B, hi_B))` of sources `a` and `b`."""
+    bounds = np.cumsum([0, *widths]).tolist()
+    return (bounds[a], bounds[a + 1]), (bounds[b], bounds[b + 1])
+
+
 def source_blocks(W_dec: np.ndarray, widths: tuple[int, ...], a: int, b: int):
     """The decoder blocks `(d_A (F, d_a), d_B (F, d_b))` of sources `a` and `b`."""
-    bounds = np.cumsum([0, *widths])
-    return W_dec[:, bounds[a]:bounds[a + 1]], W_dec[:, bounds[b]:bounds[b + 1]]
+    (lo_a, hi_a), (lo_b, hi_b) = source_columns(widths, a, b)
+    return W_dec[:, lo_a:hi_a], W_dec[:, lo_b:hi_b]
 
 
 def relative_norms(d_a: np.ndarray, d_b: np.ndarray) -> np.ndarray:
@@ -86,7 +94,10 @@ def diff_decoders(W_dec: np.ndarray, widths: tuple[int, ...], names: list[str],
         "thresholds": {"exclusive": EXCLUSIVE, "shared": [SHARED_LOW, 1 - SHARED_LOW]},
         "counts": {c: len(v) for c, v in lists.items()},
         "latents": lists,
+        "source_columns": [list(c) for c in source_columns(widths, a, b)],
         "relative_norm": r.tolist(),
+        "decoder_norm_a": np.linalg.norm(d_a, axis=1).tolist(),
+        "decoder_norm_b": np.linalg.norm(d_b, axis=1).tolist(),
         "cosine": None if cos is None else cos.tolist(),
         "median_shared_cosine": (None if cos is None or not lists["shared"] else
                                  float(np.nanmedian(cos[lists["shared"]]))),
@@ -159,24 +170,55 @@ def _source_index(which: str | None, names: list[str], default: int) -> int:
 
 
 def add_arguments(parser) -> None:
-    """`sae-jax diff RUN [--a NAME] [--b NAME] [--out DIR]`."""
+    """`sae-jax diff RUN [DATA] [--a NAME] [--b NAME] [--out DIR] [--max-latents N]`."""
+    from sae_jax.analysis.diff_dashboard import DEFAULT_MAX_LATENTS
+
     parser.add_argument("run_dir", help="a crosscoder run directory")
+    parser.add_argument("data_dir", nargs="?", default=None,
+                        help="its two-source store: also write the dashboard section "
+                             "(OUT/dashboard/index.html) with each exclusive latent's examples")
     parser.add_argument("--a", default=None, help="source A, by name or index (default: first)")
     parser.add_argument("--b", default=None, help="source B, by name or index (default: second)")
     parser.add_argument("--out", default=None, help="where to write diff.json and diff.png "
                                                     "(default: RUN/diff)")
+    parser.add_argument("--max-latents", type=int, default=DEFAULT_MAX_LATENTS,
+                        help="exclusive latents shown per class, the most exclusive first "
+                             f"(default {DEFAULT_MAX_LATENTS})")
+    parser.add_argument("--examples", type=int, default=10,
+                        help="top examples per shown latent (default 10)")
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args) -> dict:
     t0 = time.perf_counter()
+    if args.data_dir is not None:  # refuse bad dashboard arguments before writing anything
+        from sae_jax.data.store import open_store
+
+        for name, value in (("--max-latents", args.max_latents), ("--examples", args.examples),
+                            ("--batch-size", args.batch_size)):
+            if value < 1:
+                raise UserError(f"{name} must be at least 1, got {value}")
+        open_store(args.data_dir)
     result = diff_run(args.run_dir, args.a, args.b)
     out = str(args.out or files.join(args.run_dir, "diff")).rstrip("/")
     if not files.is_remote(out):
         if Path(out).exists() and not Path(out).is_dir():
             raise UserError(f"--out {out} is a file, not a directory")
         Path(out).mkdir(parents=True, exist_ok=True)
+    png = plot_diff(result)
     files.write_bytes(files.join(out, DIFF_JSON), (files.strict_json(result) + "\n").encode())
-    files.write_bytes(files.join(out, DIFF_PNG), plot_diff(result))
+    files.write_bytes(files.join(out, DIFF_PNG), png)
+    site = None
+    if args.data_dir is not None:
+        import sae_jax
+        from sae_jax.analysis.diff_dashboard import SITE_DIR, write_diff_site
+
+        site = write_diff_site(sae_jax.load(args.run_dir), result, args.data_dir,
+                               files.join(out, SITE_DIR), png, max_latents=args.max_latents,
+                               top_k=args.examples, batch_size=args.batch_size,
+                               progress=not args.quiet)
+        print(f"diff dashboard: open {site['index']} in a browser", file=sys.stderr)
     c = result["counts"]
     print(f"{result['source_a']}-only {c['A-only']}, shared {c['shared']}, "
           f"{result['source_b']}-only {c['B-only']}, mixed {c['mixed']}, empty {c['empty']}",
@@ -185,4 +227,5 @@ def run(args) -> dict:
             "source_b": result["source_b"], "counts": c,
             "median_shared_cosine": result["median_shared_cosine"],
             "out": {"json": files.join(out, DIFF_JSON), "png": files.join(out, DIFF_PNG)},
+            "dashboard": site,
             "seconds": round(time.perf_counter() - t0, 2)}

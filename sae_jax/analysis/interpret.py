@@ -148,7 +148,7 @@ def _default_tokenizer(meta: dict):
     return store_tokenizer(meta)
 
 
-def _read_ranges(store, name: str, start: int, rows: np.ndarray) -> np.ndarray:
+def read_ranges(store, name: str, start: int, rows: np.ndarray) -> np.ndarray:
     """`store`'s array `name` at span-local `rows` (sorted, unique), offset by `start`.
 
     Reads at most one block per storage chunk (a read decodes whole chunks, so many small
@@ -344,7 +344,7 @@ def _gather_activations(sae, rows, feats, pair_rows: np.ndarray, pair_cols: np.n
 
     order = np.argsort(inverse, kind="stable")
     inv_sorted = inverse[order]
-    for batch in padded_batches(len(needed), batch_size, lambda lo, hi: _read_ranges(
+    for batch in padded_batches(len(needed), batch_size, lambda lo, hi: read_ranges(
             rows.store, ROWS, rows.start, needed[lo:hi])):
         s, m = batch.start, batch.n_valid
         lo, hi = np.searchsorted(inv_sorted, [s, s + m])
@@ -383,14 +383,14 @@ def _contexts(sae, rows, feats, examples, before, after, batch_size, has_pos, ha
     cand = np.unique(np.clip(centers[:, None] + offs[None, :], 0, n - 1)) if len(centers) \
         else np.zeros(0, np.int64)
     if has_pos:
-        pos = _read_ranges(store, POSITIONS, rows.start, cand)
+        pos = read_ranges(store, POSITIONS, rows.start, cand)
         doc_of = dict(zip(cand.tolist(), pos[:, 0].tolist()))
         tpos_of = dict(zip(cand.tolist(), pos[:, 1].tolist()))
     else:
         doc_of, tpos_of = {}, {}
     tok_of = {}
     if has_tokens:
-        token_ids = _read_ranges(store, TOKEN_IDS, rows.start, cand)
+        token_ids = read_ranges(store, TOKEN_IDS, rows.start, cand)
         tok_of = dict(zip(cand.tolist(), token_ids.tolist()))
     windows: dict[int, tuple[int, int]] = {}
     for r in centers.tolist():

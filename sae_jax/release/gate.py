@@ -1,4 +1,5 @@
-"""`sae-jax gate BUNDLE --policy policy.toml [--baseline PREVIOUS_BUNDLE]`: ship or not.
+"""`sae-jax gate BUNDLE --policy policy.toml [--baseline PREVIOUS_BUNDLE] [--crosscoder RUN]`:
+ship or not.
 
 A release pipeline calls it on a bundle (`sae-jax bundle`) and a policy (`release.policy`):
 
@@ -15,6 +16,12 @@ A release pipeline calls it on a bundle (`sae-jax bundle`) and a policy (`releas
    (`matched_cosine_mean`), and the baseline features that vanished and the new ones that
    appeared (best cosine < `drift_threshold`) are listed for review. Without
    `min_drift_pwmcc` the comparison is reported but decides nothing.
+4. **Model diff.** With `--crosscoder RUN` (a crosscoder trained on the baseline model's and
+   this model's activations of the same tokens, in that source order), `sae-jax diff`
+   classes its latents; `max_diff_exclusive_frac` bounds the fraction of exclusive (A-only +
+   B-only) latents and `diff_shared_latents` lists latents that must stay shared. Separate
+   SAEs differ by training noise alone (seed-to-seed PW-MCC ~0.3-0.4); a crosscoder's
+   shared latents are matched by construction, so what it calls exclusive is the change.
 
 Prints a pass/fail table with reasons (stderr), writes `gate.json` and `gate.md` to `--out`
 (default `BUNDLE/../gate-<bundle name>`; never inside a bundle, whose manifest would then
@@ -220,6 +227,55 @@ def drift_check(policy: Policy, bundle: Path, baseline: Path | None) -> tuple[di
     return out, details
 
 
+DIFF_EXCLUSIVE = "(A-only + B-only) / non-empty latents of --crosscoder"
+DIFF_SHARED = "class of each diff_shared_latents latent in --crosscoder"
+
+
+def diff_check(policy: Policy, crosscoder: Path | None) -> tuple[list[dict], dict | None]:
+    """The crosscoder diff's rows (module docstring, 4.) and its details for gate.json."""
+    from sae_jax.analysis.diff import diff_run
+
+    wanted = [(DIFF_EXCLUSIVE, "diff_exclusive", policy.max_diff_exclusive_frac)] * (
+        policy.max_diff_exclusive_frac is not None) + [
+        (DIFF_SHARED, "diff_shared", 0)] * bool(policy.diff_shared_latents)
+    if crosscoder is None:
+        return [threshold_row(name, metric, None, "<=", limit, policy,
+                              "no --crosscoder run given") for metric, name, limit in wanted], None
+    try:
+        result = diff_run(str(crosscoder))
+    except UserError as e:
+        return [row(name, metric, None, "<=", limit, FAIL, str(e))
+                for metric, name, limit in wanted] or [
+            row("diff", DIFF_EXCLUSIVE, None, None, None, INFO, str(e))], None
+    c, a, b = result["counts"], result["source_a"], result["source_b"]
+    frac = (c["A-only"] + c["B-only"]) / max(result["width"] - c["empty"], 1)
+    summary = (f"{c['A-only']} {a}-only, {c['shared']} shared, {c['B-only']} {b}-only, "
+               f"{c['mixed']} mixed, {c['empty']} empty of {result['width']}")
+    cls = {i: k for k, ids in result["latents"].items() for i in ids}
+    not_shared = {i: cls.get(i, "no such latent") for i in policy.diff_shared_latents
+                  if cls.get(i) != "shared"}
+    details = {"run": str(crosscoder), **{k: result[k] for k in (
+        "source_a", "source_b", "width", "thresholds", "counts", "median_shared_cosine")},
+        "exclusive_frac": frac, "a_only": result["latents"]["A-only"],
+        "b_only": result["latents"]["B-only"],
+        "listed_not_shared": [[i, k] for i, k in not_shared.items()]}
+    rows = []
+    for metric, name, limit in wanted:
+        if name == "diff_exclusive":
+            out = threshold_row(name, metric, frac, "<=", limit, policy)
+            out["reason"] += f"; {summary}"
+        else:
+            out = threshold_row(name, metric, len(not_shared), "<=", 0, policy)
+            listed = ", ".join(f"{i} ({k})" for i, k in list(not_shared.items())[:10])
+            out["reason"] = (f"{len(not_shared)} of {len(policy.diff_shared_latents)} listed "
+                             "latent(s) not shared" + (f": {listed}" if listed else ""))
+        rows.append(out)
+    if not rows:
+        rows = [row("diff_exclusive", DIFF_EXCLUSIVE, frac, None, None, INFO,
+                    f"{summary} (no diff threshold set)")]
+    return rows, files.json_safe(details)
+
+
 def _manifest_problems(bundle: Path) -> list[str]:
     try:
         return verify_manifest(bundle)
@@ -232,15 +288,16 @@ def _brief(problems: list[str], n: int = 3) -> str:
     return "; ".join(problems[:n]) + more
 
 
-def gate(bundle, policy: Policy, baseline=None) -> dict:
+def gate(bundle, policy: Policy, baseline=None, crosscoder=None) -> dict:
     """Runs every check of the policy on a bundle (module docstring); returns the result
-    (`passed`, `checks`, `drift`, ...), which `gate.json` holds."""
+    (`passed`, `checks`, `drift`, `diff`, ...), which `gate.json` holds."""
     bundle = Path(bundle)
     baseline = None if baseline is None else Path(baseline)
+    crosscoder = None if crosscoder is None else Path(crosscoder)
     problems = _manifest_problems(bundle)
     checks = [row("manifest", MANIFEST, None, None, None, FAIL if problems else PASS,
                   _brief(problems) if problems else "every file matches its SHA-256")]
-    drift, info = None, {}
+    drift, diff, info = None, None, {}
     if not problems:
         manifest = read_manifest(bundle)
         checks[0]["value"] = len(manifest["files"])
@@ -255,12 +312,15 @@ def gate(bundle, policy: Policy, baseline=None) -> dict:
             checks.append(poisoning_check(policy, audit))
             drift_row, drift = drift_check(policy, bundle, baseline)
             checks.append(drift_row)
+            diff_rows, diff = diff_check(policy, crosscoder)
+            checks += diff_rows
     checks = [c for c in checks if c is not None]
     failed = [c["check"] for c in checks if c["status"] == FAIL]
     return {"passed": not failed, "verdict": "pass" if not failed else "fail",
             "bundle": str(bundle), "baseline": None if baseline is None else str(baseline),
             "failed": failed, "checks": checks, "manifest_problems": problems,
-            "drift": drift, "policy": asdict(policy), **info}
+            "drift": drift, "crosscoder": None if crosscoder is None else str(crosscoder),
+            "diff": diff, "policy": asdict(policy), **info}
 
 
 def _provenance(bundle: Path) -> dict | None:
@@ -297,12 +357,16 @@ def out_dir_for(bundle: Path, out: str | None, baseline: Path | None) -> Path:
 
 
 def add_arguments(parser) -> None:
-    """`sae-jax gate BUNDLE --policy policy.toml [--baseline PREVIOUS_BUNDLE] [--out DIR]`."""
+    """`sae-jax gate BUNDLE --policy policy.toml [--baseline BUNDLE] [--crosscoder RUN]
+    [--out DIR]`."""
     parser.add_argument("bundle", help="the bundle to gate (`sae-jax bundle`)")
     parser.add_argument("--policy", required=True, metavar="TOML",
                         help="thresholds (see docs/release-gate.md)")
     parser.add_argument("--baseline", metavar="BUNDLE",
                         help="the previous release's bundle, for drift (PW-MCC)")
+    parser.add_argument("--crosscoder", metavar="RUN",
+                        help="a crosscoder run on the baseline's and this model's activations "
+                             "(sources in that order), for the model-diff checks")
     parser.add_argument("--out", metavar="DIR",
                         help="where gate.json and gate.md go (default: BUNDLE/../gate-<name>)")
 
@@ -314,9 +378,13 @@ def run(args) -> dict:
     for b, what in ((bundle, "BUNDLE"), (baseline, "--baseline")):
         if b is not None and not b.is_dir():
             raise UserError(f"{what} {b} is not a directory (a bundle from `sae-jax bundle`)")
+    if args.crosscoder is not None and not Path(args.crosscoder).is_dir():
+        raise UserError(f"--crosscoder {args.crosscoder} is not a directory (a crosscoder run "
+                        "from `sae-jax train DATA RUN arch=crosscoder`)")
     policy = read_policy(args.policy)
     out = out_dir_for(bundle, args.out, baseline)
-    result = {**gate(bundle, policy, baseline), "policy_file": str(args.policy)}
+    result = {**gate(bundle, policy, baseline, args.crosscoder),
+              "policy_file": str(args.policy)}
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": str(out / GATE_JSON), "md": str(out / GATE_MD)}
     result["out"] = paths

@@ -69,6 +69,25 @@ def _drift_section(drift: dict) -> list[str]:
     return out
 
 
+def _diff_section(diff: dict) -> list[str]:
+    c, a, b = diff["counts"], diff["source_a"], diff["source_b"]
+    out = ["", "## Model diff (crosscoder)", "",
+           f"`{diff['run']}`, {diff['width']} latents: {c['A-only']} {a}-only, {c['shared']} "
+           f"shared, {c['B-only']} {b}-only, {c['mixed']} mixed, {c['empty']} empty; "
+           f"exclusive fraction **{diff['exclusive_frac']:.2%}** of the non-empty latents "
+           f"(exclusive: relative decoder norm within {diff['thresholds']['exclusive']:g} of "
+           f"either end)."]
+    for key, name in (("a_only", f"{a}-only (the baseline has, this model lost)"),
+                      ("b_only", f"{b}-only (new in this model)")):
+        ids = diff[key]
+        out += ["", f"### {name}: {len(ids)}", "",
+                (", ".join(map(str, ids[:200])) + (" ..." if len(ids) > 200 else "")) or "None."]
+    if diff["listed_not_shared"]:
+        out += ["", "### Listed latents no longer shared", ""]
+        out += [f"- {i}: {k}" for i, k in diff["listed_not_shared"]]
+    return out
+
+
 def markdown(result: dict) -> str:
     """`gate.md`: verdict, what was gated, the table of checks, and the drift review."""
     prov = result.get("provenance") or {}
@@ -86,4 +105,6 @@ def markdown(result: dict) -> str:
         out += [f"- {_cell(p)}" for p in result["manifest_problems"]]
     if result.get("drift"):
         out += _drift_section(result["drift"])
+    if result.get("diff"):
+        out += _diff_section(result["diff"])
     return "\n".join(out) + "\n"

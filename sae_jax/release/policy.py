@@ -15,11 +15,14 @@ Every key is optional; a threshold that is absent is not checked. Top-level keys
 | `acknowledged_features` | list of int | flagged latent ids reviewed and accepted |
 | `min_drift_pwmcc` | float | mean one-to-one decoder cosine with `--baseline`'s SAE >= |
 | `drift_threshold` | float | decoder cosine that counts as the same feature (default 0.7) |
+| `max_diff_exclusive_frac` | float | `--crosscoder` run: (A-only + B-only) / non-empty latents <= |
+| `diff_shared_latents` | list of int | `--crosscoder` latents that must be classed shared |
 | `allow_missing` | bool | a metric the bundle lacks is skipped instead of failing |
 
-The poisoning check runs when either poisoning key is set. Anything else (an unknown key, a
-table, a wrong type) is refused in one line: a typo must not silently drop a check from a
-release gate.
+The poisoning check runs when either poisoning key is set; the diff checks when either diff
+key is set (without them a `--crosscoder` run is reported, deciding nothing). Anything else
+(an unknown key, a table, a wrong type) is refused in one line: a typo must not silently
+drop a check from a release gate.
 """
 
 from __future__ import annotations
@@ -51,11 +54,17 @@ class Policy:
     acknowledged_features: tuple[int, ...] = ()
     min_drift_pwmcc: float | None = None
     drift_threshold: float = DEFAULT_THRESHOLD
+    max_diff_exclusive_frac: float | None = None
+    diff_shared_latents: tuple[int, ...] = ()
     allow_missing: bool = False
 
     @property
     def checks_poisoning(self) -> bool:
         return self.max_poisoning_flags is not None or bool(self.acknowledged_features)
+
+    @property
+    def checks_diff(self) -> bool:
+        return self.max_diff_exclusive_frac is not None or bool(self.diff_shared_latents)
 
     @property
     def poisoning_limit(self) -> int:
@@ -64,7 +73,7 @@ class Policy:
 
 FLOAT_KEYS = ("min_fidelity", "min_loss_recovered", "max_dark_matter", "min_faithfulness_auc",
               "min_faithfulness_auc_margin", "max_dead_frac", "min_drift_pwmcc",
-              "drift_threshold")
+              "drift_threshold", "max_diff_exclusive_frac")
 
 
 def _float(where: str, key: str, v) -> float:
@@ -95,7 +104,7 @@ def parse_policy(values: dict, where: str = "policy") -> Policy:
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise UserError(f"{where}: {key} must be an integer >= 0, got {v!r}")
             out[key] = v
-        elif key == "acknowledged_features":
+        elif key in ("acknowledged_features", "diff_shared_latents"):
             out[key] = _int_list(where, key, v)
         elif key == "faithfulness_scores":
             if (not isinstance(v, list) or not v
@@ -113,6 +122,9 @@ def parse_policy(values: dict, where: str = "policy") -> Policy:
     if not 0 < out.get("drift_threshold", DEFAULT_THRESHOLD) <= 1:
         raise UserError(f"{where}: drift_threshold must be in (0, 1], got "
                         f"{out['drift_threshold']}")
+    if not 0 <= out.get("max_diff_exclusive_frac", 0) <= 1:
+        raise UserError(f"{where}: max_diff_exclusive_frac must be in [0, 1], got "
+                        f"{out['max_diff_exclusive_frac']}")
     return Policy(**out)
 
 

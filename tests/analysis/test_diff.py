@@ -1,6 +1,6 @@
 """`sae-jax diff`: a crosscoder's latents classed shared / A-only / B-only by relative decoder
 norm, on two sources with planted shared and exclusive atoms, end to end through the
-entry point (import two sources, train, diff)."""
+entry point (a two-source store with tokens, train, diff with its dashboard section)."""
 
 import json
 
@@ -9,6 +9,8 @@ import pytest
 from conftest import json_result, one_error_line, sae_jax_cli
 
 from sae_jax.analysis.diff import classify, cross_cosines, diff_decoders, relative_norms
+from sae_jax.analysis.diff_dashboard import contributions
+from sae_jax.data.store import StoreWriter
 from sae_jax.data.synthetic import two_source_data
 
 D = 16
@@ -28,18 +30,49 @@ def test_thresholds_and_cosines_on_known_decoders():
     assert out["latents"]["B-only"] == [2] and out["source_b"] == "chat"
 
 
+def test_contributions_add_up_to_the_pre_activation():
+    """pre_A + pre_B + bias is the encoder's pre-activation; writes are f·‖d_s‖ in raw units."""
+    import jax.numpy as jnp
+
+    from sae_jax.config import make_config
+    from sae_jax.saes.common import pre_activations
+
+    rng = np.random.default_rng(0)
+    params = {"W_enc": rng.normal(size=(7, 5)), "b_enc": rng.normal(size=5),
+              "W_dec": rng.normal(size=(5, 7)), "b_dec": rng.normal(size=7)}
+    x, lat, act = rng.normal(size=(4, 7)), np.array([0, 3, 3, 4]), rng.random(4)
+    out = contributions(params, 2.0, ((0, 3), (3, 6)), x, lat, act)  # column 6: a third source
+    pre = np.asarray(pre_activations({k: jnp.asarray(v, jnp.float32) for k, v in params.items()},
+                                     jnp.asarray(2.0 * x, jnp.float32), make_config(), None))
+    np.testing.assert_allclose(out["pre_a"] + out["pre_b"] + out["bias"], pre[range(4), lat],
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["pre_a"], ((2 * x - params["b_dec"]) * params["W_enc"][:, lat].T)
+                               [:, :3].sum(1))
+    np.testing.assert_allclose(out["write_b"],
+                               act * np.linalg.norm(params["W_dec"][lat, 3:6], axis=1) / 2.0)
+
+
+def two_source_store(path, rows):
+    """A two-source store with MiniLM token ids and (doc, pos) of 50-token documents, as a
+    two-model harvest writes one."""
+    n = len(rows)
+    tokens = np.random.default_rng(2).integers(1000, 20000, n)
+    positions = np.stack([np.arange(n) // 50, np.arange(n) % 50], 1)
+    meta = {"model": "all-MiniLM-L6-v2", "sources": [{"name": "base", "d": D},
+                                                     {"name": "chat", "d": D}]}
+    with StoreWriter(path, d_in=2 * D, meta=meta, with_tokens=True) as w:
+        w.append(rows, tokens, positions)
+
+
 @pytest.mark.entry
 def test_diff_finds_the_planted_atoms_through_the_entry_point(tmp_path):
     rows, atoms, kinds = two_source_data(20_000, D, n_shared=16, n_exclusive=8, seed=1)
-    np.save(tmp_path / "a.npy", rows[:, :D])
-    np.save(tmp_path / "b.npy", rows[:, D:])
-    json_result(sae_jax_cli("import", tmp_path / "a.npy", tmp_path / "b.npy",
-                            tmp_path / "store", "--names", "base,chat"))
+    two_source_store(tmp_path / "store", rows)
     json_result(sae_jax_cli("train", tmp_path / "store", tmp_path / "run", "arch=crosscoder",
                             "width=64", "batch_size=256", "steps=600", "lr=3e-3",
                             "mesh=data:2,model:4"))
     out = json_result(sae_jax_cli("diff", tmp_path / "run"))
-    assert (out["source_a"], out["source_b"]) == ("base", "chat")
+    assert (out["source_a"], out["source_b"]) == ("base", "chat") and out["dashboard"] is None
     result = json.loads((tmp_path / "run/diff/diff.json").read_text())
     assert (tmp_path / "run/diff/diff.png").read_bytes()[:4] == b"\x89PNG"
     # ≥ 90 % of the planted atoms are recovered (a latent at cosine ≥ 0.9), and each
@@ -61,3 +94,83 @@ def test_diff_finds_the_planted_atoms_through_the_entry_point(tmp_path):
     assert out["median_shared_cosine"] is not None
     line = one_error_line(sae_jax_cli("diff", tmp_path / "run", "--a", "nope"))
     assert "no source 'nope'; the run's sources are base, chat" in line
+    diff_dashboard(tmp_path, result)
+
+
+def diff_dashboard(tmp_path, result):
+    """`sae-jax diff RUN DATA`: the dashboard section, rendered by headless Chromium."""
+    from test_dashboard import _browse, _console_errors
+
+    out = json_result(sae_jax_cli("diff", tmp_path / "run", tmp_path / "store", "--out",
+                                  tmp_path / "d", "--max-latents", 4, "--examples", 3))
+    site = tmp_path / "d" / "dashboard"
+    assert out["dashboard"]["index"] == str(site / "index.html")
+    assert out["dashboard"]["shown"] == {"A-only": 4, "B-only": 4}
+    text = (site / "diff.js").read_text()
+    payload = json.loads(text[len("window.SAE_DIFF = "):].rstrip().rstrip(";"))
+    catalog = json.loads((site / "feature_catalog.json").read_text())
+    assert sorted(f["id"] for f in catalog["features"]) == sorted(map(int, payload["latents"]))
+    b_only = payload["shown"]["B-only"][0]
+    assert b_only in result["latents"]["B-only"]
+    entry = payload["latents"][str(b_only)]
+    feature = next(f for f in catalog["features"] if f["id"] == b_only)
+    assert len(feature["top_examples"]) == 3 and feature["top_examples"][0]["tokens"][0]
+    for e in entry["examples"]:  # a B-only latent writes (almost) nothing into base
+        assert e["write_a"] < 0.12 * e["write_b"] and e["activation"] > 0
+        assert e["pre_a"] + e["pre_b"] + e["bias"] == pytest.approx(e["activation"], abs=1e-3)
+    res = _browse((site / "index.html").as_uri() + f"#feature-{b_only}", tmp_path, "--dump-dom")
+    assert not _console_errors(res.stderr) and 'data-ready="1"' in res.stdout, res.stderr[-2000:]
+    assert res.stdout.count('class="contrib"') >= 3 and "chat-only" in res.stdout
+    res = _browse((site / "index.html").as_uri(), tmp_path, "--dump-dom")
+    assert res.stdout.count('data-diff="B-only"') == 4 and "Model diff: base vs chat" in res.stdout
+
+
+def test_planted_changes_of_the_minilm_diff_experiment():
+    """`experiments/diff_minilm.py`'s generator: added sets move along their own orthogonal
+    unit directions by strength x the set's mean row norm, a removed set loses exactly its
+    shared direction, and nothing else changes; the added sets are disjoint draws from the
+    commonest tokens, the removed set the common tokens furthest along the main direction."""
+    from conftest import experiment
+
+    exp = experiment("diff_minilm")
+    rng = np.random.default_rng(0)
+    E = rng.normal(size=(40, 8)).astype(np.float32)
+    other = rng.normal(size=(3, 3)).astype(np.float32)
+    tensors = {exp.WORD_EMBEDDINGS: E, "other": other}
+    new, plan = exp.plant_changes(tensors, [[1, 2], [3]], [[10, 11, 12]], strength=0.5)
+    out = new[exp.WORD_EMBEDDINGS]
+    assert new["other"] is other and out.dtype == np.float32
+    untouched = np.setdiff1d(np.arange(40), [1, 2, 3, 10, 11, 12])
+    np.testing.assert_array_equal(out[untouched], E[untouched])
+    u0, u1, m = (p["direction"] for p in plan)
+    assert [p["expected"] for p in plan] == ["B-only", "B-only", "A-only"]
+    assert abs(u0 @ u1) < 1e-12 and np.isclose(np.linalg.norm(u0), 1)
+    np.testing.assert_allclose(out[[1, 2]] - E[[1, 2]],
+                               np.tile(0.5 * np.linalg.norm(E[[1, 2]], axis=1).mean() * u0,
+                                       (2, 1)), atol=1e-5)
+    np.testing.assert_allclose(m, (E[10:13].mean(0) - E.mean(0)) / np.linalg.norm(
+        E[10:13].mean(0) - E.mean(0)), atol=1e-6)
+    np.testing.assert_allclose(out[10:13] @ m, 0, atol=1e-5)  # the shared direction is gone
+    delta = out[10:13] - E[10:13]  # and only it: the change is parallel to m
+    np.testing.assert_allclose(delta - np.outer(delta @ m, m), 0, atol=1e-5)
+    again, _ = exp.plant_changes(tensors, [[1, 2], [3]], [[10, 11, 12]], strength=0.5)
+    np.testing.assert_array_equal(again[exp.WORD_EMBEDDINGS], out)
+    counts = np.array([50, 0, 40, 30, 20, 10, 9, 8, 7, 6, 5, 1])
+    sets = exp.choose_sets(counts, 2, 3, exclude=[2], pool=8)
+    flat = sum(sets, [])
+    assert [len(x) for x in sets] == [3, 3] and len(set(flat)) == 6
+    assert set(flat) <= {0, 3, 4, 5, 6, 7, 8}  # the 8 commonest but the excluded and unseen
+    assert exp.choose_sets(counts, 2, 3, exclude=[2], pool=8) == sets
+    # the removed set: common tokens far along the main direction (here planted on 5 tokens)
+    E2 = rng.normal(size=(40, 8))
+    E2[[4, 6, 9, 12]] -= 9 * np.eye(8)[2]
+    for sign in (1, -1):  # whatever sign the SVD gives, the long tail is the one taken
+        picked = exp.principal_set(sign * E2, np.arange(40, 0, -1), 4, exclude=[6], pool=20)
+        assert len(picked) == 4 and {4, 9, 12} <= set(picked) and 6 not in picked, picked
+    # a latent points at a set: fired >= 10 times, half its top rows are 5+ of the set's tokens
+    rows = np.array([np.arange(20)] * 3)
+    tokens = np.array([5] * 10 + [10, 11, 12, 13, 14] * 2)
+    sets = [[10, 11, 12, 13, 14], [5, 6]]
+    assert exp.pointed_sets(rows, np.array([50, 9, 50]), tokens, sets) == [0, None, 0]
+    assert exp.pointed_sets(rows[:1], np.array([50]), tokens, [[10, 11, 12, 13], [5]]) == [
+        None]  # 10 rows of token 5 alone, or 4 distinct tokens: neither points

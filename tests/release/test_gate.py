@@ -75,6 +75,28 @@ def bundles(tmp_path_factory):
                                                                      decoder(6)[16:]]))}
 
 
+@pytest.fixture(scope="module")
+def crosscoder(tmp_path_factory):
+    """A small ReLU crosscoder on two sources of width 8 with 8 shared atoms and 4 only in
+    each source (`two_source_data`), and its diff (what the gate's diff check reads)."""
+    import jax
+
+    from sae_jax.analysis.diff import diff_run
+    from sae_jax.config import make_config
+    from sae_jax.data.importers import import_activations
+    from sae_jax.data.synthetic import two_source_data
+    from sae_jax.training.train import train
+
+    tmp = tmp_path_factory.mktemp("xc")
+    rows, _, _ = two_source_data(6000, 8, n_shared=8, n_exclusive=4, seed=3)
+    np.save(tmp / "base.npy", rows[:, :8])
+    np.save(tmp / "tuned.npy", rows[:, 8:])
+    store = import_activations([tmp / "base.npy", tmp / "tuned.npy"], tmp / "store")
+    cfg = make_config(arch="crosscoder", width=32, batch_size=256, steps=200, lr=3e-3)
+    train(cfg, store.path, tmp / "run", progress=False, devices=jax.devices()[:1])
+    return tmp / "run", diff_run(str(tmp / "run"))
+
+
 def statuses(result) -> dict:
     return {c["check"]: c["status"] for c in result["checks"]}
 
@@ -174,6 +196,34 @@ def test_drift_same_sae_passes_other_seed_fails_and_lists_vanished(bundles):
         "reason"]
 
 
+def test_diff_exclusive_fraction_and_listed_shared_latents(bundles, crosscoder):
+    run, diff = crosscoder
+    c = diff["counts"]
+    frac = (c["A-only"] + c["B-only"]) / (diff["width"] - c["empty"])
+    assert c["A-only"] >= 4 and c["B-only"] >= 4 and c["shared"] >= 8  # the planted diff
+    shared, b_only = diff["latents"]["shared"][0], diff["latents"]["B-only"][0]
+    ok = gate(bundles["minilm"], parse_policy({"max_diff_exclusive_frac": round(frac, 6) + 1e-6,
+                                               "diff_shared_latents": [shared]}), crosscoder=run)
+    assert ok["passed"] and statuses(ok) == {"manifest": "pass", "diff_exclusive": "pass",
+                                             "diff_shared": "pass"}
+    assert ok["diff"]["counts"] == c and ok["diff"]["b_only"] == diff["latents"]["B-only"]
+    no = gate(bundles["minilm"], parse_policy({"max_diff_exclusive_frac": frac / 2,
+                                               "diff_shared_latents": [shared, b_only, 999]}),
+              crosscoder=run)
+    assert no["failed"] == ["diff_exclusive", "diff_shared"]
+    assert no["checks"][2]["reason"] == (f"2 of 3 listed latent(s) not shared: {b_only} "
+                                         "(B-only), 999 (no such latent)")
+    assert f"{c['B-only']} tuned-only" in no["checks"][1]["reason"]
+    info = gate(bundles["minilm"], parse_policy({}), crosscoder=run)  # reported, decides nothing
+    assert info["passed"] and statuses(info)["diff_exclusive"] == "info"
+    missing = gate(bundles["minilm"], parse_policy({"max_diff_exclusive_frac": 0.5}))
+    assert missing["failed"] == ["diff_exclusive"] and "no --crosscoder" in missing["checks"][1][
+        "reason"]
+    plain = gate(bundles["minilm"], parse_policy({"max_diff_exclusive_frac": 0.5}),
+                 crosscoder=bundles["minilm"])  # not a run: fails with diff's one line
+    assert plain["failed"] == ["diff_exclusive"]
+
+
 @pytest.mark.parametrize("text,needle", [
     ("min_fidelty = 0.9\n", "unknown key 'min_fidelty'"),
     ('min_fidelity = "high"\n', "min_fidelity must be a finite number"),
@@ -182,6 +232,7 @@ def test_drift_same_sae_passes_other_seed_fails_and_lists_vanished(bundles):
     ("allow_missing = 1\n", "allow_missing must be true or false"),
     ("min_fidelity = \n", "is not valid TOML"),
     ("min_faithfulness_auc = 0.7\nmin_faithfulness_auc_margin = 0.2\n", "not both"),
+    ("max_diff_exclusive_frac = 1.5\n", "max_diff_exclusive_frac must be in [0, 1]"),
 ])
 def test_bad_policy_is_one_line(bundles, tmp_path, capsys, text, needle):
     (tmp_path / "policy.toml").write_text(text)
@@ -213,9 +264,10 @@ min_drift_pwmcc = 0.99
 
 
 @pytest.mark.entry
-def test_cli_pass_and_fail(bundles, tmp_path):
+def test_cli_pass_and_fail(bundles, crosscoder, tmp_path):
     """Through the `sae-jax` entry point: exit 0 with gate.json/gate.md next to the bundle,
-    then exit 1 for a bundle that drifted, its table naming the failed check."""
+    then exit 1 for a bundle that drifted and a crosscoder with too many exclusive latents,
+    its table naming the failed checks."""
     policy = tmp_path / "policy.toml"
     policy.write_text(POLICY)
     ok = sae_jax_cli("gate", bundles["minilm"], "--policy", policy, "--baseline",
@@ -227,12 +279,18 @@ def test_cli_pass_and_fail(bundles, tmp_path):
     assert line["out"] == {"json": str(out / "gate.json"), "md": str(out / "gate.md")}
     assert json.loads((out / "gate.json").read_text())["drift"]["pwmcc"] > 0.99
     assert "# Release gate: PASS" in (out / "gate.md").read_text()
-    bad = sae_jax_cli("gate", bundles["half"], "--policy", policy, "--baseline",
-                      bundles["minilm"], "--out", tmp_path / "g", timeout=120)
+    strict = tmp_path / "strict.toml"
+    strict.write_text(POLICY + "max_diff_exclusive_frac = 0.05\n")
+    bad = sae_jax_cli("gate", bundles["half"], "--policy", strict, "--baseline",
+                      bundles["minilm"], "--crosscoder", crosscoder[0], "--out", tmp_path / "g",
+                      timeout=120)
     assert bad.returncode == 1, bad.stderr[-2000:]
     line = json.loads(bad.stdout.splitlines()[-1])
-    assert not line["passed"] and line["failed"] == ["drift_pwmcc"]
-    assert "gate FAIL (1 failed: drift_pwmcc)" in bad.stderr and "Traceback" not in bad.stderr
+    assert not line["passed"] and line["failed"] == ["drift_pwmcc", "diff_exclusive"]
+    assert "gate FAIL (2 failed: drift_pwmcc, diff_exclusive)" in bad.stderr
+    assert "Traceback" not in bad.stderr
     md = (tmp_path / "g" / "gate.md").read_text()
     assert "### Vanished: 16 baseline features" in md and "| 16 |" in md
+    n_b = crosscoder[1]["counts"]["B-only"]
+    assert "## Model diff (crosscoder)" in md and f"### tuned-only (new in this model): {n_b}" in md
     assert verify_manifest(bundles["minilm"]) == []  # the gate wrote nothing inside

@@ -201,17 +201,19 @@
       el("span", { cls: "muted", text: f.label || "unlabelled" }), nav]));
     v.appendChild(el("div", { cls: "stats" }, [stat(pct(f.frequency), "frequency (" + f.count + " of " + H.n_rows + " tokens)"),
       stat(fmt(f.mean_activation), "mean activation when active"), stat(fmt(f.max_activation), "max activation")]));
-    var scale = f.max_activation || 0;
+    var scale = f.max_activation || 0, dl = DIFF && DIFF.latents[String(f.id)];
     var left = el("div", { id: "examples" });
     left.appendChild(el("h3", { text: "Top activations" }));
+    if (dl) left.appendChild(el("p", { cls: "muted", text: "Under each example: the latent's pre-activation split into " + DIFF.source_a +
+      "'s and " + DIFF.source_b + "'s encoder terms (+ bias), and the norm of its decoder write into each model." }));
     if (!f.top_examples.length) left.appendChild(el("p", { cls: "muted", text: "This feature never fired on these rows." }));
-    f.top_examples.forEach(function (ex) { left.appendChild(example(ex, scale)); });
+    f.top_examples.forEach(function (ex) { left.appendChild(example(ex, scale)); if (dl) left.appendChild(contribLine(dl, ex.row)); });
     if (f.quantile_examples && f.quantile_examples.length) {
       left.appendChild(el("h3", { text: "Examples across the activation distribution" }));
       f.quantile_examples.slice().reverse().forEach(function (g) {
         left.appendChild(el("div", { cls: "qgroup-title", text: "quantile " + Math.round(g.lo * 100) + "\u2013" + Math.round(g.hi * 100) +
           "% (activation " + fmt(g.value_lo) + "\u2013" + fmt(g.value_hi) + ")" }));
-        g.examples.forEach(function (ex) { left.appendChild(example(ex, scale)); });
+        g.examples.forEach(function (ex) { left.appendChild(example(ex, scale)); if (dl) left.appendChild(contribLine(dl, ex.row)); });
       });
     }
     var right = el("div", {}, [
@@ -219,6 +221,7 @@
       el("h3", { text: "Feature density (this feature marked)" }), densityChart(f.frequency, 320),
       el("h3", { text: "Top tokens" }), tokenChips(f, 20)]);
     if (AUD[f.id]) right.appendChild(auditBox(AUD[f.id]));
+    if (dl) right.insertBefore(diffBox(dl), right.firstChild);
     v.appendChild(el("div", { cls: "panels" }, [left, right]));
   }
 
@@ -333,6 +336,53 @@
     sec.appendChild(el("table", { cls: "evals-table" }, [el("thead", {}, [el("tr", {}, head.map(function (t) { return el("th", { cls: "nosort", text: t }); }))]), tb]));
   }
 
+  /* ---------- crosscoder diff ---------- */
+  /* window.SAE_DIFF (diff.js): `sae-jax diff RUN DATA`'s classes and per-example splits, or null. */
+  var DIFF = window.SAE_DIFF || null;
+  function sideName(cls) { return cls === "A-only" ? DIFF.source_a + "-only" : DIFF.source_b + "-only"; }
+  function contribLine(dl, row) {
+    var e = dl.examples.filter(function (x) { return x.row === row; })[0];
+    if (!e) return el("div", { cls: "contrib", text: "no split recorded for row " + row });
+    return el("div", { cls: "contrib", "data-row": String(row) }, [
+      "pre-activation ", el("b", { text: fmt(e.pre_a + e.pre_b + e.bias) }), " = " + DIFF.source_a + " ", el("b", { text: fmt(e.pre_a) }),
+      " + " + DIFF.source_b + " ", el("b", { text: fmt(e.pre_b) }), " + bias " + fmt(e.bias) + " \u00b7 writes ",
+      el("b", { text: fmt(e.write_a) }), " into " + DIFF.source_a + ", ", el("b", { text: fmt(e.write_b) }), " into " + DIFF.source_b]);
+  }
+  function diffBox(dl) {
+    var rows = [["class", sideName(dl["class"])], ["relative norm r = \u2016d_" + DIFF.source_b + "\u2016 / (\u2016d_" + DIFF.source_a + "\u2016 + \u2016d_" + DIFF.source_b + "\u2016)", fmt(dl.r)],
+      ["decoder norm into " + DIFF.source_a, fmt(dl.norm_a)], ["decoder norm into " + DIFF.source_b, fmt(dl.norm_b)],
+      ["cosine of its two decoders", dl.cosine == null ? "n/a" : fmt(dl.cosine)]];
+    var body = el("tbody");
+    rows.forEach(function (r) { body.appendChild(el("tr", {}, [el("td", { text: r[0] }), el("td", { cls: "num", text: r[1] })])); });
+    return el("div", { id: "feature-diff" }, [el("h3", { text: "Model diff" }), el("table", { cls: "diff-latent" }, [body])]);
+  }
+  function renderDiff() {
+    if (!DIFF) return;
+    var sec = document.getElementById("diff"), c = DIFF.counts, th = DIFF.thresholds;
+    sec.hidden = false;
+    sec.appendChild(el("h2", { text: "Model diff: " + DIFF.source_a + " vs " + DIFF.source_b }));
+    sec.appendChild(el("p", { cls: "muted", text: "Crosscoder latents classed by relative decoder norm r (" + DIFF.source_a + "-only r < " + th.exclusive +
+      ", " + DIFF.source_b + "-only r > " + fmt(1 - th.exclusive) + ", shared " + th.shared[0] + "\u2013" + fmt(th.shared[1]) +
+      "). The tables list the exclusive latents shown here (the most exclusive first); each page shows its examples with each model's share." }));
+    sec.appendChild(el("div", { cls: "stats" }, [stat(String(c["A-only"]), DIFF.source_a + "-only"), stat(String(c.shared), "shared"),
+      stat(String(c["B-only"]), DIFF.source_b + "-only"), stat(String(c.mixed), "mixed"), stat(String(c.empty), "empty"),
+      stat(DIFF.median_shared_cosine == null ? "n/a" : fmt(DIFF.median_shared_cosine), "median decoder cosine, shared")]));
+    sec.appendChild(el("img", { src: "diff.png", alt: "histogram of relative decoder norms" }));
+    var grid = el("div", { cls: "diff-grid" });
+    ["A-only", "B-only"].forEach(function (cls) {
+      var body = el("tbody"), ids = DIFF.shown[cls];
+      ids.forEach(function (id) {
+        var f = FEATURES[BY_ID[id]], dl = DIFF.latents[String(id)];
+        body.appendChild(el("tr", { "data-diff": cls }, [el("td", { cls: "num" }, [link(id)]), el("td", { cls: "num", text: fmt(dl.r) }),
+          el("td", { cls: "num", text: f ? pct(f.frequency) : "" }), el("td", {}, [f ? tokenChips(f, 5) : null])]));
+      });
+      var head = el("thead", {}, [el("tr", {}, ["id", "r", "frequency", "top tokens"].map(function (t) { return el("th", { cls: "nosort", text: t }); }))]);
+      grid.appendChild(el("div", { cls: "ranked" }, [el("h3", { text: sideName(cls) + ": " + ids.length + " of " + c[cls] + " shown" }),
+        ids.length ? el("table", {}, [head, body]) : el("p", { cls: "muted", text: "none" })]));
+    });
+    sec.appendChild(grid);
+  }
+
   /* ---------- routing ---------- */
   function route() {
     var m = /^#feature-(\d+)$/.exec(location.hash);
@@ -346,6 +396,7 @@
     H.arch ? H.arch + " \u00d7" + H.width : null, H.n_rows + " tokens", FEATURES.length + " features shown",
     H.run ? "run " + H.run : null].filter(Boolean).join(" \u00b7 ");
   document.getElementById("density").appendChild(densityChart(null));
+  renderDiff();
   renderAudit();
   renderEvals();
   document.getElementById("search").addEventListener("input", function (e) { state.query = e.target.value; state.limit = PAGE; renderTable(); });
