@@ -133,10 +133,16 @@ def test_bench_prints_ratios_as_json():
     assert result["sharded_sparse_over_dense_model8"] > 0
     assert set(result["sharded"]) == {"data:1,model:8", "data:2,model:4"}
     assert "sharded TopK data:1,model:8: sparse / dense" in out.stdout
+    model8 = result["sharded"]["data:1,model:8"]
+    assert model8["sparse_tokens_per_s"] > 0 and model8["dense_tokens_per_s"] > 0
+    assert model8["flops_per_token"] == 2 * 16 * 64 + 10 * 16 * 4 * 8  # 2dF + 10dk·model
+    assert model8["model_axis_bytes_per_token"] == 4 * (4 * 8 + 3 * 4 + 16)
     # Four seed-sweep members batched (--batch-members) against four separate runs.
     sweep = result["sweep_batched"]
     assert sweep["members"] == 4 and sweep["speedup_vs_separate"] > 0
     assert 0 <= sweep["max_rel_diff"] < 1e-3 and "sweep: batched / separate runs" in out.stdout
+    assert sweep["speedup_vs_separate"] == pytest.approx(
+        sweep["separate_step_ms"] / sweep["batched_step_ms"])
 
 
 def test_bench_flop_formula_matches_xlas_own_count():

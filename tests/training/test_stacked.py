@@ -5,7 +5,6 @@ sharded mesh with a member that diverges and stops alone, and the bench of it.""
 import argparse
 import shutil
 
-import jax
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding
@@ -71,16 +70,3 @@ def test_batched_sweep_equals_unbatched_on_a_sharded_mesh(synthetic_store, tmp_p
                                        rtol=1e-5, atol=1e-6, err_msg=f"seed={seed} {key}")
         saved = (tmp_path / "batched" / f"seed={seed},lr=1e+30" / "checkpoints").iterdir()
         assert [p.name for p in saved if p.name.isdigit()] == []
-
-
-def test_bench_vmapped_reports_both_passes():
-    from sae_jax.planning.bench_sweep import bench_vmapped
-
-    result = bench_vmapped(d_in=16, width=32, batch_size=64, steps=2, members=2, k=4,
-                           devices=jax.devices()[:1])
-    assert result["members"] == 2 and result["steps"] == 2
-    for key in ("separate_step_ms", "fused_step_ms", "batched_step_ms"):
-        assert result[key] > 0
-    assert result["speedup_vs_separate"] == pytest.approx(
-        result["separate_step_ms"] / result["batched_step_ms"])
-    assert 0 <= result["max_rel_diff"] < 1e-5
