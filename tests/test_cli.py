@@ -259,15 +259,15 @@ def test_a_full_disk_anywhere_is_one_line(monkeypatch, capsys):
     line and exit 2; any other unexpected error keeps its traceback."""
     import errno
 
-    from sae_jax.planning import cost
+    from sae_jax.planning import cost_command
 
     argv = ["cost", "--d-model", "64", "--width", "128", "--tokens", "1e6",
             "--accelerator", "h100-8"]
     wrapped = ValueError('RESOURCE_EXHAUSTED: Error writing "x": Failed to write 8 bytes to '
                          "file 4: No space left on device [os_error_code='28']")
     for error in (OSError(errno.ENOSPC, "No space left on device", "/big/file"), wrapped):
-        monkeypatch.setattr(cost, "run", lambda args, e=error: (_ for _ in ()).throw(e))
+        monkeypatch.setattr(cost_command, "run", lambda args, e=error: (_ for _ in ()).throw(e))
         assert "no space left on device" in _error(capsys, *argv)
-    monkeypatch.setattr(cost, "run", lambda args: 1 / 0)
+    monkeypatch.setattr(cost_command, "run", lambda args: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         main(argv)

@@ -16,6 +16,8 @@ ARCHS = list(saes.ARCHITECTURES)
 
 
 def _setup(arch, **kw):
+    if arch.startswith("clt"):  # a cross-layer transcoder is a transcoder (here of 1 layer)
+        kw.setdefault("transcoder", True)
     cfg = make_config(arch=arch, width=F, k=4, **kw)
     params = saes.init(jax.random.key(0), cfg, D, data_mean=np.full(D, 0.5, np.float32))
     x = jax.random.normal(jax.random.key(1), (B, D))
