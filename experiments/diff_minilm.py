@@ -201,6 +201,39 @@ def score(lists: dict[str, list[int]], pointed: dict[str, list], plan: list[dict
             "precision": n_pointing / n_listed if n_listed else None}
 
 
+def closest_latents(sae, store, members: list[np.ndarray], batch: int = 4096) -> list[dict]:
+    """Per change, the crosscoder latent whose activation correlates best with the change's
+    row mask, and how its decoders sit: `cos_b` of its B decoder with the mean change on the
+    rows (x_B - x_A), `cos_a` of its A decoder with the rows' mean x_A minus the overall
+    mean: a latent that took the change into a shared feature of those rows has both high."""
+    from sae_jax.data.store import ROWS
+
+    m = np.stack(members, 1).astype(np.float64)                        # (N, J)
+    sf = sff = sfm = sx = sxm = 0.0
+    for lo in range(0, store.n_rows, batch):
+        x = np.asarray(store.read(ROWS, lo, min(lo + batch, store.n_rows)), np.float64)
+        f = np.asarray(sae.encode(x), np.float64)
+        sf, sff = sf + f.sum(0), sff + (f * f).sum(0)
+        sfm, sx, sxm = sfm + f.T @ m[lo:lo + len(x)], sx + x.sum(0), sxm + m[lo:lo + len(x)].T @ x
+    n, nj = len(m), m.sum(0)
+    cov = sfm - np.outer(sf, nj) / n
+    corr = cov / np.sqrt(np.maximum(np.outer(sff - sf ** 2 / n, nj * (1 - nj / n)), 1e-30))
+    W = np.asarray(sae.params["W_dec"], np.float64)
+    d = W.shape[1] // 2
+    out = []
+    for j in range(m.shape[1]):
+        i = int(np.nanargmax(corr[:, j]))
+        mean_rows, mean_all = sxm[j] / nj[j], sx / n
+        change, base = mean_rows[d:] - mean_rows[:d], mean_rows[:d] - mean_all[:d]
+        out.append({"latent": i, "corr": float(corr[i, j]),
+                    "cos_b": _cos(W[i, d:], change), "cos_a": _cos(W[i, :d], base)})
+    return out
+
+
+def _cos(u, v) -> float:
+    return float(u @ v / max(np.linalg.norm(u) * np.linalg.norm(v), 1e-30))
+
+
 # ----------------------------------------------------------------------------------------
 # The run
 
@@ -224,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
     import sae_jax
     from sae_jax import files
     from sae_jax.analysis import compare
-    from sae_jax.analysis.diff import diff_run, plot_diff
+    from sae_jax.analysis.diff import classify, diff_run, plot_diff
     from sae_jax.analysis.diff_dashboard import write_diff_site
     from sae_jax.data.store import TOKEN_IDS, open_store
     from sae_jax.lm import minilm
@@ -320,6 +353,10 @@ def main(argv: list[str] | None = None) -> dict:
     pointing = [[i for i, s_ in enumerate(everyone) if s_ == j] for j in range(len(plan))]
     others = [i for i, s_ in enumerate(everyone) if s_ is None]
 
+    closest = step("closest crosscoder latents", closest_latents, xc, open_store(joint), members)
+    for c in closest:
+        c.update(r=float(r_all[c["latent"]]), cls=str(classify(r_all[[c["latent"]]])[0]))
+
     def medians(ids):
         return {"latents": len(ids), "median_r": _median(r_all[ids]),
                 "median_cosine": _median(cos_all[ids])}
@@ -336,7 +373,7 @@ def main(argv: list[str] | None = None) -> dict:
         "crosscoder": {"counts": diff["counts"], **score(xc_lists, xc_points, plan),
                        "median_shared_cosine": diff["median_shared_cosine"],
                        "pointing": [medians(ids) for ids in pointing],
-                       "other_latents": medians(others)},
+                       "other_latents": medians(others), "closest": closest},
         "compare": {"pwmcc": cmp["matched_cosine_mean"], "matched_frac_a": cmp["matched_frac_a"],
                     **score(cmp_lists, cmp_points, plan)},
         "dashboard": site["index"], "seconds": times,
@@ -369,9 +406,13 @@ def table(r: dict) -> str:
     o = x["other_latents"]
     where = "; ".join(f"set {i}: {p['latents']} latents, median r {_fmt(p['median_r'])}, "
                       f"cosine {_fmt(p['median_cosine'])}" for i, p in enumerate(x["pointing"]))
+    near = "; ".join(f"change {i}: latent {c['latent']} (corr {c['corr']:.2f}, r {c['r']:.2f} "
+                     f"{c['cls']}, B decoder . change {c['cos_b']:.2f}, A decoder . base "
+                     f"{c['cos_a']:.2f})" for i, c in enumerate(x["closest"]))
     return ("\n".join(lines) + "\ncrosscoder per change: " + changes
             + f"\ncrosscoder latents pointing at each set: {where}; the {o['latents']} others: "
-              f"median r {_fmt(o['median_r'])}, cosine {_fmt(o['median_cosine'])}")
+              f"median r {_fmt(o['median_r'])}, cosine {_fmt(o['median_cosine'])}"
+            + f"\nclosest crosscoder latent (activation vs the change's rows): {near}")
 
 
 def _fmt(x) -> str:
