@@ -1,8 +1,9 @@
 """Model diffing on all-MiniLM-L6-v2: does a crosscoder find changes planted in a copy of the
 model, where seed-to-seed `compare` of two separate SAEs cannot?
 
-    python experiments/diff_minilm.py --out runs/diff              # full run, ~9 min
-    python experiments/diff_minilm.py --out /tmp/diff --small      # smoke test, ~3 min
+    python experiments/diff_minilm.py --out runs/diff_mlp                # full run, ~7 min
+    python experiments/diff_minilm.py --plant embedding --out runs/diff  # full run, ~9 min
+    python experiments/diff_minilm.py --out /tmp/diff --small            # smoke test, ~3-5 min
 
 1. **The tuned model** is a copy of the packaged MiniLM folder (`minilm.model_dir()`) written
    as a Hugging Face BERT folder (`OUT/tuned_model`, `model.safetensors` via `safetensors`),
@@ -49,9 +50,12 @@ OUT/tuned_model, OUT/joint (two-source store), OUT/base, OUT/tuned (split stores
 (+ xc/diff), OUT/sae_base, OUT/sae_tuned, OUT/compare (compare.json, compare.png) and
 OUT/diff_summary.json; prints the table. Finished steps are skipped on a rerun.
 
-Measured (2026-11-30, full sizes, 9.0 min on a shared 2-core box): every crosscoder latent
-shared, so 0 of 3 changes found by exclusive latents; `compare` (PW-MCC 0.768) found 3 of 3
-among 48 vanished + 57 appeared features (precision 10 %). docs/crosscoders.md reads it.
+Measured (2026-11-30, full sizes, on a shared 2-core box; docs/crosscoders.md reads both):
+`--plant mlp` (7.2 min): every crosscoder latent shared (r 0.45-0.65), 0 of 3 found;
+`compare` (PW-MCC 0.803) 0 of 3 among 24 vanished + 34 appeared (precision 2 %); the latents
+closest to the added changes' rows are shared ones whose B decoder adds the new direction.
+`--plant embedding` (9.0 min): every crosscoder latent shared, 0 of 3; `compare` (PW-MCC
+0.768) 3 of 3 among 48 vanished + 57 appeared (precision 10 %).
 """
 
 from __future__ import annotations
