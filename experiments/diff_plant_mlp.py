@@ -155,7 +155,8 @@ def plant_mlp(tensors: dict, x: np.ndarray, token_ids: np.ndarray, added: list[l
     rows), `direction` (unit, in the stream) and, for added ones, `fires_on` (share of the
     sample's rows))."""
     w_in, b_in, w_out = names(block)
-    w_in_, b_in_, w_out_ = (np.asarray(tensors[k], np.float64).copy() for k in (w_in, b_in, w_out))
+    new_w_in, new_b_in, new_w_out = (np.asarray(tensors[k], np.float64).copy()
+                                     for k in (w_in, b_in, w_out))
     d = x.shape[1]
     mu = x.mean(0, dtype=np.float64)
     rng = np.random.default_rng(seed)
@@ -169,23 +170,23 @@ def plant_mlp(tensors: dict, x: np.ndarray, token_ids: np.ndarray, added: list[l
         proj = (x - mu) @ w
         thr = np.quantile(proj, 1 - FIRE_SHARE)
         slope = SLOPE_PRE / np.median(proj[proj > thr] - thr)
-        w_in_[n], b_in_[n] = slope * w, -slope * (thr + mu @ w)
+        new_w_in[n], new_b_in[n] = slope * w, -slope * (thr + mu @ w)
         pre = slope * (proj - thr)
         fired = pre > 0
-        gelu = activations({w_in: w_in_, b_in: b_in_}, x[fired], [n], block)[:, 0]
-        w_out_[:, n] = dirs[:, j] * strength * scale / np.median(gelu)
+        gelu = activations({w_in: new_w_in, b_in: new_b_in}, x[fired], [n], block)[:, 0]
+        new_w_out[:, n] = dirs[:, j] * strength * scale / np.median(gelu)
         plan.append({"kind": "added", "expected": "B-only", "neuron": int(n),
                      "token_ids": list(ids), "direction": dirs[:, j],
                      "fires_on": float(fired.mean())})
     h = activations(tensors, x, [removed], block)[:, 0]
     top = np.argsort(-h, kind="stable")[:200]
-    direction = w_out_[:, removed] / np.linalg.norm(w_out_[:, removed])
-    w_out_[:, removed] = 0.0
+    direction = new_w_out[:, removed] / np.linalg.norm(new_w_out[:, removed])
+    new_w_out[:, removed] = 0.0
     plan.append({"kind": "removed", "expected": "A-only", "neuron": int(removed),
                  "token_ids": sorted(int(t) for t in np.unique(token_ids[top])),
                  "direction": direction})
     out = dict(tensors)
-    for k, v in ((w_in, w_in_), (b_in, b_in_), (w_out, w_out_)):
+    for k, v in ((w_in, new_w_in), (b_in, new_b_in), (w_out, new_w_out)):
         out[k] = v.astype(tensors[k].dtype)
     return out, plan
 
