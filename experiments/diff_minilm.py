@@ -1,23 +1,20 @@
 """Model diffing on all-MiniLM-L6-v2: does a crosscoder find changes planted in a copy of the
 model, where seed-to-seed `compare` of two separate SAEs cannot?
 
-    python experiments/diff_minilm.py --out runs/diff              # full run, ~9 min
-    python experiments/diff_minilm.py --out /tmp/diff --small      # smoke test, ~3 min
+    python experiments/diff_minilm.py --out runs/diff_mlp                # full run, ~7 min
+    python experiments/diff_minilm.py --plant embedding --out runs/diff  # full run, ~9 min
+    python experiments/diff_minilm.py --out /tmp/diff --small            # smoke test, ~3-5 min
 
 1. **The tuned model** is a copy of the packaged MiniLM folder (`minilm.model_dir()`) written
    as a Hugging Face BERT folder (`OUT/tuned_model`, `model.safetensors` via `safetensors`),
-   with changes planted in its word embeddings (`plant_changes`):
-   - *added* (expected B-only): 2 seeded random sets T_j of 600 of the corpus's 3000
-     commonest tokens (`choose_sets`); every token's embedding row gets `strength` x (the
-     set's mean row norm) x u_j, u_j a seeded random unit direction (orthogonalised across
-     sets). The tuned model has a direction on T_j that the base lacks;
-   - *removed* (expected A-only): the 600 common tokens furthest along the embeddings' first
-     (frequency-weighted) principal direction (`principal_set`) lose the component of each
-     row along their shared direction (their mean row minus the vocabulary's mean row): the
-     base uses that direction on them, the tuned model does not.
-   Sets of hundreds of unrelated tokens, because a change on a few tokens is absorbed by
-   those tokens' own latents (each shared latent's two decoders simply differ a little), so
-   no latent is exclusive: measured with sets of 60 tokens and the number tokens.
+   with 2 added (expected B-only) and 1 removed (expected A-only) changes planted by one of
+   two designs (`--plant`; each module's docstring says exactly how):
+   - `mlp` (`diff_plant_mlp.py`, the default): where the harvest reads, as a fine-tune
+     would, in the MLP of block 3 (HF `encoder.layer.2`, whose output `--layer 3` stores):
+     two least-used neurons repurposed to fire on a token group and write a new direction,
+     one strongly selective neuron's output zeroed;
+   - `embedding` (`diff_plant_embedding.py`): directions added to / removed from the word
+     embeddings of sets of 600 common tokens.
    Optionally (`--noise`) every weight matrix of blocks 1..3 also gets Gaussian noise (RMS =
    noise x its own RMS), as in `drift_minilm.py`, so the planted changes sit in diffuse ones.
 2. **One two-source store**: `sae-jax harvest OUT/joint --model minilm --model
@@ -36,28 +33,35 @@ model, where seed-to-seed `compare` of two separate SAEs cannot?
    matched by `compare` (each reading its own model's activations of the same held-out
    tokens): its *vanished* (base) and *appeared* (tuned) features are its candidate changes.
 
-**Found.** A latent *points at* token set T if it fires on at least 10 rows, at least half of
-its 20 strongest rows (all rows of the store) are tokens of T, and those are at least 5
-different tokens of T (a latent of one common token of the set, which any SAE has, does not
-point at the set). A planted
-change is *found* by a method if some latent of its candidate list points at its set: for the
-crosscoder, its B-only latents for an added set and its A-only latents for a removed one; for
-`compare`, the tuned SAE's appeared features for an added set and the base SAE's vanished
-features for a removed one. *Precision* is the fraction of a list's latents that point at
-any planted set: the rest are what a reviewer would wade through.
+**Found.** Each change has its *rows* (embedding: the rows of its set's tokens; mlp: the rows
+where its neuron's output, in the model that has it, is >= a quarter of its largest). A
+latent *points at* a change if it fires on at least 10 rows, at least half of its 20
+strongest rows (all rows of the store) are rows of the change, and those are at least 5
+different tokens (a latent of one common token, which any SAE has, does not point at a
+change). A planted
+change is *found* by a method if some latent of its candidate list points at it: for the
+crosscoder, its B-only latents for an added change and its A-only latents for a removed one;
+for `compare`, the tuned SAE's appeared features for an added change and the base SAE's
+vanished features for a removed one. *Precision* is the fraction of a list's latents that
+point at any planted change: the rest are what a reviewer would wade through.
 
-Writes OUT/tuned_model, OUT/joint (two-source store), OUT/base, OUT/tuned (split stores),
-OUT/xc (+ xc/diff), OUT/sae_base, OUT/sae_tuned, OUT/compare (compare.json, compare.png) and
+Writes OUT/plant.json (the design: a rerun of another one in OUT is refused),
+OUT/tuned_model, OUT/joint (two-source store), OUT/base, OUT/tuned (split stores), OUT/xc
+(+ xc/diff), OUT/sae_base, OUT/sae_tuned, OUT/compare (compare.json, compare.png) and
 OUT/diff_summary.json; prints the table. Finished steps are skipped on a rerun.
 
-Measured (2026-11-30, full sizes, 9.0 min on a shared 2-core box): every crosscoder latent
-shared, so 0 of 3 changes found by exclusive latents; `compare` (PW-MCC 0.768) found 3 of 3
-among 48 vanished + 57 appeared features (precision 10 %). docs/crosscoders.md reads it.
+Measured (2026-11-30, full sizes, on a shared 2-core box; docs/crosscoders.md reads both):
+`--plant mlp` (7.2 min): every crosscoder latent shared (r 0.45-0.65), 0 of 3 found;
+`compare` (PW-MCC 0.803) 0 of 3 among 24 vanished + 34 appeared (precision 2 %); the latents
+closest to the added changes' rows are shared ones whose B decoder adds the new direction.
+`--plant embedding` (9.0 min): every crosscoder latent shared, 0 of 3; `compare` (PW-MCC
+0.768) 3 of 3 among 48 vanished + 57 appeared (precision 10 %).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import shutil
 import sys
@@ -67,10 +71,7 @@ from pathlib import Path
 import numpy as np
 
 LAYER = 3
-N_ADDED, SET_SIZE, POOL = 2, 600, 3000  # 2 random sets of 600 of the 3000 commonest tokens
-STRENGTH = 0.5
 TOP, MIN_FIRING, MIN_DISTINCT = 20, 10, 5
-WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"
 SIZES = {
     "full": {"tokens": 100_000, "width": 1024, "steps": 1000, "batch_size": 1024},
     "small": {"tokens": 40_000, "width": 512, "steps": 600, "batch_size": 512},
@@ -81,77 +82,6 @@ LR = 3e-3  # 3.75x the default at width 1024: decoders must travel from their r 
 
 # ----------------------------------------------------------------------------------------
 # The planted changes
-
-
-def corpus_counts(tokenizer, tokens: int) -> np.ndarray:
-    """How often each vocabulary id occurs among the first `tokens` document tokens of the
-    stdlib corpus (the tokens the harvest reads, in its order)."""
-    from sae_jax.lm.corpus import make_corpus, sequences
-    from sae_jax.lm.harvest import DEFAULT_SEQ_LEN
-
-    counts, seen = np.zeros(tokenizer.get_vocab_size(), np.int64), 0
-    for seq in sequences(make_corpus(None), tokenizer, DEFAULT_SEQ_LEN):
-        ids = seq.input_ids[seq.positions >= 0][:tokens - seen]
-        np.add.at(counts, ids, 1)
-        seen += len(ids)
-        if seen >= tokens:
-            break
-    return counts
-
-
-def principal_set(E: np.ndarray, counts: np.ndarray, size: int, exclude: list[int],
-                  pool: int = POOL) -> list[int]:
-    """The `size` tokens of the `pool` commonest (not in `exclude`) that lie furthest along
-    the embeddings' first principal direction, weighted by corpus frequency: a direction the
-    base model really uses, shared by many tokens that are common in the data."""
-    common = np.argsort(-counts, kind="stable")[:pool]
-    common = common[counts[common] > 0]  # tokens that occur
-    w = counts[common].astype(np.float64)
-    X = np.asarray(E[common], np.float64)
-    X = (X - (w[:, None] * X).sum(0) / w.sum()) * np.sqrt(w / w.sum())[:, None]
-    pc = np.linalg.svd(X, full_matrices=False)[2][0]
-    pc = pc if np.sum((X @ pc) ** 3) >= 0 else -pc  # the sign whose tail is the long one
-    order = [int(i) for i in common[np.argsort(-(np.asarray(E[common], np.float64) @ pc),
-                                               kind="stable")] if i not in set(exclude)]
-    return sorted(order[:size])
-
-
-def choose_sets(counts: np.ndarray, n_sets: int, size: int, exclude: list[int],
-                seed: int = 0, pool: int = POOL) -> list[list[int]]:
-    """`n_sets` disjoint random sets of `size` tokens from the `pool` commonest ones that occur
-    (and are not in `exclude`): sets with nothing in common but the direction planted on
-    them, so only a latent of their own can carry it (latents of single tokens would have to
-    absorb it hundreds of times over)."""
-    order = [i for i in np.argsort(-counts, kind="stable")
-             if counts[i] > 0 and i not in set(exclude)]
-    picked = np.random.default_rng(seed).permutation(order[:pool])[:n_sets * size]
-    return [sorted(int(i) for i in picked[j * size:(j + 1) * size]) for j in range(n_sets)]
-
-
-def plant_changes(tensors: dict, added: list[list[int]], removed: list[list[int]],
-                  strength: float = STRENGTH, seed: int = 0) -> tuple[dict, list[dict]]:
-    """A copy of `tensors` (a BERT state dict of numpy arrays) with the module docstring's
-    planted changes in the word embeddings; returns it and one record per change (`kind`,
-    `expected` class, `token_ids`, the embedding-space `direction` changed)."""
-    E = np.asarray(tensors[WORD_EMBEDDINGS], np.float64)
-    new = E.copy()
-    rng = np.random.default_rng(seed)
-    dirs, _ = np.linalg.qr(rng.normal(size=(E.shape[1], max(len(added), 1))))
-    plan = []
-    for j, ids in enumerate(added):
-        u = dirs[:, j]
-        new[ids] += strength * np.linalg.norm(E[ids], axis=1).mean() * u
-        plan.append({"kind": "added", "expected": "B-only", "token_ids": list(ids),
-                     "direction": u})
-    for ids in removed:
-        m = E[ids].mean(0) - E.mean(0)
-        m /= np.linalg.norm(m)
-        new[ids] -= np.outer(new[ids] @ m, m)
-        plan.append({"kind": "removed", "expected": "A-only", "token_ids": list(ids),
-                     "direction": m})
-    out = dict(tensors)
-    out[WORD_EMBEDDINGS] = new.astype(tensors[WORD_EMBEDDINGS].dtype)
-    return out, plan
 
 
 def add_noise(tensors: dict, noise: float, layers: int = LAYER, seed: int = 1) -> dict:
@@ -245,15 +175,16 @@ def top_rows(sae, store, latents: list[int], k: int = TOP, batch: int = 4096):
     return np.where(np.isfinite(best_v), best_r, -1), counts
 
 
-def pointed_sets(rows: np.ndarray, counts: np.ndarray, token_ids: np.ndarray,
-                 sets: list[list[int]]) -> list[int | None]:
-    """Per latent, the index of the planted set it points at (module docstring), or None."""
+def pointed_changes(rows: np.ndarray, counts: np.ndarray, token_ids: np.ndarray,
+                    members: list[np.ndarray]) -> list[int | None]:
+    """Per latent, the index of the planted change it points at (module docstring), or None;
+    `members[j]` is the boolean mask of the store's rows of change j."""
     out = []
     for r, c in zip(rows, counts):
-        toks = token_ids[r[r >= 0]]
-        share = [np.isin(toks, s).sum() / TOP for s in sets]
+        r = r[r >= 0]
+        share = [m[r].sum() / TOP for m in members]
         best = int(np.argmax(share)) if share else 0
-        distinct = len(np.unique(toks[np.isin(toks, sets[best])])) if share else 0
+        distinct = len(np.unique(token_ids[r[members[best][r]]])) if share else 0
         out.append(best if c >= MIN_FIRING and share and share[best] >= 0.5
                    and distinct >= MIN_DISTINCT else None)
     return out
@@ -272,6 +203,39 @@ def score(lists: dict[str, list[int]], pointed: dict[str, list], plan: list[dict
             "found": sum(bool(h) for h in found), "of": len(plan),
             "latents_per_change": [h[:10] for h in found],
             "precision": n_pointing / n_listed if n_listed else None}
+
+
+def closest_latents(sae, store, members: list[np.ndarray], batch: int = 4096) -> list[dict]:
+    """Per change, the crosscoder latent whose activation correlates best with the change's
+    row mask, and how its decoders sit: `cos_b` of its B decoder with the mean change on the
+    rows (x_B - x_A), `cos_a` of its A decoder with the rows' mean x_A minus the overall
+    mean: a latent that took the change into a shared feature of those rows has both high."""
+    from sae_jax.data.store import ROWS
+
+    m = np.stack(members, 1).astype(np.float64)                        # (N, J)
+    sf = sff = sfm = sx = sxm = 0.0
+    for lo in range(0, store.n_rows, batch):
+        x = np.asarray(store.read(ROWS, lo, min(lo + batch, store.n_rows)), np.float64)
+        f = np.asarray(sae.encode(x), np.float64)
+        sf, sff = sf + f.sum(0), sff + (f * f).sum(0)
+        sfm, sx, sxm = sfm + f.T @ m[lo:lo + len(x)], sx + x.sum(0), sxm + m[lo:lo + len(x)].T @ x
+    n, nj = len(m), m.sum(0)
+    cov = sfm - np.outer(sf, nj) / n
+    corr = cov / np.sqrt(np.maximum(np.outer(sff - sf ** 2 / n, nj * (1 - nj / n)), 1e-30))
+    W = np.asarray(sae.params["W_dec"], np.float64)
+    d = W.shape[1] // 2
+    out = []
+    for j in range(m.shape[1]):
+        i = int(np.nanargmax(corr[:, j]))
+        mean_rows, mean_all = sxm[j] / nj[j], sx / n
+        change, base = mean_rows[d:] - mean_rows[:d], mean_rows[:d] - mean_all[:d]
+        out.append({"latent": i, "corr": float(corr[i, j]),
+                    "cos_b": _cos(W[i, d:], change), "cos_a": _cos(W[i, :d], base)})
+    return out
+
+
+def _cos(u, v) -> float:
+    return float(u @ v / max(np.linalg.norm(u) * np.linalg.norm(v), 1e-30))
 
 
 # ----------------------------------------------------------------------------------------
@@ -297,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     import sae_jax
     from sae_jax import files
     from sae_jax.analysis import compare
-    from sae_jax.analysis.diff import diff_run, plot_diff
+    from sae_jax.analysis.diff import classify, diff_run, plot_diff
     from sae_jax.analysis.diff_dashboard import write_diff_site
     from sae_jax.data.store import TOKEN_IDS, open_store
     from sae_jax.lm import minilm
@@ -305,9 +269,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--small", action="store_true", help="small sizes (smoke test)")
-    parser.add_argument("--strength", type=float, default=STRENGTH,
-                        help="added direction, x the set's mean embedding norm (default "
-                             "%(default)s)")
+    parser.add_argument("--plant", choices=("mlp", "embedding"), default="mlp",
+                        help="where the changes are planted (default %(default)s)")
+    parser.add_argument("--strength", type=float, default=None,
+                        help="an added change's size: x the set's mean embedding norm "
+                             "(embedding, default 0.5) or its median write x the mean MLP "
+                             "input norm (mlp, default 0.5)")
     parser.add_argument("--noise", type=float, default=0.0,
                         help="also Gaussian weight noise on blocks 1..3 (default 0)")
     args = parser.parse_args(argv)
@@ -327,11 +294,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     tokenizer = minilm.load_tokenizer()
     base_tensors = load_file(str(minilm.model_dir() / "model.safetensors"))
-    specials = [tokenizer.token_to_id(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]")]
-    counts = corpus_counts(tokenizer, size["tokens"])
-    removed = [principal_set(base_tensors[WORD_EMBEDDINGS], counts, SET_SIZE, specials)]
-    added = choose_sets(counts, N_ADDED, SET_SIZE, removed[0] + specials)
-    tuned_tensors, plan = plant_changes(base_tensors, added, removed, args.strength)
+    design = {"plant": args.plant, "strength": args.strength, "noise": args.noise, **size}
+    if (out / "plant.json").exists() and json.loads((out / "plant.json").read_text()) != design:
+        raise SystemExit(f"{out} holds a run of another design ({out / 'plant.json'})")
+    files.write_text(out / "plant.json", json.dumps(design) + "\n")
+    plant = importlib.import_module(f"diff_plant_{args.plant}")  # a sibling script module
+    tuned_tensors, plan, rows_of = step("plan the changes", plant.design, tokenizer,
+                                        base_tensors, size["tokens"], args.strength)
     tuned_model = out / "tuned_model"
     if not tuned_model.exists():
         step("write tuned model", write_model, tuned_model, add_noise(tuned_tensors, args.noise))
@@ -363,11 +332,11 @@ def main(argv: list[str] | None = None) -> dict:
                                                   max_rows=MAX_ROWS))
     compare.write_compare_artifacts(cmp, out / "compare")
 
-    sets = [p["token_ids"] for p in plan]
     tokens = open_store(joint).read(TOKEN_IDS, 0, open_store(joint).n_rows)
+    members = rows_of(tokens)
 
     def points(sae, store, lists):
-        return {cls: pointed_sets(*top_rows(sae, open_store(store), ids), tokens, sets)
+        return {cls: pointed_changes(*top_rows(sae, open_store(store), ids), tokens, members)
                 for cls, ids in lists.items()}
 
     xc_lists = {c: diff["latents"][c] for c in ("A-only", "B-only")}
@@ -382,11 +351,15 @@ def main(argv: list[str] | None = None) -> dict:
                          {"B-only": cmp_lists["B-only"]})["B-only"]})
     # Where the change went when no latent is exclusive: every crosscoder latent that points
     # at a set, with its relative norm and the cosine of its two decoders.
-    everyone = step("score all crosscoder latents", lambda: pointed_sets(
-        *top_rows(xc, open_store(joint), list(range(diff["width"]))), tokens, sets))
+    everyone = step("score all crosscoder latents", lambda: pointed_changes(
+        *top_rows(xc, open_store(joint), list(range(diff["width"]))), tokens, members))
     r_all, cos_all = (np.asarray(diff[k], float) for k in ("relative_norm", "cosine"))
     pointing = [[i for i, s_ in enumerate(everyone) if s_ == j] for j in range(len(plan))]
     others = [i for i, s_ in enumerate(everyone) if s_ is None]
+
+    closest = step("closest crosscoder latents", closest_latents, xc, open_store(joint), members)
+    for c in closest:
+        c.update(r=float(r_all[c["latent"]]), cls=str(classify(r_all[[c["latent"]]])[0]))
 
     def medians(ids):
         return {"latents": len(ids), "median_r": _median(r_all[ids]),
@@ -394,15 +367,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = {
         "size": size, "strength": args.strength, "noise": args.noise,
+        "plant": args.plant,
         "changes": [{"kind": p["kind"], "expected": p["expected"],
-                     "n_tokens": len(p["token_ids"]),
-                     "share_of_rows": float(np.isin(tokens, p["token_ids"]).mean()),
-                     "tokens": [tokenizer.id_to_token(i) for i in p["token_ids"]]}
-                    for p in plan],
+                     "n_tokens": len(p["token_ids"]), "share_of_rows": float(m.mean()),
+                     "distinct_tokens_of_rows": len(np.unique(tokens[m])),
+                     "tokens": [tokenizer.id_to_token(i) for i in p["token_ids"]],
+                     **{k: p[k] for k in ("neuron", "fires_on") if k in p}}
+                    for p, m in zip(plan, members)],
         "crosscoder": {"counts": diff["counts"], **score(xc_lists, xc_points, plan),
                        "median_shared_cosine": diff["median_shared_cosine"],
                        "pointing": [medians(ids) for ids in pointing],
-                       "other_latents": medians(others)},
+                       "other_latents": medians(others), "closest": closest},
         "compare": {"pwmcc": cmp["matched_cosine_mean"], "matched_frac_a": cmp["matched_frac_a"],
                     **score(cmp_lists, cmp_points, plan)},
         "dashboard": site["index"], "seconds": times,
@@ -435,9 +410,13 @@ def table(r: dict) -> str:
     o = x["other_latents"]
     where = "; ".join(f"set {i}: {p['latents']} latents, median r {_fmt(p['median_r'])}, "
                       f"cosine {_fmt(p['median_cosine'])}" for i, p in enumerate(x["pointing"]))
+    near = "; ".join(f"change {i}: latent {c['latent']} (corr {c['corr']:.2f}, r {c['r']:.2f} "
+                     f"{c['cls']}, B decoder . change {c['cos_b']:.2f}, A decoder . base "
+                     f"{c['cos_a']:.2f})" for i, c in enumerate(x["closest"]))
     return ("\n".join(lines) + "\ncrosscoder per change: " + changes
             + f"\ncrosscoder latents pointing at each set: {where}; the {o['latents']} others: "
-              f"median r {_fmt(o['median_r'])}, cosine {_fmt(o['median_cosine'])}")
+              f"median r {_fmt(o['median_r'])}, cosine {_fmt(o['median_cosine'])}"
+            + f"\nclosest crosscoder latent (activation vs the change's rows): {near}")
 
 
 def _fmt(x) -> str:

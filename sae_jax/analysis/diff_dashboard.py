@@ -50,20 +50,22 @@ def shown_latents(result: dict, max_latents: int) -> dict[str, list[int]]:
     return out
 
 
-def contributions(params: dict, input_scale: float, columns: tuple[tuple[int, int], ...],
+def contributions(params: dict, input_scale, columns: tuple[tuple[int, int], ...],
                   x: np.ndarray, latents: np.ndarray, acts: np.ndarray) -> dict:
     """Per example p (raw row `x[p]`, latent `latents[p]`, its activation `acts[p]`): the
     pre-activation terms of sources A and B, the rest (`bias`), and the decoder write norms
-    into A and B (module docstring). `columns` = ((lo_A, hi_A), (lo_B, hi_B))."""
+    into A and B (module docstring). `columns` = ((lo_A, hi_A), (lo_B, hi_B)); `input_scale`
+    a float or the per-column multiplier (`SAE.input_multiplier`, per-source scales)."""
     W_enc = np.asarray(params["W_enc"], np.float64)[:, latents]          # (D, n)
-    centred = np.asarray(x, np.float64) * input_scale - np.asarray(params["b_dec"], np.float64)
+    scale = np.broadcast_to(np.asarray(input_scale, np.float64), W_enc.shape[:1])
+    centred = np.asarray(x, np.float64) * scale - np.asarray(params["b_dec"], np.float64)
     terms = centred * W_enc.T                                             # (n, D)
     pre = terms.sum(1) + np.asarray(params["b_enc"], np.float64)[latents]
     W_dec = np.asarray(params["W_dec"], np.float64)[latents]              # (n, D)
     out = {}
     for side, (lo, hi) in zip("ab", columns):
         out[f"pre_{side}"] = terms[:, lo:hi].sum(1)
-        out[f"write_{side}"] = acts * np.linalg.norm(W_dec[:, lo:hi], axis=1) / input_scale
+        out[f"write_{side}"] = acts * np.linalg.norm(W_dec[:, lo:hi] / scale[lo:hi], axis=1)
     out["bias"] = pre - out["pre_a"] - out["pre_b"]
     return out
 
@@ -80,7 +82,7 @@ def example_splits(sae, catalog, columns) -> dict[int, list[dict]]:
     lat, rows, acts = (np.array(v) for v in zip(*pairs))
     needed, inverse = np.unique(rows, return_inverse=True)
     x = read_ranges(open_store(catalog.header["data_dir"]), ROWS, 0, needed)[inverse]
-    split = contributions(sae.params, sae.input_scale, columns, x, lat.astype(np.int64),
+    split = contributions(sae.params, sae.input_multiplier, columns, x, lat.astype(np.int64),
                           acts.astype(np.float64))
     out: dict[int, list[dict]] = {}
     for p, (i, row, act) in enumerate(pairs):

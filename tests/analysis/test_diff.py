@@ -126,13 +126,14 @@ def diff_dashboard(tmp_path, result):
 
 
 def test_planted_changes_of_the_minilm_diff_experiment():
-    """`experiments/diff_minilm.py`'s generator: added sets move along their own orthogonal
-    unit directions by strength x the set's mean row norm, a removed set loses exactly its
-    shared direction, and nothing else changes; the added sets are disjoint draws from the
-    commonest tokens, the removed set the common tokens furthest along the main direction."""
+    """`diff_minilm.py --plant embedding`'s generator (`experiments/diff_plant_embedding.py`):
+    added sets move along their own orthogonal unit directions by strength x the set's mean
+    row norm, a removed set loses exactly its shared direction, and nothing else changes; the
+    added sets are disjoint draws from the commonest tokens, the removed set the common tokens
+    furthest along the main direction; and `diff_minilm.py`'s "points at" rule."""
     from conftest import experiment
 
-    exp = experiment("diff_minilm")
+    exp = experiment("diff_plant_embedding")
     rng = np.random.default_rng(0)
     E = rng.normal(size=(40, 8)).astype(np.float32)
     other = rng.normal(size=(3, 3)).astype(np.float32)
@@ -167,10 +168,88 @@ def test_planted_changes_of_the_minilm_diff_experiment():
     for sign in (1, -1):  # whatever sign the SVD gives, the long tail is the one taken
         picked = exp.principal_set(sign * E2, np.arange(40, 0, -1), 4, exclude=[6], pool=20)
         assert len(picked) == 4 and {4, 9, 12} <= set(picked) and 6 not in picked, picked
-    # a latent points at a set: fired >= 10 times, half its top rows are 5+ of the set's tokens
+    # a latent points at a change: fired >= 10 times, half its top rows are rows of the
+    # change (here: of its tokens) on 5+ different tokens
     rows = np.array([np.arange(20)] * 3)
     tokens = np.array([5] * 10 + [10, 11, 12, 13, 14] * 2)
-    sets = [[10, 11, 12, 13, 14], [5, 6]]
-    assert exp.pointed_sets(rows, np.array([50, 9, 50]), tokens, sets) == [0, None, 0]
-    assert exp.pointed_sets(rows[:1], np.array([50]), tokens, [[10, 11, 12, 13], [5]]) == [
+
+    def of(*sets):
+        return [np.isin(tokens, s) for s in sets]
+
+    pointed = experiment("diff_minilm").pointed_changes
+    assert pointed(rows, np.array([50, 9, 50]), tokens,
+                   of([10, 11, 12, 13, 14], [5, 6])) == [0, None, 0]
+    assert pointed(rows[:1], np.array([50]), tokens, of([10, 11, 12, 13], [5])) == [
         None]  # 10 rows of token 5 alone, or 4 distinct tokens: neither points
+
+
+def _block(rng, d=8, d_ff=12):
+    """A BERT MLP block 0 of width d_ff: neurons 3 and 7 sit in GELU's negative dip (the
+    least used), neuron 5 fires on ~2 % of rows (x_0 > 2) whatever the token, neuron 9 fires
+    harder but on one token's rows only (x_6 large), the rest are always on."""
+    w_in = 0.01 * rng.normal(size=(d_ff, d))
+    b_in = np.full(d_ff, 2.0)
+    b_in[[3, 7]] = -0.75, -0.7
+    w_in[5], b_in[5] = 5 * np.eye(d)[0], -10.0
+    w_in[9], b_in[9] = 5 * np.eye(d)[6], -20.0
+    w_out = rng.normal(size=(d, d_ff))
+    w_out[:, 9] *= 10
+    return {"encoder.layer.0.intermediate.dense.weight": w_in.astype(np.float32),
+            "encoder.layer.0.intermediate.dense.bias": b_in.astype(np.float32),
+            "encoder.layer.0.output.dense.weight": w_out.astype(np.float32),
+            "other": np.ones(3, np.float32)}
+
+
+def test_planted_mlp_changes_of_the_minilm_diff_experiment():
+    """`diff_minilm.py --plant mlp`'s generator (`experiments/diff_plant_mlp.py`): the least
+    used neurons are repurposed to fire on a token group's rows and write a new unit
+    direction (orthogonal to the ones vector and to each other) of the asked median size; the
+    removed neuron is the strongest selective one of many tokens, its output column zeroed;
+    nothing else changes; the token groups are coherent, disjoint and seeded."""
+    from conftest import experiment
+
+    mlp = experiment("diff_plant_mlp")
+    rng = np.random.default_rng(0)
+    n, d = 4000, 8
+    ids = rng.integers(0, 30, n)
+    x = rng.normal(size=(n, d))
+    x[:, 1:6] += 4 * np.eye(5)[ids // 6]  # 5 groups of 6 tokens, each with its own direction
+    x[ids == 29, 6] += 10  # neuron 9's only token
+    tensors = _block(rng)
+    assert sorted(mlp.least_used(tensors, x, 2, block=0)) == [3, 7]
+    assert mlp.selective_neuron(tensors, x, ids, exclude=[3, 7], block=0) == 5
+    sets = mlp.token_sets(x, ids, 2, size=6, exclude=[0], min_count=15)
+    groups = [set(range(g * 6, g * 6 + 6)) - {0} for g in range(5)]
+    assert len(sets) == 2 and not set(sets[0]) & set(sets[1]) and 0 not in sum(sets, [])
+    assert all(any(set(s) >= g and len(set(s) - g) <= 1 for g in groups) for s in sets), sets
+    assert mlp.token_sets(x, ids, 2, size=6, exclude=[0], min_count=15) == sets
+    new, plan = mlp.plant_mlp(tensors, x, ids, sets, [3, 7], 5, strength=0.5, block=0)
+    w_in, b_in, w_out = mlp.names(0)
+    assert new["other"] is tensors["other"] and new[w_out].dtype == np.float32
+    kept = [i for i in range(12) if i not in (3, 5, 7)]
+    np.testing.assert_array_equal(new[w_out][:, kept], tensors[w_out][:, kept])
+    keep_in = [i for i in range(12) if i not in (3, 7)]
+    np.testing.assert_array_equal(new[w_in][keep_in], tensors[w_in][keep_in])
+    np.testing.assert_array_equal(new[b_in][keep_in], tensors[b_in][keep_in])
+    assert [(p["kind"], p["expected"], p["neuron"]) for p in plan] == [
+        ("added", "B-only", 3), ("added", "B-only", 7), ("removed", "A-only", 5)]
+    np.testing.assert_array_equal(new[w_out][:, 5], 0)
+    np.testing.assert_allclose(plan[2]["direction"], tensors[w_out][:, 5]
+                               / np.linalg.norm(tensors[w_out][:, 5]), atol=1e-6)
+    u0, u1 = plan[0]["direction"], plan[1]["direction"]
+    assert abs(u0 @ u1) < 1e-9 and abs(u0.sum()) < 1e-9 and np.isclose(u0 @ u0, 1)
+    rows = mlp.change_rows(tensors, new, x, plan, block=0)
+    for j, p in enumerate(plan[:2]):
+        h = mlp.activations(new, x, [p["neuron"]], block=0)[:, 0]
+        fired = h > 0
+        assert abs(fired.mean() - mlp.FIRE_SHARE) < 0.005 and p["fires_on"] == fired.mean()
+        assert np.isin(ids[fired], p["token_ids"]).mean() > 0.9  # it fires on its group
+        np.testing.assert_allclose(new[w_out][:, p["neuron"]] / np.linalg.norm(
+            new[w_out][:, p["neuron"]]), p["direction"], atol=1e-6)
+        write = np.median(h[fired]) * np.linalg.norm(new[w_out][:, p["neuron"]])
+        assert write == pytest.approx(0.5 * np.linalg.norm(x, axis=1).mean(), rel=1e-3)
+        assert rows[j].sum() > 0 and not (rows[j] & ~fired).any()
+    h5 = mlp.activations(tensors, x, [5], block=0)[:, 0]
+    np.testing.assert_array_equal(rows[2], h5 >= 0.25 * h5.max())
+    again, _ = mlp.plant_mlp(tensors, x, ids, sets, [3, 7], 5, strength=0.5, block=0)
+    np.testing.assert_array_equal(again[w_out], new[w_out])
