@@ -35,8 +35,8 @@ def per_source(sample: np.ndarray, widths: list[int] | None) -> Scale:
     if widths is None or len(widths) < 2:
         return scale_and_mean(sample)[0]
     bounds = np.cumsum([0, *widths])
-    return tuple(float(scale_and_mean(sample[:, a:b])[0])
-                 for a, b in zip(bounds, bounds[1:]) for _ in range(a, b))
+    each = [float(scale_and_mean(sample[:, a:b])[0]) for a, b in zip(bounds, bounds[1:])]
+    return tuple(c for c, width in zip(each, widths) for _ in range(width))
 
 
 def split_widths(widths: list[int] | None, d_in: int,

@@ -167,10 +167,7 @@ def test_harvested_pairs_are_the_model_sublayer(params, tmp_path):
 
 def test_mlp_transcoder_fidelity_splices_the_mlp_output(tmp_path):
     """A transcoder on MiniLM's MLP: the spliced pass replaces the MLP output, so adding back
-    its error reproduces the clean embedding, and the prediction beats ablating the MLP.
-    Then a cross-layer transcoder on the MLPs of blocks 2 and 3 (`saes.clt`), evaluated
-    through `sae-jax eval`: both MLP outputs replaced at once, block 3's predicted from the
-    MLP input of the patched pass."""
+    its error reproduces the clean embedding, and the prediction beats ablating the MLP."""
     from sae_jax.analysis.fidelity import downstream_fidelity
     from sae_jax.lm.harvest import run_harvest
 
@@ -184,8 +181,16 @@ def test_mlp_transcoder_fidelity_splices_the_mlp_output(tmp_path):
     assert out["cos_spliced"] > out["cos_zero_ablation"]
     assert 0 < out["fvu_spliced"] < 1
 
-    run_harvest(tmp_path / "clt", layers=[2, 3], **kw)
-    cfg = make_config(arch="clt_topk", width=128, k=8, steps=100, batch_size=128, holdout=0.2)
+
+def test_clt_eval_replaces_both_mlps_through_the_entry_point(tmp_path):
+    """A cross-layer transcoder on the MLPs of blocks 2 and 3 (`saes.clt`), evaluated through
+    `sae-jax eval`: both MLP outputs replaced at once, block 3's predicted from the MLP input
+    of the patched pass."""
+    from sae_jax.lm.harvest import run_harvest
+
+    run_harvest(tmp_path / "clt", pair="mlp", layers=[2, 3], max_tokens=2000, seq_len=32,
+                progress=False)
+    cfg = make_config(arch="clt_topk", width=128, k=8, steps=60, batch_size=128, holdout=0.2)
     train(cfg, tmp_path / "clt", tmp_path / "clt_run", False, jax.devices()[:1])
     r = json_result(sae_jax_cli("eval", tmp_path / "clt_run", tmp_path / "clt",
                                 "--fidelity-sequences", 8, "--no-baselines"))
