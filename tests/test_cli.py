@@ -190,9 +190,12 @@ def test_compare_torch_without_torch_reports_null(monkeypatch, capsys):
             raise ImportError("no torch here")
         return real_import(name, *args, **kwargs)
 
+    from sae_jax.planning import bench
+
     monkeypatch.setattr(builtins, "__import__", no_torch)
+    monkeypatch.setattr(bench, "EXTRA_SECTIONS", [])  # the entry-point test runs those
     assert main(["bench", "d_in=16", "width=64", "k=4", "batch_size=64", "bench_steps=1",
-                 "store_rows=4096", "--compare-torch"]) == 0
+                 "store_rows=4096", "harvest_tokens=0", "--compare-torch"]) == 0
     out = capsys.readouterr().out
     result = json.loads(out.splitlines()[-1])
     assert result["torch_tokens_per_s"] is None and result["speedup_vs_torch"] is None

@@ -102,15 +102,17 @@ def bench_vmapped(d_in: int = 64, width: int = 1024, batch_size: int = 1024, ste
 
 SECTION_SIZE = {"width": 2048, "batch_size": 1024, "members": 4}
 """The bench's sweep figure: small members, where batching is meant to pay (a big member
-already fills the machine on its own)."""
+already fills the machine on its own); a smaller bench config shrinks them to its size."""
 
 
 def bench_section(cfg, settings: dict) -> dict:
     """`sae-jax bench`'s rows for 4 seed-sweep members at the bench's d_in and arch (an
     `EXTRA_SECTIONS` entry): batched vs separate runs, and whether they agree bitwise."""
     arch = cfg.arch if cfg.arch in ("topk", "relu", "batchtopk", "jumprelu") else "topk"
-    result = bench_vmapped(d_in=settings["d_in"], arch=arch, k=min(cfg.k or 16, 64),
-                           steps=2 * settings["bench_steps"], **SECTION_SIZE)
+    size = {**SECTION_SIZE, "width": min(SECTION_SIZE["width"], cfg.width),
+            "batch_size": min(SECTION_SIZE["batch_size"], cfg.batch_size)}
+    result = bench_vmapped(d_in=settings["d_in"], arch=arch, k=min(cfg.k or 16, 64, cfg.width),
+                           steps=2 * settings["bench_steps"], **size)
     size = (f"{result['members']} x {arch} d {result['d_in']}, width {result['width']}, "
             f"batch {result['batch_size']}")
     rows = [("sweep: batched / separate runs", f"{result['speedup_vs_separate']:.2f}x",
