@@ -125,10 +125,9 @@ def step_memory(cfg, d_in: int, mesh) -> dict:
                                          - memory.alias_size_in_bytes)}
 
 
-def bench_train_step(cfg, d_in: int, n_steps: int, with_encode: bool = True) -> dict:
-    """Compiles the train step on random data, runs two warm-up steps, then times `n_steps`
-    steps one by one and counts their minor page faults (`allocator.minor_faults`)."""
-    from sae_jax.allocator import minor_faults
+def step_on_random_data(cfg, d_in: int):
+    """What every timed train step here runs: `(mesh, step, state, x)`, the jitted step of
+    `cfg` on its mesh, a fresh state and one random batch, placed as training places them."""
     from sae_jax.mesh import batch_sharding, make_mesh
     from sae_jax.training.step import (
         compile_train_step,
@@ -145,7 +144,15 @@ def bench_train_step(cfg, d_in: int, n_steps: int, with_encode: bool = True) -> 
     x = jax.device_put(np.random.default_rng(0).standard_normal((cfg.batch_size, d_in),
                                                                 np.float32),
                        batch_sharding(mesh))
-    step = compile_train_step(cfg, tx, mesh, state_sh, input_scale=1.0)
+    return mesh, compile_train_step(cfg, tx, mesh, state_sh, input_scale=1.0), state, x
+
+
+def bench_train_step(cfg, d_in: int, n_steps: int, with_encode: bool = True) -> dict:
+    """Compiles the train step on random data, runs two warm-up steps, then times `n_steps`
+    steps one by one and counts their minor page faults (`allocator.minor_faults`)."""
+    from sae_jax.allocator import minor_faults
+
+    mesh, step, state, x = step_on_random_data(cfg, d_in)
     start = time.perf_counter()
     compiled = step.lower(state, x).compile()
     compile_s = time.perf_counter() - start

@@ -63,25 +63,10 @@ def bench_sharded(d_in: int = 384, width: int = 24576, k: int = 32, batch_size: 
 def tokens_per_s(cfg, d_in: int, steps: int) -> float:
     """Tokens/s of `steps` compiled train steps on random data, after one warm-up step."""
     import jax
-    import numpy as np
 
-    from sae_jax.mesh import batch_sharding, make_mesh
-    from sae_jax.training.step import (
-        compile_train_step,
-        init_state,
-        make_optimizer,
-        state_shardings,
-    )
+    from sae_jax.planning.bench import step_on_random_data
 
-    mesh = make_mesh(cfg.mesh)
-    tx = make_optimizer(cfg)
-    _, state_sh = state_shardings(cfg, d_in, tx, mesh)
-    state = jax.jit(lambda key: init_state(key, cfg, d_in, None, tx),
-                    out_shardings=state_sh)(jax.random.key(cfg.seed))
-    x = jax.device_put(np.random.default_rng(0).standard_normal((cfg.batch_size, d_in),
-                                                                np.float32),
-                       batch_sharding(mesh))
-    step = compile_train_step(cfg, tx, mesh, state_sh, input_scale=1.0)
+    _, step, state, x = step_on_random_data(cfg, d_in)
     state, metrics = step(state, x)  # compiles
     jax.block_until_ready(metrics)
     start = time.perf_counter()
